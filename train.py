@@ -1,0 +1,458 @@
+"""
+Bridge training: SFT, the paper's Bridge warm-up, GRPO with verifiable rewards, and evaluation at every
+width. With no arguments it runs the embedded default on a laptop CPU in a few minutes:
+  1. build a tiny Qwen-shaped model and SFT it from scratch on a procedural "draft;final" addition task,
+  2. add zero-initialised Bridge blocks (the model is still exactly the SFT model),
+  3. warm up the Bridge weights only on groups of the model's own correct answers (paper sec. 2.2),
+  4. GRPO the full model + Bridge, each group's rows sampled and scored jointly,
+  5. print the evaluation table at widths 1/2/4/8/16 and write it to out_dir/eval.json.
+Examples:
+  python train.py                                     # the embedded default
+  python train.py config/rlvr.py                      # same budget, no Bridge (the RLVR-only baseline)
+  python train.py config/qwen05b_gsm.py               # a real checkpoint on GSM8K-format JSONL
+  torchrun --standalone --nproc_per_node=2 train.py   # DDP (gloo on CPU, NCCL on CUDA)
+"""
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from bridge import BridgeConfig, bridge_report
+from model import ModelConfig, Transformer, atomic_write
+from sample import Tokenizer, generate
+import grpo
+
+# -----------------------------------------------------------------------------
+# default config: the embedded CPU run. Every global can be overridden with --key=value or a config file.
+# I/O
+out_dir = 'out'
+init_from = 'scratch'   # 'scratch' (tiny embedded model) | 'resume' (out_dir/ckpt) | an HF checkpoint directory
+mode = 'sft,eval,warmup,grpo,eval'  # stages to run, in order: any of sft, warmup, grpo, eval
+save_every = 100        # checkpoint every this many steps (and at the end of each stage)
+seed = 1337
+# data
+task = 'add'            # 'add' (embedded, procedural) | 'gsm8k' | 'math' | 'jsonl' (prompt, answer)
+digits = 2              # difficulty of the embedded task: operand digits
+data_train = ''         # JSONL files for gsm8k/math/jsonl tasks
+data_test = ''
+chat_template = 'auto'  # 'auto' = the checkpoint's own template | 'plain'
+instruction = ' Please reason step by step, and put your final answer within \\boxed{}.'
+# model built from scratch (init_from='scratch')
+n_layer, n_embd, n_head, n_kv_head, ffn = 4, 128, 4, 2, 336
+# Bridge
+use_bridge = True       # add Bridge blocks before warm-up/GRPO (False = the RLVR-only baseline)
+bridge_dim = 64         # d_B (the paper-scale default is 512; tiny models need less)
+bridge_heads = 4
+bridge_mode = 'bridge'  # 'bridge' | 'self' (same params, each row sees only itself) | 'pmatch'
+# SFT (from scratch): stop on a held-out greedy accuracy target, checked every sft_eval_every steps
+sft_lr = 3e-3
+sft_batch = 256
+sft_steps = 3000        # step cap
+sft_target = 0.55       # stop once greedy held-out accuracy reaches this
+sft_eval_every = 50
+sft_max_seconds = 240
+# Bridge warm-up (paper): `width` samples per problem from the base model, keep the correct ones, drop problems
+# with <= 1 correct, train Bridge weights only, one problem's correct answers = one Bridge group
+warmup_steps = 100
+warmup_lr = 1e-3
+warmup_problems = 32    # problems sampled per warm-up step
+# GRPO
+grpo_steps = 300        # length of the LR schedule
+max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume continues from here
+batch_prompts = 32      # prompts per step (all ranks together); rows = batch_prompts * width
+width = 4               # generation width = GRPO group = Bridge group
+lr = 3e-4
+min_lr = 3e-5
+warmup_iters = 10
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.99
+grad_clip = 1.0
+temperature = 1.0
+top_k = 0
+top_p = 1.0
+max_new_tokens = 16
+loss_type = 'dapo'      # 'dapo' (token-level, the paper's) | 'grpo' | 'dr_grpo'
+eps_low, eps_high = 0.2, 0.2
+beta = 0.0              # KL weight; a frozen reference model is kept only when > 0
+num_iterations = 1      # policy updates per batch of rollouts (> 1 uses the clipped ratio against old log-probs)
+scale_rewards = 'group' # 'group' = (r - mean) / (std + eps) | 'none' = Dr. GRPO
+mask_truncated = False  # drop completions that hit max_new_tokens from the loss
+micro_groups = 0        # groups per micro-batch for the gradient pass (0 = all); a group is never split
+bridge_only = False     # GRPO trains only Bridge weights
+# evaluation
+eval_widths = '1,2,4,8,16'
+eval_problems = 256
+eval_samples = 16       # rows per problem at every width: eval_samples // w groups of w
+eval_temperature = 1.0
+# system
+device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
+dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU
+compile = False
+threads = 0             # CPU threads; 0 = pick from the free cores
+wandb_log = False
+wandb_project = 'nanobridge'
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+# -----------------------------------------------------------------------------
+
+
+def check_config():
+    errors = []
+    if not set(mode.split(',')) <= {'sft', 'warmup', 'grpo', 'eval'}:
+        errors.append(f"mode={mode!r}: stages must be among sft, warmup, grpo, eval")
+    if 'grpo' in mode and width < 2:
+        errors.append(f"width={width}: GRPO needs at least 2 rows per group to compare rewards")
+    if batch_prompts % ddp_world:
+        errors.append(f"batch_prompts={batch_prompts} is not divisible by the {ddp_world} DDP ranks")
+    if loss_type not in grpo.LOSS_TYPES:
+        errors.append(f"loss_type={loss_type!r}: expected one of {grpo.LOSS_TYPES}")
+    if task not in ('add', 'gsm8k', 'math', 'jsonl'):
+        errors.append(f"task={task!r}: expected add, gsm8k, math or jsonl")
+    for f in (data_train, data_test):
+        if task != 'add' and not os.path.isfile(f):
+            errors.append(f"data file {f!r} does not exist (set --data_train/--data_test)")
+    if errors:
+        raise SystemExit("config error:\n  " + "\n  ".join(errors))
+
+
+def pick_threads():
+    """Oversubscribed BLAS threads run many times slower on a loaded machine, so use the cores that are free."""
+    if threads:
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    free = cores - int(os.getloadavg()[0] + 0.5) if hasattr(os, 'getloadavg') else cores
+    return max(1, min(cores // ddp_world, free // ddp_world))
+
+
+def write_byte_tokenizer(path):
+    """The embedded model's tokenizer: the 256 bytes plus two specials, saved like a Qwen rank file."""
+    import base64
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, 'qwen.tiktoken'), lambda tmp: open(tmp, 'w').write(
+        ''.join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))))
+    cfg = {'added_tokens_decoder': {'256': {'content': '<|endoftext|>'}, '257': {'content': '<|im_end|>'}},
+           'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>'}
+    atomic_write(os.path.join(path, 'tokenizer_config.json'), lambda tmp: json.dump(cfg, open(tmp, 'w')))
+    return Tokenizer.from_pretrained(path)
+
+
+# -----------------------------------------------------------------------------
+# data: a problem is a dict with prompt text, gold answer, and the reference response used for SFT
+
+def load_problems(split):
+    """The embedded task, or GSM8K / MATH / generic JSONL with line-numbered errors."""
+    if task == 'add':
+        return grpo.addition_problems(split, digits)
+    return grpo.read_jsonl(data_train if split == 'train' else data_test, task)
+
+
+def encode_prompt(tok, text):
+    if task == 'add' or chat_template == 'plain' and tok.chat_template is None:
+        return tok.encode(text)
+    return tok.encode_chat(text + instruction, template='plain' if chat_template == 'plain' else None)
+
+
+def reward(text, problem):
+    return grpo.add_reward(text, problem['answer']) if task == 'add' else grpo.math_reward(text, problem['answer'])
+
+
+# -----------------------------------------------------------------------------
+# the shared training loop: LR schedule, grad sync across ranks, clipping, logging, checkpoints, resume
+
+def get_lr(it, base, total):
+    if it < warmup_iters:  # linear warm-up, then cosine down to min_lr (nanoGPT)
+        return base * (it + 1) / warmup_iters
+    ratio = min(1.0, (it - warmup_iters) / max(1, total - warmup_iters))
+    return min_lr * base / lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (base - min_lr * base / lr)
+
+
+def sync_grads(params):
+    """DDP by hand: every rank owns whole groups, so summing the already globally-normalised gradients is exact."""
+    if ddp_world > 1:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+
+
+def all_sum(*xs):
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=dev)
+    if ddp_world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def save_checkpoint(stage, step, opt, extra=None):
+    """Model (+ Bridge) as HF safetensors, the rest (optimizer, RNG, step, config) beside it; both atomic."""
+    if not master:
+        return
+    path = os.path.join(out_dir, 'ckpt')
+    raw_model.save_pretrained(path)
+    state = {'stage': stage, 'step': step, 'optimizer': opt.state_dict(), 'config': config, 'extra': extra or {},
+             'rng': {'torch': torch.get_rng_state(), 'python': random.getstate()}}
+    atomic_write(os.path.join(path, 'train_state.pt'), lambda tmp: torch.save(state, tmp))
+
+
+def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
+    """Runs step_fn(step) -> metrics for steps start..total-1 with AdamW. step_fn does its own backward passes
+    (a step may hold several micro-batches and, for GRPO, several inner updates via `update`)."""
+    opt = torch.optim.AdamW(params, lr=base_lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                            **({'fused': True} if dev.type == 'cuda' else {}))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    t_start = time.time()
+
+    def update():  # one optimizer step: sync, clip, step, zero
+        sync_grads(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else torch.tensor(0.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    stop_at = min(total, max_iters) if stage == 'grpo' and max_iters else total
+    for step in range(start, stop_at):
+        for g in opt.param_groups:
+            g['lr'] = get_lr(step, base_lr, total)
+        t0 = time.time()
+        m = step_fn(step, update)
+        eta = (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1)
+        if master:
+            print(f"{stage} {step + 1}/{total}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                           for k, v in m.items())
+                  + f", lr {g['lr']:.2e}, {1000 * (time.time() - t0):.0f}ms, eta {eta:.0f}s")
+            if wandb_log:
+                wandb.log({f"{stage}/{k}": v for k, v in m.items()}, step=step)
+        if (step + 1) % save_every == 0 or step + 1 == stop_at:
+            save_checkpoint(stage, step + 1, opt)
+        if should_stop and should_stop(step, m):
+            save_checkpoint(stage, step + 1, opt, {'done': True})
+            break
+
+
+# -----------------------------------------------------------------------------
+# stages
+
+def sft(start=0, opt_state=None):
+    """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted)."""
+    train, test = load_problems('train'), load_problems('test')
+    t_begin = time.time()
+
+    def step_fn(step, update):
+        rng = random.Random(seed * 1000 + step * ddp_world + ddp_rank)
+        batch = [rng.choice(train) for _ in range(sft_batch // ddp_world)]
+        x, y = sft_batch_tensors(batch)
+        with autocast:
+            _, loss = model(x, y)
+        (loss / ddp_world).backward()  # ranks' gradients are summed by sync_grads
+        gn = update()
+        m = {'loss': all_sum(loss.item())[0] / ddp_world, 'gnorm': gn}
+        if (step + 1) % sft_eval_every == 0:
+            m['acc'] = evaluate_acc(test[:eval_problems])
+        return m
+
+    def should_stop(step, m):
+        return m.get('acc', 0) >= sft_target or time.time() - t_begin > sft_max_seconds
+    run_stage('sft', list(model.parameters()), sft_lr, sft_steps, step_fn, start, opt_state, should_stop)
+
+
+def sft_batch_tensors(batch, rows=None):
+    """Right-padded (x, y) for teacher forcing; y = -1 where no loss is taken (prompt and padding)."""
+    seqs = [(encode_prompt(tok, p['prompt']), tok.encode(p['response']) + [tok.eos_id]) for p in batch]
+    if rows is not None:
+        seqs = [seqs[i] for i in rows]
+    T = max(len(a) + len(b) for a, b in seqs)
+    x = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (a, b) in enumerate(seqs):
+        s = torch.tensor(a + b)
+        x[i, :len(s)] = s
+        y[i, len(a) - 1:len(s) - 1] = s[len(a):]
+    return x.to(dev), y.to(dev)
+
+
+def warmup(start=0, opt_state=None):
+    """Paper sec. 2.2: groups of the base model's own correct answers, Bridge weights only. A problem with k
+    correct answers (2 <= k <= width) becomes one group of `width` rows whose unused rows are fully dead
+    (alive=False everywhere): they are masked out of Bridge and the loss, so groups need no equal size."""
+    train = load_problems('train')
+    params = [p for b in raw_model.bridge_modules() for p in b.parameters()]
+
+    def step_fn(step, update):
+        rng = random.Random(seed * 2000 + step * ddp_world + ddp_rank)
+        probs = [rng.choice(train) for _ in range(warmup_problems // ddp_world)]
+        with torch.no_grad(), autocast:
+            gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in probs], width, max_new_tokens,
+                           temperature, top_k or None, top_p, tok.stop_ids, seed=seed * 3000 + step * ddp_world + ddp_rank)
+        texts = [tok.decode(c) for c in gen.completions()]
+        ok = torch.tensor([reward(t, probs[i // width]) for i, t in enumerate(texts)]).view(-1, width) > 0
+        keep = ok.sum(1) >= 2
+        loss = torch.zeros(())
+        if keep.any():
+            rows = (ok & keep[:, None]).flatten()
+            mask = gen.completion_mask & rows[:, None].to(dev)
+            x, y = gen.tokens[:, :-1], torch.where(mask[:, 1:], gen.tokens[:, 1:], -1)
+            alive = gen.alive[:, :-1] & rows[:, None].to(dev)
+            with autocast:
+                _, loss = model(x, y, width=width, alive=alive)
+            (loss / ddp_world).backward()
+        gn = update()
+        n_keep, acc = all_sum(keep.sum(), ok.float().mean())
+        return {'loss': loss.item(), 'kept_groups': int(n_keep), 'acc': acc / ddp_world, 'gnorm': gn}
+    run_stage('warmup', params, warmup_lr, warmup_steps, step_fn, start, opt_state)
+
+
+def grpo_stage(start=0, opt_state=None):
+    train = load_problems('train')
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    if bridge_only:
+        params = [p for b in raw_model.bridge_modules() for p in b.parameters()]
+    ref = None
+    if beta > 0:  # the KL reference is the model as GRPO starts; kept only when the KL term is on
+        ref = Transformer(raw_model.config, raw_model.bridge_config).to(dev)
+        ref.load_state_dict(raw_model.state_dict())
+        ref.requires_grad_(False)
+
+    def step_fn(step, update):
+        t0 = time.time()
+        rng = random.Random(seed * 4000 + step * ddp_world + ddp_rank)
+        probs = [rng.choice(train) for _ in range(batch_prompts // ddp_world)]
+        with torch.no_grad(), autocast:
+            gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in probs], width, max_new_tokens,
+                           temperature, top_k or None, top_p, tok.stop_ids, seed=seed * 5000 + step * ddp_world + ddp_rank)
+        texts = [tok.decode(c) for c in gen.completions()]
+        r = torch.tensor([reward(t, probs[i // width]) for i, t in enumerate(texts)])
+        t_sample = time.time() - t0
+        rollout = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
+        stats = grpo.policy_update(model, rollout, update, all_sum, micro_groups=micro_groups, ref=ref,
+                                   temperature=temperature or 1.0, loss_type=loss_type, eps_low=eps_low,
+                                   eps_high=eps_high, beta=beta, num_iterations=num_iterations,
+                                   max_tokens=max_new_tokens, autocast=autocast)
+        n_tok = all_sum(gen.lengths.sum())[0]
+        zero_std, trunc = all_sum((r.view(-1, width).std(1) == 0).float().mean() / ddp_world,
+                                  (~gen.finished).float().mean() / ddp_world)
+        if master and (zero_std == 1.0 or trunc == 1.0):
+            print(f"WARNING: {'every group has zero reward std' if zero_std == 1 else 'every completion is truncated'}"
+                  " - the policy gradient is exactly zero and learning has stopped")
+        dt = time.time() - t0
+        return {'reward': all_sum(r.mean())[0] / ddp_world, 'acc': all_sum((r > 0).float().mean())[0] / ddp_world,
+                'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()), 'trunc': trunc,
+                'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%"}
+    run_stage('grpo', params, lr, grpo_steps, step_fn, start, opt_state)
+
+
+@torch.no_grad()
+def evaluate_acc(problems, w=1, temp=0.0):
+    gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
+                   None, 1.0, tok.stop_ids, seed=seed)
+    r = [reward(tok.decode(c), problems[i // w]) for i, c in enumerate(gen.completions())]
+    s, n = all_sum(sum(r), len(r))
+    return s / n
+
+
+def evaluate(after='init'):
+    """The paper's metrics at every width, plus whether Bridge reads its siblings at all (grpo.eval_metrics).
+    Written to out_dir/eval_{after}.json, `after` being the stage that preceded it (sft, warmup, grpo)."""
+    test = load_problems('test')[:eval_problems]
+    test = test[ddp_rank::ddp_world]
+    results = {}
+    norms = grpo.BridgeNormProbe(raw_model)
+    for w in [int(v) for v in eval_widths.split(',')]:
+        groups = max(1, eval_samples // w)
+        prompts = [encode_prompt(tok, p['prompt']) for p in test for _ in range(groups)]
+        with autocast:
+            gen = generate(raw_model, prompts, w, max_new_tokens, eval_temperature, top_k or None, top_p,
+                           tok.stop_ids, seed=seed + w)
+        texts = [tok.decode(c) for c in gen.completions()]
+        probs = [p for p in test for _ in range(groups * w)]
+        m = grpo.eval_metrics(texts, probs, w, reward, grpo.final_answer if task == 'add' else None, gen.lengths)
+        v = all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
+        results[w] = {k: v[2 * i] / max(v[2 * i + 1], 1) for i, k in enumerate(m)}
+    results['bridge_norm_ratio'] = norms.ratios()
+    norms.remove()
+    base = results[min(k for k in results if isinstance(k, int))]['acc']
+    for w in [k for k in results if isinstance(k, int)]:
+        results[w]['width_gain'] = results[w]['acc'] - base
+    if master:
+        print(grpo.format_table(results))
+        atomic_write(os.path.join(out_dir, f'eval_{after}.json'),
+                     lambda tmp: json.dump({str(k): v for k, v in results.items()}, open(tmp, 'w'), indent=1))
+    return results
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    config = {k: globals()[k] for k in config_keys}
+    ddp_rank, ddp_world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    master = ddp_rank == 0
+    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+    if ddp_world > 1:
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        if dev.type == 'cuda':
+            dev = torch.device(f'cuda:{local}')
+            torch.cuda.set_device(dev)
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    check_config()
+    torch.set_num_threads(pick_threads())
+    if master:
+        print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ddp_world} rank(s)")
+    torch.manual_seed(seed)
+    use_bf16 = dev.type == 'cuda' and dtype in ('auto', 'bfloat16')
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    os.makedirs(out_dir, exist_ok=True)
+    stages, start, opt_state = mode.split(','), 0, None
+    ckpt = os.path.join(out_dir, 'ckpt')
+    if init_from == 'resume':
+        state = torch.load(os.path.join(ckpt, 'train_state.pt'), weights_only=False)
+        i = stages.index(state['stage'])
+        done = state['extra'].get('done') or state['step'] >= {'sft': sft_steps, 'warmup': warmup_steps,
+                                                                 'grpo': grpo_steps}.get(state['stage'], 0)
+        stages = stages[i + 1:] if done else stages[i:]
+        start, opt_state = (0, None) if done else (state['step'], state['optimizer'])
+        torch.set_rng_state(state['rng']['torch'])
+        random.setstate(state['rng']['python'])
+        model_dir = ckpt
+    else:
+        model_dir = None if init_from == 'scratch' else init_from
+    if model_dir is None:  # the embedded tiny Qwen-shaped model
+        tok = write_byte_tokenizer(ckpt)
+        mcfg = ModelConfig(vocab_size=tok.n_vocab, hidden_size=n_embd, intermediate_size=ffn, num_hidden_layers=n_layer,
+                           num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=256,
+                           rope_theta=10000.0, eos_token_id=tok.eos_id)
+        raw_model = Transformer(mcfg).to(dev)
+    else:
+        tok = Tokenizer.from_pretrained(model_dir) if model_dir != ckpt or os.path.exists(
+            os.path.join(ckpt, 'tokenizer.json')) or os.path.exists(os.path.join(ckpt, 'qwen.tiktoken')) else None
+        raw_model = Transformer.from_pretrained(model_dir, device=dev, dtype=torch.float32, verbose=master)
+    if model_dir not in (None, ckpt) and master:  # keep the tokenizer beside every checkpoint we write
+        import shutil
+        os.makedirs(ckpt, exist_ok=True)
+        for f in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'qwen.tiktoken'):
+            if os.path.exists(os.path.join(model_dir, f)):
+                shutil.copy(os.path.join(model_dir, f), ckpt)
+    if wandb_log and master:
+        import wandb  # imported only when enabled
+        wandb.init(project=wandb_project, config=config)
+    for k, stage in enumerate(stages):
+        if stage in ('warmup', 'grpo') and use_bridge and raw_model.bridge_config is None:
+            # adding Bridge to a trained model: zero W_O keeps it exactly the same model
+            bcfg = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
+            sd = raw_model.state_dict()
+            raw_model = Transformer(raw_model.config, bcfg).to(dev)
+            raw_model.load_state_dict(sd, strict=False)
+            if master:
+                print(bridge_report(raw_model))
+        if stage == 'warmup' and raw_model.bridge_config is None:
+            continue  # nothing to warm up in the RLVR-only baseline
+        model = torch.compile(raw_model) if compile else raw_model
+        model.train()
+        {'sft': sft, 'warmup': warmup, 'grpo': grpo_stage, 'eval': evaluate}[stage](
+            **({'after': stages[k - 1] if k else 'init'} if stage == 'eval' else {'start': start, 'opt_state': opt_state}))
+        start, opt_state = 0, None
+    if ddp_world > 1:
+        dist.barrier()  # let every rank finish before gloo tears down (else a late rank can abort)
+        dist.destroy_process_group()
