@@ -280,7 +280,6 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, bridge: BridgeConfig | None = None, verbose=True):
-        from safetensors import safe_open
         cfg_path = os.path.join(path, 'config.json')
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -298,27 +297,17 @@ class Transformer(nn.Module):
         with torch.device('meta'):  # no memory until the real tensors arrive
             model = cls(config, bridge)
         expected = {k: v.shape for k, v in model.hf_state_dict().items()}
-        files = _weight_files(path)
         tensors, unexpected, bad = {}, [], []
-        for f in files:
-            try:
-                with safe_open(f, framework='pt', device=str(device)) as sf:
-                    for k in sf.keys():
-                        if k.endswith('rotary_emb.inv_freq') or (k == 'lm_head.weight' and config.tie_word_embeddings):
-                            continue  # derived buffers, or a redundant copy of the tied matrix
-                        if k not in expected:
-                            unexpected.append(k)
-                            continue
-                        shape = tuple(sf.get_slice(k).get_shape())
-                        if shape != tuple(expected[k]):
-                            bad.append(f"{k}: checkpoint {shape} vs model {tuple(expected[k])}")
-                            continue
-                        # load straight to the target device, then cast: peak RAM ~ one model + one tensor
-                        tensors[k] = sf.get_tensor(k).to(dtype)
-            except Exception as e:
-                if isinstance(e, ValueError) and str(e).startswith('checkpoint'):
-                    raise
-                raise ValueError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+        for f in _weight_files(path):
+            for k, shape, read in read_safetensors(f):
+                if k.endswith('rotary_emb.inv_freq') or (k == 'lm_head.weight' and config.tie_word_embeddings):
+                    continue  # derived buffers, or a redundant copy of the tied matrix
+                if k not in expected:
+                    unexpected.append(k)
+                elif shape != tuple(expected[k]):
+                    bad.append(f"{k}: checkpoint {shape} vs model {tuple(expected[k])}")
+                else:  # one tensor at a time: peak RAM stays ~ one model + one tensor
+                    tensors[k] = read().to(device=device, dtype=dtype)
         missing = [k for k in expected if k not in tensors and not (bridge is not None and saved_bridge is None
                                                                      and '.bridge.' in k)]
         if missing or unexpected or bad:
@@ -372,6 +361,39 @@ class Transformer(nn.Module):
         if self.bridge_config is not None and not base_only:
             cfg['bridge'] = self.bridge_config.to_dict()
         atomic_write(os.path.join(path, 'config.json'), lambda tmp: json.dump(cfg, open(tmp, 'w'), indent=2))
+
+
+ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
+             'I64': torch.int64, 'I32': torch.int32, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def read_safetensors(path):
+    """The one tensor loader: yields (name, shape, read) for each tensor of a .safetensors file, where read()
+    reads just that tensor with plain file I/O. No mmap, so pages of the file never count as a second copy of
+    the model in RAM. Format: 8-byte little-endian header size, a JSON header, then the raw bytes."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        try:
+            n = int.from_bytes(f.read(8), 'little')
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+            entries = [(k, v['dtype'], tuple(v['shape']), v['data_offsets']) for k, v in header.items()
+                       if k != '__metadata__']
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        for k, dt, shape, (start, end) in entries:
+            if dt not in ST_DTYPES:
+                raise ValueError(f"{path}: tensor {k} has unsupported dtype {dt}")
+            if 8 + n + end > size or end - start != math.prod(shape) * ST_DTYPES[dt].itemsize:
+                raise ValueError(f"{path}: corrupt or truncated safetensors file (tensor {k} is out of bounds)")
+
+            def read(k=k, dt=dt, shape=shape, start=start):
+                t = torch.empty(shape, dtype=ST_DTYPES[dt])
+                f.seek(8 + n + start)
+                f.readinto(t.view(-1).view(torch.uint8).numpy())  # straight into the tensor's memory
+                return t
+            yield k, shape, read
 
 
 def _weight_files(path):

@@ -1409,3 +1409,34 @@ def test_embedded_task_split_and_reward():
     assert grpo.add_reward(f"999;{p['answer']}", p['answer']) == 1.0  # only the final counts
     assert grpo.add_reward(f"{p['answer']};999", p['answer']) == 0.0
     assert grpo.add_reward(p['answer'], p['answer']) == 0.0            # no final at all
+
+
+# ====================================================================================================
+# real checkpoint (slow): NANOBRIDGE_REAL_CKPT=$(../shared/assets/real-qwen.sh) python -m pytest -m slow
+# ====================================================================================================
+
+skip_real = pytest.mark.skipif(not REAL, reason='set NANOBRIDGE_REAL_CKPT to a real checkpoint')
+
+
+@pytest.mark.slow
+@skip_real
+def test_real_greedy_chat_answer():
+    m = Transformer.from_pretrained(REAL, dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(REAL)
+    ids = tok.encode_chat("What is 12 times 7? Reply with just the number.")
+    gen = generate(m, [ids], width=1, max_new_tokens=16, temperature=0, stop_ids=tok.stop_ids)
+    assert '84' in tok.decode(gen.completions()[0]) and bool(gen.finished[0])
+
+
+@pytest.mark.slow
+@skip_real
+def test_real_grpo_two_steps(tmp_path):
+    """The real-checkpoint recipe (config/qwen05b_gsm.py), cut down to 2 small GRPO steps on CPU."""
+    data = tmp_path / 'gsm.jsonl'
+    data.write_text(''.join(json.dumps({'question': f"What is {a} + {b}?", 'answer': f"{a} + {b} = {a + b}\n#### {a + b}"})
+                            + '\n' for a, b in [(2, 3), (10, 7), (21, 4), (8, 8)]))
+    out = train_py(os.path.join(ROOT, 'config', 'qwen05b_gsm.py'), f'--init_from={REAL}', '--mode=grpo',
+                   f'--data_train={data}', f'--data_test={data}', '--grpo_steps=2', '--batch_prompts=2',
+                   '--max_new_tokens=24', '--threads=2', cwd=tmp_path, timeout=1800)
+    assert 'grpo 2/2' in out and 'bridge: 24 blocks, d_B=512' in out
+    assert os.path.exists(tmp_path / 'out-qwen05b' / 'ckpt' / 'model.safetensors')

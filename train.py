@@ -242,7 +242,7 @@ def sft(start=0, opt_state=None):
     t_begin = time.time()
 
     def step_fn(step, update):
-        rng = random.Random(seed * 1000 + step * ddp_world + ddp_rank)
+        rng = random.Random(seed * 1000 + step * ddp_world + ddp_rank)  # salt 0 of rollout()'s scheme
         batch = [rng.choice(train) for _ in range(sft_batch // ddp_world)]
         x, y = sft_batch_tensors(batch)
         with autocast:
@@ -274,6 +274,17 @@ def sft_batch_tensors(batch, rows=None):
     return x.to(dev), y.to(dev)
 
 
+def rollout(train, n_prompts, step, salt):
+    """`width` sampled answers to each of this rank's share of n_prompts training problems, and their rewards.
+    Everything random is derived from (seed, stage, step, rank), which is what makes resume exact."""
+    rng = random.Random(seed * 1000 + salt * 100 + step * ddp_world + ddp_rank)
+    probs = [rng.choice(train) for _ in range(n_prompts // ddp_world)]
+    with torch.no_grad(), autocast:
+        gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in probs], width, max_new_tokens,
+                       temperature, top_k or None, top_p, tok.stop_ids, seed=rng.randrange(2**31))
+    return gen, torch.tensor([reward(tok.decode(c), probs[i // width]) for i, c in enumerate(gen.completions())])
+
+
 def warmup(start=0, opt_state=None):
     """Paper sec. 2.2: groups of the base model's own correct answers, Bridge weights only. A problem with k
     correct answers (2 <= k <= width) becomes one group of `width` rows whose unused rows are fully dead
@@ -282,13 +293,8 @@ def warmup(start=0, opt_state=None):
     params = [p for b in raw_model.bridge_modules() for p in b.parameters()]
 
     def step_fn(step, update):
-        rng = random.Random(seed * 2000 + step * ddp_world + ddp_rank)
-        probs = [rng.choice(train) for _ in range(warmup_problems // ddp_world)]
-        with torch.no_grad(), autocast:
-            gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in probs], width, max_new_tokens,
-                           temperature, top_k or None, top_p, tok.stop_ids, seed=seed * 3000 + step * ddp_world + ddp_rank)
-        texts = [tok.decode(c) for c in gen.completions()]
-        ok = torch.tensor([reward(t, probs[i // width]) for i, t in enumerate(texts)]).view(-1, width) > 0
+        gen, r = rollout(train, warmup_problems, step, salt=2)
+        ok = r.view(-1, width) > 0
         keep = ok.sum(1) >= 2
         loss = torch.zeros(())
         if keep.any():
@@ -318,16 +324,10 @@ def grpo_stage(start=0, opt_state=None):
 
     def step_fn(step, update):
         t0 = time.time()
-        rng = random.Random(seed * 4000 + step * ddp_world + ddp_rank)
-        probs = [rng.choice(train) for _ in range(batch_prompts // ddp_world)]
-        with torch.no_grad(), autocast:
-            gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in probs], width, max_new_tokens,
-                           temperature, top_k or None, top_p, tok.stop_ids, seed=seed * 5000 + step * ddp_world + ddp_rank)
-        texts = [tok.decode(c) for c in gen.completions()]
-        r = torch.tensor([reward(t, probs[i // width]) for i, t in enumerate(texts)])
+        gen, r = rollout(train, batch_prompts, step, salt=3)
         t_sample = time.time() - t0
-        rollout = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
-        stats = grpo.policy_update(model, rollout, update, all_sum, micro_groups=micro_groups, ref=ref,
+        ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
+        stats = grpo.policy_update(model, ro, update, all_sum, micro_groups=micro_groups, ref=ref,
                                    temperature=temperature or 1.0, loss_type=loss_type, eps_low=eps_low,
                                    eps_high=eps_high, beta=beta, num_iterations=num_iterations,
                                    max_tokens=max_new_tokens, autocast=autocast)
@@ -336,7 +336,7 @@ def grpo_stage(start=0, opt_state=None):
                                   (~gen.finished).float().mean() / ddp_world)
         if master and (zero_std == 1.0 or trunc == 1.0):
             print(f"WARNING: {'every group has zero reward std' if zero_std == 1 else 'every completion is truncated'}"
-                  " - the policy gradient is exactly zero and learning has stopped")
+                  " - there is no learning signal; check max_new_tokens, the reward and the prompt format")
         dt = time.time() - t0
         return {'reward': all_sum(r.mean())[0] / ddp_world, 'acc': all_sum((r > 0).float().mean())[0] / ddp_world,
                 'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()), 'trunc': trunc,
