@@ -276,10 +276,9 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
         'dapo'    : sum_i sum_t L / sum_i |o_i|        DAPO token-level loss, the Bridge paper's choice
         'grpo'    : 1/B sum_i (1/|o_i|) sum_t L         DeepSeekMath; short answers weigh more per token
         'dr_grpo' : sum_i sum_t L / (B * max_tokens)   Dr. GRPO, a constant normaliser
-    normalizer (dapo only): use this number instead of the local sum(mask). With gradient accumulation
-    the tokens of one optimizer step are spread over micro-batches of different lengths, so pass the
-    token count of the WHOLE batch (divided by world_size under DDP, which averages gradients across
-    ranks; this is what TRL does) and do not also divide the loss by the accumulation steps.
+    normalizer (dapo only): use this number instead of the local sum(mask). The tokens of one optimizer
+    step are spread over micro-batches (and ranks) of different lengths, so policy_update passes the token
+    count of the WHOLE batch on all ranks and then simply sums the gradients (train.sync_grads).
     Returns (loss, stats); stats are python floats: clip_frac (= low + high), clip_low_frac,
     clip_high_frac, kl (mean k3, 0 when off) and ratio_mean, all over the masked tokens.
     Note: on-policy (old_logp = logp.detach()) r_t = 1 and the loss VALUE is ~0 (the advantages are

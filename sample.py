@@ -214,15 +214,19 @@ def sample_token(logits, temperature, top_k, top_p, generator):
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
     logits = logits / temperature
     logp = torch.log_softmax(logits, -1)
+    probs = logp.exp()
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
+        probs = probs.masked_fill(logits < kth, 0.0)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix with mass >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float('-inf'))
-    tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+        sorted_p, order = torch.sort(probs, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p * sorted_p.sum(-1, keepdim=True)  # keep the smallest
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)                      # prefix with mass >= p
+    # inverse-CDF sampling with one uniform per row: the same distribution as torch.multinomial (on the
+    # renormalised probs), several times faster on CPU for a 150k vocabulary
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.size(1) - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 

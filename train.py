@@ -425,8 +425,7 @@ if __name__ == '__main__':
                            rope_theta=10000.0, eos_token_id=tok.eos_id)
         raw_model = Transformer(mcfg).to(dev)
     else:
-        tok = Tokenizer.from_pretrained(model_dir) if model_dir != ckpt or os.path.exists(
-            os.path.join(ckpt, 'tokenizer.json')) or os.path.exists(os.path.join(ckpt, 'qwen.tiktoken')) else None
+        tok = Tokenizer.from_pretrained(model_dir)  # our checkpoints always carry their tokenizer files
         raw_model = Transformer.from_pretrained(model_dir, device=dev, dtype=torch.float32, verbose=master)
     if model_dir not in (None, ckpt) and master:  # keep the tokenizer beside every checkpoint we write
         import shutil
