@@ -238,11 +238,13 @@ class Transformer(nn.Module):
     def bridge_modules(self):
         return [l.bridge for l in self.model.layers if hasattr(l, 'bridge')]
 
-    def forward(self, idx, targets=None, width=1, alive=None, cache=None, pos=None, last=None):
+    def forward(self, idx, targets=None, width=1, alive=None, cache=None, pos=None, last=None, start=0):
         """idx (B, T) -> (logits (B, T, V), loss). Rows are grouped into contiguous blocks of `width` siblings
         for Bridge; alive (B, T) marks positions that are not finished/padded (None = all alive).
         With a cache: pos=None prefills from position 0; pos (B,) decodes one token per row at its position.
-        last (B,) returns logits only at those positions (prefill needs just each prompt's last one)."""
+        last (B,) returns logits only at those positions (prefill needs just each prompt's last one); start > 0
+        only for positions >= start (the log-prob pass needs none for the prompt). The vocabulary projection is
+        the biggest matmul of a small model, so skipping it where nobody reads it matters."""
         B, T = idx.shape
         if B % width:
             raise ValueError(f"batch of {B} rows is not divisible by width={width}")
@@ -257,13 +259,14 @@ class Transformer(nn.Module):
         bmask = bridge_mask(alive, width) if self.bridge_config is not None else (None, None)
         for block in self.model.layers:
             x = block(x, cos, sin, width, bmask, cache, pos, attn_mask)
-        x = self.model.norm(x)
         if last is not None:
             x = x[torch.arange(B, device=idx.device), last][:, None]
+        x = self.model.norm(x[:, start:])
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets[:, start:].reshape(-1),
+                                   ignore_index=-1)
         return logits, loss
 
     def make_cache(self, batch, max_len):

@@ -1295,7 +1295,7 @@ def test_ratio_is_exactly_one_before_first_update():
     the first update's ratio is exactly 1, for a Bridge model at width 4 with rows finishing at different steps."""
     m = random_bridge_model()
     gen = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], width=4, max_new_tokens=12, temperature=1.0,
-                   stop_ids=[9, 10, 11, 12, 13, 14], seed=3)
+                   stop_ids=[9, 10, 11, 12, 13, 14], seed=2)
     assert len(set(gen.lengths.tolist())) > 2 and gen.finished.any() and not gen.finished.all()
     ro = grpo.Rollout.from_generation(gen, torch.rand(8), 4)
     with torch.no_grad():
@@ -1304,6 +1304,10 @@ def test_ratio_is_exactly_one_before_first_update():
     ratio = torch.exp(new - old)[ro.mask]
     assert torch.equal(ratio, torch.ones_like(ratio))
     torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+    # skipping the prompt's vocabulary projection (start) changes nothing where the loss reads
+    k = int(ro.prompt_lens.min()) - 1
+    cut, ent = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, start=k, entropy=True)
+    assert torch.equal(cut[ro.mask], new[ro.mask]) and ent.shape == cut.shape and (ent[ro.mask] > 0).all()
     # the mask matters: recomputing without it (all rows alive) gives different log-probs
     wrong, _ = grpo.token_logprobs(m, ro.tokens, 4, torch.ones_like(ro.alive))
     assert (wrong[ro.mask] - old[ro.mask]).abs().max() > 1e-4
