@@ -232,7 +232,7 @@ def sample_token(logits, temperature, top_k, top_p, generator):
 
 @torch.no_grad()
 def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0, stop_ids=(),
-             seed=None, pad_id=None, check_every=None):
+             seed=None, pad_id=None, check_every=None, compile=False):
     """prompts: list of token-id lists (lengths may differ). Returns a Generation with len(prompts) * width rows;
     the `width` rows of prompt p are rows p*width .. p*width+width-1 and always sit at the same timestep, which
     is what Bridge needs: at every step its siblings' hidden states exist at the same position."""
@@ -254,6 +254,10 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     pad = int(stop[0]) if pad_id is None and stop_ids else (pad_id or 0)
     check_every = check_every or (1 if dev.type == 'cpu' else 8)  # a host sync is free on CPU, costly on GPU
+    # optional: compile the one-token decode step (static shapes, so it compiles once; 'reduce-overhead' adds CUDA
+    # graphs on GPU). The prefill stays eager: its shape changes with every batch of prompts.
+    step = torch.compile(model, dynamic=False, mode='reduce-overhead' if dev.type == 'cuda' else None) \
+        if compile else model
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))  # torch.seed() would reseed the global RNG
     # 1) one prefill for all prompts (right-padded; padding sits after each prompt so causal attention ignores it)
@@ -281,8 +285,9 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
         if s > 0:
             pos = plen + s - 1
             alive[rows, pos] = ~finished  # a row stops being a Bridge key from the position of its stop token
-            cache.kv_len = Lmax + s       # attend only over the filled part of the static cache
-            logits, _ = model(tok[:, None], width=width, alive=(~finished)[:, None], cache=cache, pos=pos)
+            # attend only over the filled part of the cache; compiled, keep every step's shapes static instead
+            cache.kv_len = T if compile else Lmax + s
+            logits, _ = step(tok[:, None], width=width, alive=(~finished)[:, None], cache=cache, pos=pos)
             logits = logits[:, 0]
         tok, lp = sample_token(logits, temperature, top_k, top_p, gen)
         tok = torch.where(finished, pad, tok)
@@ -311,6 +316,7 @@ if __name__ == '__main__':
     seed = 1337
     device = 'auto'
     dtype = 'auto'          # 'auto' = bfloat16 on CUDA, float32 on CPU
+    compile = False         # torch.compile the one-token decode step
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     dt = DTYPES[dtype] if dtype != 'auto' else (torch.bfloat16 if device.startswith('cuda') else torch.float32)
@@ -323,7 +329,8 @@ if __name__ == '__main__':
     else:
         ids = tok.encode_chat(prompt, system or None, 'plain' if chat_template == 'plain' else None)
     t0 = time.time()
-    out = generate(model, [ids], width, max_new_tokens, temperature, top_k or None, top_p, tok.stop_ids, seed)
+    out = generate(model, [ids], width, max_new_tokens, temperature, top_k or None, top_p, tok.stop_ids, seed,
+                   compile=compile)
     dt_s = time.time() - t0
     for i, c in enumerate(out.completions()):
         print(f"--- answer {i + 1}/{width} ({len(c)} tokens{'' if out.finished[i] else ', truncated'})\n{tok.decode(c)}")
