@@ -154,3 +154,28 @@ def bridge_report(model):
     n = sum(cfg.enabled(i) for i in range(model.config.num_hidden_layers))
     return (f"{cfg.mode}: {n} blocks, d_B={cfg.dim}, {cfg.n_head} heads, {extra:,} params "
             f"= {100 * extra / base:.2f}% of the {base:,}-param base model")
+
+
+class BridgeNormProbe:
+    """Paper Fig. 7: ||Bridge output|| / ||residual stream|| per layer, averaged over the calls it sees."""
+
+    def __init__(self, model):
+        self.sums, self.hooks = {}, []
+        for i, layer in enumerate(model.model.layers):
+            if hasattr(layer, 'bridge'):
+                self.hooks.append(layer.bridge.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i):
+        def fn(mod, args, out):
+            x = args[0]
+            s = self.sums.setdefault(i, [0.0, 0])
+            s[0] += float((out - x).float().norm() / x.float().norm().clamp(min=1e-12))
+            s[1] += 1
+        return fn
+
+    def ratios(self):
+        return {i: s / n for i, (s, n) in sorted(self.sums.items())}
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()

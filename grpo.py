@@ -506,31 +506,6 @@ def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
     return m
 
 
-class BridgeNormProbe:
-    """Paper Fig. 7: ||Bridge output|| / ||residual stream|| per layer, averaged over the calls it sees."""
-
-    def __init__(self, model):
-        self.sums, self.hooks = {}, []
-        for i, layer in enumerate(model.model.layers):
-            if hasattr(layer, 'bridge'):
-                self.hooks.append(layer.bridge.register_forward_hook(self._hook(i)))
-
-    def _hook(self, i):
-        def fn(mod, args, out):
-            x = args[0]
-            s = self.sums.setdefault(i, [0.0, 0])
-            s[0] += float((out - x).float().norm() / x.float().norm().clamp(min=1e-12))
-            s[1] += 1
-        return fn
-
-    def ratios(self):
-        return {i: s / n for i, (s, n) in sorted(self.sums.items())}
-
-    def remove(self):
-        for h in self.hooks:
-            h.remove()
-
-
 def format_table(results):
     widths = [k for k in results if isinstance(k, int)]
     cols = ['acc', 'pass@w', 'maj', 'gpass@0.25', 'gpass@0.5', 'gpass@0.75', 'gpass@1.0', 'agree', 'fix',

@@ -1455,3 +1455,30 @@ def test_compiled_decode_matches_eager():
     comp = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=20, stop_ids=[7, 8, 9], seed=3, compile=True)
     assert torch.equal(eager.tokens, comp.tokens) and torch.equal(eager.alive, comp.alive)
     torch.testing.assert_close(eager.logprobs, comp.logprobs, atol=1e-5, rtol=0)
+
+
+def test_eval_metrics_known_values():
+    """Two groups of 4 on the embedded task (gold 005), every metric worked out by hand."""
+    texts = ['005;005', '004;005', '004;004', '005;005'] + ['001;001'] * 4
+    probs = [{'answer': '005'}] * 8
+    m = grpo.eval_metrics(texts, probs, 4, lambda t, p: grpo.add_reward(t, p['answer']), grpo.final_answer,
+                          torch.full((8,), 7))
+    got = {k: s / n for k, (s, n) in m.items()}
+    assert got == {'acc': 3 / 8, 'pass@w': 1 / 2, 'len': 7.0, 'gpass@0.25': 1 / 2, 'gpass@0.5': 1 / 2,
+                   'gpass@0.75': 1 / 2, 'gpass@1.0': 0.0, 'maj': 1 / 2, 'agree': 9 / 12, 'fix': 1 / 2}
+
+
+def test_bridge_norm_probe():
+    """Paper Fig. 7 probe: zero for a fresh (zero W_O) Bridge, positive once W_O is trained, one value per layer."""
+    from bridge import BridgeNormProbe
+    m = random_bridge_model()
+    for b in m.bridge_modules():
+        torch.nn.init.zeros_(b.o_proj.weight)
+    probe = BridgeNormProbe(m)
+    m(torch.randint(0, 40, (4, 5)), width=4)
+    assert probe.ratios() == {0: 0.0, 1: 0.0}
+    m2 = random_bridge_model()
+    probe2 = BridgeNormProbe(m2)
+    m2(torch.randint(0, 40, (4, 5)), width=4)
+    probe2.remove()
+    assert all(v > 0 for v in probe2.ratios().values()) and len(probe2.ratios()) == 2

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from bridge import BridgeConfig, bridge_report
+from bridge import BridgeConfig, BridgeNormProbe, bridge_report
 from model import ModelConfig, Transformer, atomic_write
 from sample import Tokenizer, generate
 import grpo
@@ -359,7 +359,7 @@ def evaluate(after='init'):
     test = load_problems('test')[:eval_problems]
     test = test[ddp_rank::ddp_world]
     results = {}
-    norms = grpo.BridgeNormProbe(raw_model)
+    norms = BridgeNormProbe(raw_model)
     for w in [int(v) for v in eval_widths.split(',')]:
         groups = max(1, eval_samples // w)
         prompts = [encode_prompt(tok, p['prompt']) for p in test for _ in range(groups)]
