@@ -1,6 +1,7 @@
 # A real checkpoint: Qwen2.5-Coder-0.5B-Instruct (built offline by ../shared/assets/real-qwen.sh) on
 # GSM8K-format JSONL (../shared/assets/gsm-jsonl.sh). Paper recipe: Bridge warm-up, then GRPO of the full
-# model + Bridge at width 4 with token-level (dapo) loss. Sized for one GPU; on CPU use --grpo_steps=2.
+# model + Bridge at width 4 with token-level (dapo) loss. Sized for one GPU; on CPU (as the slow test does) add
+#   --mode=grpo --grpo_steps=2 --batch_prompts=2 --max_new_tokens=24
 #   export NANOBRIDGE_REAL_CKPT=$(../shared/assets/real-qwen.sh)
 #   DATA=$(../shared/assets/gsm-jsonl.sh)
 #   python train.py config/qwen05b_gsm.py --init_from=$NANOBRIDGE_REAL_CKPT \
