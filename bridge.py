@@ -167,7 +167,7 @@ class BridgeNormProbe:
 
     def _hook(self, i):
         def fn(mod, args, out):
-            x = args[0]
+            x, out = args[0].detach(), out.detach()
             s = self.sums.setdefault(i, [0.0, 0])
             s[0] += float((out - x).float().norm() / x.float().norm().clamp(min=1e-12))
             s[1] += 1

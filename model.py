@@ -144,6 +144,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.kv_len = max_len  # how much of the cache attention reads; decode loops shrink it to what is filled
+        self.rows = torch.arange(batch, device=device)  # row index for per-row writes, made once, not per step
 
     def expand_from(self, other, width):
         """Copy the prompt cache `other` (P rows) into this one's P*width rows (nanochat's prefill(other))."""
@@ -175,8 +176,7 @@ class Attention(nn.Module):
         if cache is not None and pos is None:    # prefill from position 0: store, attend causally to itself
             cache.k[layer, :B, :, :T], cache.v[layer, :B, :, :T] = k, v
         elif cache is not None:                  # one decode step: write at each row's own position
-            rows = torch.arange(B, device=x.device)
-            cache.k[layer, rows, :, pos], cache.v[layer, rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            cache.k[layer, cache.rows, :, pos], cache.v[layer, cache.rows, :, pos] = k[:, :, 0], v[:, :, 0]
             k, v = cache.k[layer, :, :, :cache.kv_len], cache.v[layer, :, :, :cache.kv_len]
         # is_causal is upper-left aligned, so it is only right when q_len == kv_len; decode uses attn_mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
@@ -289,7 +289,8 @@ class Transformer(nn.Module):
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
         try:
-            raw = json.load(open(cfg_path))
+            with open(cfg_path) as f:
+                raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
         config = ModelConfig.from_dict(raw, cfg_path)
@@ -353,7 +354,7 @@ class Transformer(nn.Module):
             index = {'metadata': {'total_size': sum(v.numel() * v.element_size() for v in sd.values())},
                      'weight_map': {k: n for n, s in zip(names, shards) for k in s}}
             atomic_write(os.path.join(path, 'model.safetensors.index.json'),
-                         lambda tmp: json.dump(index, open(tmp, 'w'), indent=2))
+                         json.dumps(index, indent=2))
         keep = set(names) | ({'model.safetensors.index.json'} if len(shards) > 1 else set())
         for f in os.listdir(path):  # weights of an earlier save with another shard layout would be read instead
             if f not in keep and (f in ('model.safetensors', 'model.safetensors.index.json')
@@ -363,7 +364,7 @@ class Transformer(nn.Module):
         cfg['torch_dtype'] = str(self.lm_head.weight.dtype).replace('torch.', '')
         if self.bridge_config is not None and not base_only:
             cfg['bridge'] = self.bridge_config.to_dict()
-        atomic_write(os.path.join(path, 'config.json'), lambda tmp: json.dump(cfg, open(tmp, 'w'), indent=2))
+        atomic_write(os.path.join(path, 'config.json'), json.dumps(cfg, indent=2))
 
 
 ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
@@ -403,7 +404,8 @@ def _weight_files(path):
     index = os.path.join(path, 'model.safetensors.index.json')
     if os.path.isfile(index):
         try:
-            shards = sorted(set(json.load(open(index))['weight_map'].values()))
+            with open(index) as f:
+                shards = sorted(set(json.load(f)['weight_map'].values()))
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index}: invalid shard index ({e})") from None
         for s in shards:
@@ -420,12 +422,17 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves a half-written file under the real name."""
+def atomic_write(path, data):
+    """Write to a temp file, then rename: a crash never leaves a half-written file under the real name.
+    data is text, or a function that writes the temp path it is given (safetensors, torch.save)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=os.path.basename(path) + '.', suffix='.tmp')
     os.close(fd)
     try:
-        write(tmp)
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, 'w', encoding='utf-8') as f:
+                f.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:

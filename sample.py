@@ -28,16 +28,20 @@ _bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
 _extra = [b for b in range(256) if b not in _bs]
 BYTE_OF = {chr(c): b for b, c in zip(_bs + _extra, _bs + [256 + i for i in range(len(_extra))])}
 
+def _read(fn, mode='r'):
+    with open(fn, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
+        return f.read()
+
 def _read_json(path, name):
     fn = os.path.join(path, name)
-    return json.load(open(fn, encoding='utf-8')) if os.path.exists(fn) else {}
+    return json.loads(_read(fn)) if os.path.exists(fn) else {}
 
 def _content(tok):  # tokenizer_config stores tokens as "str" or {"content": "str", ...}
     return tok.get('content') if isinstance(tok, dict) else tok
 
 def _from_tokenizer_json(fn):
     """tokenizer.json -> (ranks, added, unreachable, split pattern, nfc); refuses what tiktoken can't mimic"""
-    tj = json.load(open(fn, encoding='utf-8'))
+    tj = json.loads(_read(fn))
     def unsupported(field, v):
         return ValueError(f"{fn}: unsupported {field} {json.dumps(v)[:300]} "
                           "(only GPT-2/Qwen-style byte-level BPE tokenizers are implemented)")
@@ -110,7 +114,7 @@ class Tokenizer:
             ct = {t['name']: t['template'] for t in ct}.get('default')
         jinja = os.path.join(path, 'chat_template.jinja')  # where newer transformers save it
         if ct is None and os.path.exists(jinja):
-            ct = open(jinja, encoding='utf-8').read()
+            ct = _read(jinja)
         self.chat_template = ct
 
     @classmethod
@@ -123,7 +127,7 @@ class Tokenizer:
         fn = os.path.join(path, 'qwen.tiktoken')
         if not os.path.exists(fn):
             raise FileNotFoundError(f"{path}: no tokenizer.json or qwen.tiktoken in the checkpoint directory")
-        ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in open(fn, 'rb').read().splitlines() if l)}
+        ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in _read(fn, 'rb').splitlines() if l)}
         dec = _read_json(path, 'tokenizer_config.json').get('added_tokens_decoder')  # {"id": {content, ...}}
         added = ({v['content']: int(k) for k, v in dec.items()} if dec else
                  {s: 151643 + i for i, s in enumerate(QWEN_SPECIALS)})
@@ -321,7 +325,7 @@ if __name__ == '__main__':
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     dt = DTYPES[dtype] if dtype != 'auto' else (torch.bfloat16 if device.startswith('cuda') else torch.float32)
     if prompt.startswith('FILE:'):
-        prompt = open(prompt[5:], encoding='utf-8').read()
+        prompt = _read(prompt[5:])
     model = Transformer.from_pretrained(init_from, device=device, dtype=dt)
     tok = Tokenizer.from_pretrained(init_from)
     if chat_template == 'none' or (chat_template == 'auto' and tok.chat_template is None):

@@ -12,6 +12,7 @@ Examples:
   python train.py config/qwen05b_gsm.py               # a real checkpoint on GSM8K-format JSONL
   torchrun --standalone --nproc_per_node=2 train.py   # DDP (gloo on CPU, NCCL on CUDA)
 """
+import base64
 import json
 import math
 import os
@@ -130,13 +131,12 @@ def pick_threads():
 
 def write_byte_tokenizer(path):
     """The embedded model's tokenizer: the 256 bytes plus two specials, saved like a Qwen rank file."""
-    import base64
     os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, 'qwen.tiktoken'), lambda tmp: open(tmp, 'w').write(
-        ''.join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))))
+    atomic_write(os.path.join(path, 'qwen.tiktoken'),
+                 ''.join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
     cfg = {'added_tokens_decoder': {'256': {'content': '<|endoftext|>'}, '257': {'content': '<|im_end|>'}},
            'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>'}
-    atomic_write(os.path.join(path, 'tokenizer_config.json'), lambda tmp: json.dump(cfg, open(tmp, 'w')))
+    atomic_write(os.path.join(path, 'tokenizer_config.json'), json.dumps(cfg))
     return Tokenizer.from_pretrained(path)
 
 
@@ -151,7 +151,7 @@ def load_problems(split):
 
 
 def encode_prompt(tok, text):
-    if task == 'add' or chat_template == 'plain' and tok.chat_template is None:
+    if task == 'add':  # the embedded model has no chat format: the prompt is the raw 'ab+cd='
         return tok.encode(text)
     return tok.encode_chat(text + instruction, template='plain' if chat_template == 'plain' else None)
 
@@ -226,10 +226,10 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
                   + f", lr {g['lr']:.2e}, {1000 * (time.time() - t0):.0f}ms, eta {eta:.0f}s")
             if wandb_log:
                 wandb.log({f"{stage}/{k}": v for k, v in m.items()}, step=step)
-        if (step + 1) % save_every == 0 or step + 1 == stop_at:
-            save_checkpoint(stage, step + 1, opt)
-        if should_stop and should_stop(step, m):
-            save_checkpoint(stage, step + 1, opt, {'done': True})
+        done = bool(should_stop and should_stop(step, m))  # e.g. SFT reached its accuracy target
+        if done or (step + 1) % save_every == 0 or step + 1 == stop_at:
+            save_checkpoint(stage, step + 1, opt, {'done': True} if done else None)
+        if done:
             break
 
 
@@ -274,15 +274,22 @@ def sft_batch_tensors(batch, rows=None):
     return x.to(dev), y.to(dev)
 
 
+def sample_and_score(problems, w, temp, gen_seed):
+    """The one place that samples: `w` rows per problem, decoded and scored -> (Generation, texts, rewards)."""
+    with torch.no_grad(), autocast:
+        gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
+                       top_k or None, top_p, tok.stop_ids, seed=gen_seed)
+    texts = [tok.decode(c) for c in gen.completions()]
+    return gen, texts, torch.tensor([reward(t, problems[i // w]) for i, t in enumerate(texts)])
+
+
 def rollout(train, n_prompts, step, salt):
     """`width` sampled answers to each of this rank's share of n_prompts training problems, and their rewards.
     Everything random is derived from (seed, stage, step, rank), which is what makes resume exact."""
     rng = random.Random(seed * 1000 + salt * 100 + step * ddp_world + ddp_rank)
     probs = [rng.choice(train) for _ in range(n_prompts // ddp_world)]
-    with torch.no_grad(), autocast:
-        gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in probs], width, max_new_tokens,
-                       temperature, top_k or None, top_p, tok.stop_ids, seed=rng.randrange(2**31))
-    return gen, torch.tensor([reward(tok.decode(c), probs[i // width]) for i, c in enumerate(gen.completions())])
+    gen, _, r = sample_and_score(probs, width, temperature, rng.randrange(2**31))
+    return gen, r
 
 
 def warmup(start=0, opt_state=None):
@@ -345,11 +352,9 @@ def grpo_stage(start=0, opt_state=None):
 
 
 @torch.no_grad()
-def evaluate_acc(problems, w=1, temp=0.0):
-    gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
-                   None, 1.0, tok.stop_ids, seed=seed)
-    r = [reward(tok.decode(c), problems[i // w]) for i, c in enumerate(gen.completions())]
-    s, n = all_sum(sum(r), len(r))
+def evaluate_acc(problems):
+    """Greedy held-out accuracy (SFT's stopping rule)."""
+    s, n = all_sum(sample_and_score(problems, 1, 0.0, seed)[2].sum(), len(problems))
     return s / n
 
 
@@ -362,13 +367,9 @@ def evaluate(after='init'):
     norms = BridgeNormProbe(raw_model)
     for w in [int(v) for v in eval_widths.split(',')]:
         groups = max(1, eval_samples // w)
-        prompts = [encode_prompt(tok, p['prompt']) for p in test for _ in range(groups)]
-        with autocast:
-            gen = generate(raw_model, prompts, w, max_new_tokens, eval_temperature, top_k or None, top_p,
-                           tok.stop_ids, seed=seed + w)
-        texts = [tok.decode(c) for c in gen.completions()]
-        probs = [p for p in test for _ in range(groups * w)]
-        m = grpo.eval_metrics(texts, probs, w, reward, grpo.final_answer if task == 'add' else None, gen.lengths)
+        probs = [p for p in test for _ in range(groups)]  # `groups` independent groups of w rows per problem
+        gen, texts, _ = sample_and_score(probs, w, eval_temperature, seed + w)
+        m = grpo.eval_metrics(texts, [p for p in probs for _ in range(w)], w, reward, grpo.final_answer if task == 'add' else None, gen.lengths)
         v = all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
         results[w] = {k: v[2 * i] / max(v[2 * i + 1], 1) for i, k in enumerate(m)}
     results['bridge_norm_ratio'] = norms.ratios()
@@ -379,7 +380,7 @@ def evaluate(after='init'):
     if master:
         print(grpo.format_table(results))
         atomic_write(os.path.join(out_dir, f'eval_{after}.json'),
-                     lambda tmp: json.dump({str(k): v for k, v in results.items()}, open(tmp, 'w'), indent=1))
+                     json.dumps({str(k): v for k, v in results.items()}, indent=1))
     return results
 
 
