@@ -71,14 +71,15 @@ def bridge_mask(alive, width):
 class Bridge(nn.Module):
     """h <- h + W_O * MHA_over_rows(RMSNorm(h)), independently for every token position."""
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear):
         super().__init__()
         self.cfg, self.n_head, self.head_dim = cfg, cfg.n_head, cfg.dim // cfg.n_head
-        self.norm = norm  # the host's RMSNorm class, passed in so bridge.py does not import model.py
-        self.q_proj = nn.Linear(hidden_size, cfg.dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, cfg.dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, cfg.dim, bias=False)
-        self.o_proj = nn.Linear(cfg.dim, hidden_size, bias=False)
+        # the host's RMSNorm module and Linear class are passed in, so bridge.py does not import model.py
+        self.norm = norm
+        self.q_proj = linear(hidden_size, cfg.dim, bias=False)
+        self.k_proj = linear(hidden_size, cfg.dim, bias=False)
+        self.v_proj = linear(hidden_size, cfg.dim, bias=False)
+        self.o_proj = linear(cfg.dim, hidden_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -111,11 +112,11 @@ class PMatch(nn.Module):
     """The paper's parameter-matched baseline: a zero-initialised MLP after each FFN with Bridge's parameter
     count (D -> 2 d_B -> D = 4 D d_B) and no cross-row mixing at all."""
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear):
         super().__init__()
         self.cfg, self.norm = cfg, norm
-        self.up_proj = nn.Linear(hidden_size, 2 * cfg.dim, bias=False)
-        self.down_proj = nn.Linear(2 * cfg.dim, hidden_size, bias=False)
+        self.up_proj = linear(hidden_size, 2 * cfg.dim, bias=False)
+        self.down_proj = linear(2 * cfg.dim, hidden_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -128,8 +129,8 @@ class PMatch(nn.Module):
         return x + (y if query_keep is None else y * query_keep)
 
 
-def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module):
-    return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm)
+def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear):
+    return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm, linear)
 
 
 def bridge_params(model):

@@ -256,6 +256,39 @@ def test_sample_token_truncation():
     assert set(sample_token(logits, 1.0, 2, 1.0, gen)[0].tolist()) == {0, 1}
     assert set(sample_token(logits, 1.0, None, 1.0, gen)[0].tolist()) == {0, 1, 2}
 
+@pytest.mark.parametrize('V', [60, 61])  # 60: 6 chunks of 10; 61 (prime): one chunk of 61
+def test_sample_token_frequencies(V):
+    # the two-level exponential race must sample exactly softmax(logits / T), renormalised after top-k
+    gen, n = torch.Generator().manual_seed(1), 20000
+    logits = torch.randn(V, generator=gen) * 2
+    for T, k in ((1.0, None), (0.7, None), (1.0, 5)):
+        tok, lp = sample_token(logits.expand(n, V), T, k, 1.0, gen)
+        p = torch.softmax(logits / T, -1)
+        assert torch.allclose(lp, p.log()[tok], atol=1e-6)  # the log-prob is before truncation, as documented
+        if k:
+            p = p.masked_fill(logits < logits.topk(k).values[-1], 0.0)
+            p = p / p.sum()
+        freq = torch.bincount(tok, minlength=V) / n
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all()  # 5 sigma per token
+        assert (freq[p == 0] == 0).all()
+
+def test_prepacked_linear_matches_and_follows_updates():
+    # the CPU inference fast path (oneDNN-packed weights) must equal F.linear and repack after a weight update
+    from model import Linear, PACKED
+    torch.manual_seed(0)
+    lin, x = Linear(48, 40, bias=True), torch.randn(3, 5, 48)
+    ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.no_grad():
+        assert torch.allclose(lin(x), ref, atol=1e-5)
+        assert not Linear.prepack or lin.weight in PACKED  # the fast path really ran (where oneDNN exists)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(x).square().sum().backward()  # the grad path is plain F.linear
+    opt.step()
+    with torch.no_grad():
+        assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+        assert not torch.allclose(lin(x), ref, atol=1e-3)  # the update is visible, no stale packed copy
+    copy.deepcopy(lin)  # the packed copy lives outside the module, so copying a used model still works
+
 @pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, None, 1.0), (0.7, 20, 0.9), (0, None, 1.0)])
 def test_logprobs_match_teacher_forcing(base, temperature, top_k, top_p):
     g = generate(base, PROMPTS, width=1, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p,
