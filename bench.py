@@ -226,8 +226,9 @@ def bench_grpo_default(reps):
             note=f"{100 * p[k] / p['step']:.0f}% of the {1000 * p['step']:.0f} ms step")
 
 def bench_trl(reps):
-    """A GRPO step, ours vs TRL's GRPOTrainer on the same tiny random Qwen2 (Qwen vocab), sampling, no KL, fp32,
-    no gradient checkpointing, plain AdamW, random rewards on both sides."""
+    """A GRPO step, ours vs TRL's GRPOTrainer on the same tiny random Qwen2 (Qwen vocab), sampling, no KL, random
+    rewards on both sides: TRL set up like ours (fp32, no gradient checkpointing, plain AdamW), and TRL as a user
+    gets it (its defaults: bf16 autocast, gradient checkpointing, fused AdamW)."""
     cfg, path, n, w = ModelConfig(vocab_size=151936, **TINY), os.path.join(tmp, 'trl-tiny'), 8 if quick else 32, 4
     torch.manual_seed(seed)
     Transformer(cfg).save_pretrained(path)
@@ -237,18 +238,22 @@ def bench_trl(reps):
     log(f"GRPO step: ours vs TRL ({len(prompts)} x {w}, {n} new tokens)")
     p = grpo_step(ours, prompts, w, n, lambda gen: torch.rand(gen.tokens.size(0)), reps)
     why = 'TRL race off (--trl=False, or a GPU run)' if not trl or cuda else '' if transformers else 'no transformers'
-    trl_s = None
-    if not why:
+    trl_s = {}
+    for fair in ((True, False) if not why else ()):
         try:
-            trl_s = trl_step(path, prompts, w, n, reps)
+            trl_s[fair] = trl_step(path, prompts, w, n, reps, fair)
         except Exception as e:  # TRL is optional (pip install trl): its absence or failure is a note, not a crash
             why = f"no TRL figure: {type(e).__name__}: {str(e)[:150]}"
-    add(f'GRPO step s: ours vs TRL ({len(prompts)} x {w}, {n} tok, prompt {grpo_prompt_len})',
-        f'tiny ({cfg.num_hidden_layers}L d{cfg.hidden_size} V{cfg.vocab_size})', w, p['step'], trl_s,
-        speedup=trl_s / p['step'] if trl_s else None, note=why or ', '.join(
-            f"{k} {100 * p[k] / p['step']:.0f}%" for k in ('sampling (generate)', 'log-probs (forward)', 'backward')))
+    split = ', '.join(f"{k} {100 * p[k] / p['step']:.0f}%" for k in ('sampling (generate)', 'log-probs (forward)',
+                                                                     'backward'))
+    for fair, label in ((True, 'TRL like ours (fp32, no grad checkpointing)'),
+                        (False, "TRL with its defaults (bf16 autocast, gradient checkpointing)")):
+        t = trl_s.get(fair)
+        add(f'GRPO step s: ours vs {label} ({len(prompts)} x {w}, {n} tok, prompt {grpo_prompt_len})',
+            f'tiny ({cfg.num_hidden_layers}L d{cfg.hidden_size} V{cfg.vocab_size})', w, p['step'], t,
+            speedup=t / p['step'] if t else None, note=why or (split if fair else ''))
 
-def trl_step(path, prompts, w, n, reps):
+def trl_step(path, prompts, w, n, reps, fair=True):
     import datasets
     import trl as trl_lib  # (the config global `trl` is a bool)
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -264,9 +269,10 @@ def trl_step(path, prompts, w, n, reps):
     args = trl_lib.GRPOConfig(
         output_dir=os.path.join(tmp, 'trl-out'), per_device_train_batch_size=w * len(prompts), num_generations=w,
         max_completion_length=n, generation_kwargs={'min_new_tokens': n}, temperature=1.0, top_k=0, top_p=1.0,
-        beta=0.0, loss_type=T.loss_type, learning_rate=T.lr, max_grad_norm=T.grad_clip, optim='adamw_torch',
-        gradient_checkpointing=False, max_steps=reps + 1, use_cpu=True, bf16=False, report_to='none',
-        save_strategy='no', logging_steps=10 ** 6, disable_tqdm=True, seed=seed)
+        beta=0.0, loss_type=T.loss_type, learning_rate=T.lr, max_grad_norm=T.grad_clip, max_steps=reps + 1,
+        use_cpu=True, report_to='none', save_strategy='no', logging_steps=10 ** 6, disable_tqdm=True, seed=seed,
+        # fair: fp32 and no recomputation, as ours; else TRL 1.16's defaults (bf16=True, gradient_checkpointing=True)
+        **(dict(optim='adamw_torch', gradient_checkpointing=False, bf16=False) if fair else {}))
     trainer = trl_lib.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args=args,
                                   train_dataset=ds, processing_class=tok, callbacks=[Clock()],
                                   reward_funcs=lambda completions, **kw: [random.random() for _ in completions])
