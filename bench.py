@@ -111,6 +111,12 @@ def bench_model(name, cfg, ws, bw, flops, reps):
     c = ours.config  # BridgeConfig() (d_B 512, 4 heads) at 0.5B scale and up; tiny gets train.py's d_B (~512/896 d)
     bcfg = BridgeConfig() if c.hidden_size >= 896 else BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads)
     bri = Transformer.from_pretrained(path, device=dev, dtype=dt, bridge=bcfg, verbose=False)
+    # the Bridge model reuses the base model's modules (the same tensors at the same addresses; only the Bridge
+    # blocks are its own), so the race measures the blocks, not where two copies of the weights happen to sit
+    bri.model.embed_tokens, bri.model.norm, bri.lm_head = ours.model.embed_tokens, ours.model.norm, ours.lm_head
+    for a, b in zip(ours.model.layers, bri.model.layers):
+        b.input_layernorm, b.self_attn, b.post_attention_layernorm, b.mlp = \
+            a.input_layernorm, a.self_attn, a.post_attention_layernorm, a.mlp
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(dev).eval() if transformers else None
     label = f"{name} ({c.num_hidden_layers}L d{c.hidden_size} V{c.vocab_size})"
     n = new_tokens if name == 'tiny' else max(4, new_tokens // 2)
@@ -164,7 +170,7 @@ def bench_model(name, cfg, ws, bw, flops, reps):
            lambda: ours(xs, cache=ours.make_cache(P, prompt_len), last=torch.full((P,), prompt_len - 1, device=dev)),
            lambda: hf(input_ids=xs, use_cache=True, logits_to_keep=1))
     # the log-prob pass: grpo.token_logprobs vs HF logits -> log_softmax -> gather, as TRL does
-    versus(f'log-prob pass tok/s ({W} rows x {L - 1}; ours also computes the entropy)', W, W * (L - 1),
+    versus(f'log-prob pass tok/s ({W} rows x {L - 1})', W, W * (L - 1),
            lambda: grpo.token_logprobs(ours, toks, W, torch.ones_like(toks, dtype=torch.bool)),
            lambda: torch.log_softmax(hf(toks[:, :-1]).logits.float(), -1).gather(-1, toks[:, 1:, None]))
 
@@ -197,7 +203,7 @@ def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
             t0 = now()
             with torch.no_grad(), autocast:
                 gen = timed('sampling (generate)', generate)(model, prompts, width, n, T.temperature, None, 1.0,
-                                                             stop_ids, seed=seed + s)
+                                                             stop_ids, seed=seed + s, entropy=True)
             ro = timed('rewards + rollout', lambda: grpo.Rollout.from_generation(gen, reward_fn(gen), width))()
             timed('policy_update', grpo.policy_update)(model, ro, timed(OPT, update),
                                                        lambda *v: [float(u) for u in v], max_tokens=n,

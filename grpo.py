@@ -387,22 +387,17 @@ def read_jsonl(path, kind):
 # log-probs and the policy update
 
 
-def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0, entropy=False):
+def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     """The one function that computes log-probs (for the loss, old and reference policies): log p(tokens[t] |
     tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
     the model together, under the same alive mask as at sampling, because each row's distribution depends on its
     siblings; any other recomputation gives a wrong importance ratio (bridge-paper.md sec. 9.7).
     start: skip the vocabulary projection before this position (prompts need no logits); those columns are 0.
-    entropy=True also returns the per-token entropy (a no-grad diagnostic)."""
+    (The entropy diagnostic comes from the sampler, generate(entropy=True): here it would cost a third of the pass.)"""
     logits, _ = model(tokens[:, :-1], width=width, alive=alive[:, :-1], start=start)
     logits = logits.float() if temperature == 1 else logits.float() / temperature
     logp = torch.log_softmax(logits, -1)
-    lp = F.pad(logp.gather(-1, tokens[:, start + 1:, None])[..., 0], (start, 0))
-    if not entropy:
-        return lp, None
-    with torch.no_grad():
-        ent = F.pad(-(logp.exp() * logp).sum(-1), (start, 0))
-    return lp, ent
+    return F.pad(logp.gather(-1, tokens[:, start + 1:, None])[..., 0], (start, 0))
 
 
 @dataclass
@@ -414,6 +409,7 @@ class Rollout:
     adv: torch.Tensor
     width: int
     prompt_lens: torch.Tensor
+    entropy: torch.Tensor | None = None  # (B, T-1) the sampler's per-token entropy, aligned like mask
 
     @classmethod
     def from_generation(cls, gen, rewards, width, scale='group', mask_truncated=False):
@@ -421,7 +417,8 @@ class Rollout:
         if mask_truncated:  # DAPO's overlong filtering: a cut-off answer says nothing about its quality
             mask = mask & gen.finished[:, None]
         adv = group_advantages(rewards.to(gen.tokens.device), width, scale)
-        return cls(gen.tokens, gen.alive, mask, adv, width, gen.prompt_lens)
+        ent = gen.entropy[:, 1:] if gen.entropy is not None else None
+        return cls(gen.tokens, gen.alive, mask, adv, width, gen.prompt_lens, ent)
 
     def micro_batches(self, groups):
         """Row slices of whole groups: Bridge couples a group's rows, so a group is never split."""
@@ -438,20 +435,19 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
     n_tok, n_rows = all_sum(ro.mask.sum(), ro.mask.size(0))
     old, refs = [None] * len(mbs), [None] * len(mbs)
 
-    def logprobs(m, mb, ent=False):  # a micro-batch's log-probs; logits only from its first completion token on
-        return token_logprobs(m, ro.tokens[mb], ro.width, ro.alive[mb], temperature,
-                              int(ro.prompt_lens[mb].min()) - 1, ent)
+    def logprobs(m, mb):  # a micro-batch's log-probs; logits only from its first completion token on
+        return token_logprobs(m, ro.tokens[mb], ro.width, ro.alive[mb], temperature, int(ro.prompt_lens[mb].min()) - 1)
     with torch.no_grad(), autocast:
         for j, mb in enumerate(mbs):
             if num_iterations > 1:  # the policy moves after the first update, so freeze the sampling policy
-                old[j] = logprobs(model, mb)[0]
+                old[j] = logprobs(model, mb)
             if ref is not None and beta > 0:
-                refs[j] = logprobs(ref, mb)[0]
+                refs[j] = logprobs(ref, mb)
     sums = {}
     for it in range(num_iterations):
         for j, mb in enumerate(mbs):
             with autocast:
-                logp, ent = logprobs(model, mb, True)
+                logp = logprobs(model, mb)
             m = ro.mask[mb]
             kw = {'normalizer': n_tok} if loss_type == 'dapo' else {}
             loss, st = grpo_loss(logp, logp.detach() if old[j] is None else old[j], ro.adv[mb], m, refs[j], beta,
@@ -460,7 +456,8 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
                 loss = loss * m.size(0) / n_rows  # per-row means: weight by this micro-batch's share of rows
             loss.backward()
             w = float(m.sum())
-            st['entropy'] = float((ent * m).sum() / max(w, 1))
+            # the sampling policy's entropy (nan if the rollout has none): a diagnostic, not part of the loss
+            st['entropy'] = float((ro.entropy[mb] * m).sum() / max(w, 1)) if ro.entropy is not None else math.nan
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v * w / max(n_tok, 1)
         sums['gnorm'] = update()

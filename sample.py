@@ -198,6 +198,7 @@ class Generation:
     logprobs: torch.Tensor     # (B, T) log p(token at t) under softmax(logits / temperature); 0 outside completions
     alive: torch.Tensor        # (B, T) the Bridge mask the sampler used, per *input* position
     width: int
+    entropy: torch.Tensor | None = None  # (B, T) entropy of the distribution each token was drawn from (entropy=True)
 
     @property
     def completion_mask(self):
@@ -210,15 +211,20 @@ class Generation:
         return [self.tokens[b, p:p + k].tolist() for b, (p, k) in enumerate(zip(self.prompt_lens.tolist(), n.tolist()))]
 
 
-def sample_token(logits, temperature, top_k, top_p, generator):
-    """logits (B, V) -> (token (B,), log-prob (B,) of that token under softmax(logits / T)).
-    The returned log-prob is the one GRPO recomputes (temperature-scaled, before top-k/top-p truncation)."""
-    logits = logits.float()
+def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
+    """logits (B, V) -> (token (B,), log-prob (B,) of that token under softmax(logits / T), entropy (B,) of that
+    distribution or None). The log-prob and the entropy are the ones GRPO uses (temperature-scaled, before
+    top-k/top-p truncation; T = 0 reports them at T = 1)."""
+    x = logits.float() / temperature if temperature not in (0, 1) else logits.float()
+    # one fused softmax, not log_softmax + exp: with a 150k vocabulary every full pass costs ~0.05 ms per row
+    probs = torch.softmax(x, -1)
+    ent = None
+    if entropy:  # H = logsumexp(x) - sum p x, and logsumexp(x) = x_i - log p_i for any i: take the likeliest
+        pmax, imax = probs.max(-1, keepdim=True)
+        ent = (x.gather(-1, imax) - pmax.log())[:, 0] - (probs[:, None] @ x[:, :, None])[:, 0, 0]
     if temperature == 0:
         tok = logits.argmax(-1)
-        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    # one fused softmax, not log_softmax + exp: with a 150k vocabulary every full pass costs ~0.05 ms per row
-    probs = torch.softmax(logits / temperature if temperature != 1 else logits, -1)
+        return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
     sample = probs
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -238,12 +244,12 @@ def sample_token(logits, temperature, top_k, top_p, generator):
     race = lambda w: (w / torch.empty_like(w).exponential_(generator=generator).clamp_(min=1e-30)).argmax(-1)
     j = race(chunks.sum(-1))
     tok = j * (V // K) + race(chunks[torch.arange(B, device=sample.device), j])
-    return tok, probs.gather(-1, tok[:, None])[:, 0].log()
+    return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
 
 
 @torch.no_grad()
 def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0, stop_ids=(),
-             seed=None, pad_id=None, check_every=None, compile=False):
+             seed=None, pad_id=None, check_every=None, compile=False, entropy=False):
     """prompts: list of token-id lists (lengths may differ). Returns a Generation with len(prompts) * width rows;
     the `width` rows of prompt p are rows p*width .. p*width+width-1 and always sit at the same timestep, which
     is what Bridge needs: at every step its siblings' hidden states exist at the same position."""
@@ -286,6 +292,7 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     tokens = torch.full((B, T), pad, dtype=torch.long, device=dev)
     tokens[:, :Lmax] = x.repeat_interleave(width, 0)
     logprobs = torch.zeros(B, T, device=dev)
+    ents = torch.zeros(B, T, device=dev) if entropy else None  # GRPO's entropy diagnostic, nearly free here
     alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
     alive[:, :Lmax] = torch.arange(Lmax, device=dev) < plen[:, None]
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -300,16 +307,19 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
             cache.kv_len = T if compile else Lmax + s
             logits, _ = step(tok[:, None], width=width, alive=(~finished)[:, None], cache=cache, pos=pos)
             logits = logits[:, 0]
-        tok, lp = sample_token(logits, temperature, top_k, top_p, gen)
+        tok, lp, ent = sample_token(logits, temperature, top_k, top_p, gen, entropy)
         tok = torch.where(finished, pad, tok)
         tokens[rows, plen + s] = tok
         logprobs[rows, plen + s] = torch.where(finished, 0.0, lp)
+        if entropy:
+            ents[rows, plen + s] = torch.where(finished, 0.0, ent)
         lengths += ~finished
         finished |= torch.isin(tok, stop)
         if (s + 1) % check_every == 0 and bool(finished.all()):  # the only host sync in the loop
             break
     n = int((plen + lengths).max())
-    return Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], width)
+    return Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], width,
+                      ents[:, :n] if entropy else None)
 
 
 # -----------------------------------------------------------------------------

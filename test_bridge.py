@@ -250,7 +250,7 @@ def test_top_k1_is_greedy(base):
 def test_sample_token_truncation():
     gen = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(4000, 3)
-    tok, lp = sample_token(logits, 1.0, None, 0.75, gen)  # smallest prefix with mass >= 0.75: {0, 1}
+    tok, lp, _ = sample_token(logits, 1.0, None, 0.75, gen)  # smallest prefix with mass >= 0.75: {0, 1}
     assert set(tok.tolist()) == {0, 1} and torch.allclose(lp, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0])
     assert set(sample_token(logits, 1.0, None, 0.45, gen)[0].tolist()) == {0}
     assert set(sample_token(logits, 1.0, 2, 1.0, gen)[0].tolist()) == {0, 1}
@@ -262,9 +262,10 @@ def test_sample_token_frequencies(V):
     gen, n = torch.Generator().manual_seed(1), 20000
     logits = torch.randn(V, generator=gen) * 2
     for T, k in ((1.0, None), (0.7, None), (1.0, 5)):
-        tok, lp = sample_token(logits.expand(n, V), T, k, 1.0, gen)
+        tok, lp, ent = sample_token(logits.expand(n, V), T, k, 1.0, gen, entropy=True)
         p = torch.softmax(logits / T, -1)
         assert torch.allclose(lp, p.log()[tok], atol=1e-6)  # the log-prob is before truncation, as documented
+        assert torch.allclose(ent, -(p * p.log()).sum().expand(n), atol=1e-5)  # and so is the entropy
         if k:
             p = p.masked_fill(logits < logits.topk(k).values[-1], 0.0)
             p = p / p.sum()
@@ -1328,22 +1329,27 @@ def test_ratio_is_exactly_one_before_first_update():
     """Joint recomputation of each group under the sampler's alive mask reproduces the sampling log-probs, and
     the first update's ratio is exactly 1, for a Bridge model at width 4 with rows finishing at different steps."""
     m = random_bridge_model()
-    gen = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], width=4, max_new_tokens=12, temperature=1.0,
-                   stop_ids=[9, 10, 11, 12, 13, 14], seed=2)
+    gen = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], width=4, max_new_tokens=12, temperature=0.8,
+                   stop_ids=[9, 10, 11, 12, 13, 14], seed=2, entropy=True)
     assert len(set(gen.lengths.tolist())) > 2 and gen.finished.any() and not gen.finished.all()
     ro = grpo.Rollout.from_generation(gen, torch.rand(8), 4)
     with torch.no_grad():
-        old, _ = grpo.token_logprobs(m, ro.tokens, 4, ro.alive)
-    new, _ = grpo.token_logprobs(m, ro.tokens, 4, ro.alive)
+        old = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.8)
+    new = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.8)
     ratio = torch.exp(new - old)[ro.mask]
     assert torch.equal(ratio, torch.ones_like(ratio))
     torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+    # the sampler's entropy is that of the teacher-forced distribution softmax(logits / T), 0 off the completions
+    with torch.no_grad():
+        logp = torch.log_softmax(m(ro.tokens[:, :-1], width=4, alive=ro.alive[:, :-1])[0] / 0.8, -1)
+    torch.testing.assert_close(ro.entropy[ro.mask], -(logp.exp() * logp).sum(-1)[ro.mask], atol=1e-4, rtol=0)
+    assert (ro.entropy[ro.mask] > 0).all() and (gen.entropy[~gen.completion_mask] == 0).all()
     # skipping the prompt's vocabulary projection (start) changes nothing where the loss reads
     k = int(ro.prompt_lens.min()) - 1
-    cut, ent = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, start=k, entropy=True)
-    assert torch.equal(cut[ro.mask], new[ro.mask]) and ent.shape == cut.shape and (ent[ro.mask] > 0).all()
+    cut = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.8, start=k)
+    assert torch.equal(cut[ro.mask], new[ro.mask]) and (cut[:, :k] == 0).all()
     # the mask matters: recomputing without it (all rows alive) gives different log-probs
-    wrong, _ = grpo.token_logprobs(m, ro.tokens, 4, torch.ones_like(ro.alive))
+    wrong = grpo.token_logprobs(m, ro.tokens, 4, torch.ones_like(ro.alive), 0.8)
     assert (wrong[ro.mask] - old[ro.mask]).abs().max() > 1e-4
 
 

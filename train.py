@@ -274,11 +274,11 @@ def sft_batch_tensors(batch, rows=None):
     return x.to(dev), y.to(dev)
 
 
-def sample_and_score(problems, w, temp, gen_seed):
+def sample_and_score(problems, w, temp, gen_seed, entropy=False):
     """The one place that samples: `w` rows per problem, decoded and scored -> (Generation, texts, rewards)."""
     with torch.no_grad(), autocast:
         gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
-                       top_k or None, top_p, tok.stop_ids, seed=gen_seed)
+                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy)
     texts = [tok.decode(c) for c in gen.completions()]
     return gen, texts, torch.tensor([reward(t, problems[i // w]) for i, t in enumerate(texts)])
 
@@ -288,7 +288,7 @@ def rollout(train, n_prompts, step, salt):
     Everything random is derived from (seed, stage, step, rank), which is what makes resume exact."""
     rng = random.Random(seed * 1000 + salt * 100 + step * ddp_world + ddp_rank)
     probs = [rng.choice(train) for _ in range(n_prompts // ddp_world)]
-    gen, _, r = sample_and_score(probs, width, temperature, rng.randrange(2**31))
+    gen, _, r = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
     return gen, r
 
 
