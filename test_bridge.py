@@ -290,6 +290,16 @@ def test_prepacked_linear_matches_and_follows_updates(monkeypatch):
         assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
         assert not torch.allclose(lin(x), ref, atol=1e-3)  # the update is visible, no stale packed copy
     copy.deepcopy(lin)  # the packed copy lives outside the module, so copying a used model still works
+    # Linears sharing an input run as one packed matmul; an update to any of them (here the bias of the second
+    # only) invalidates the stacked copy
+    from model import linears
+    a, b = Linear(48, 24, bias=True), Linear(48, 8, bias=True)
+    with torch.no_grad():
+        for _ in range(2):
+            ys = linears(x, a, b)
+            assert all(torch.allclose(y, torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-5)
+                       for y, m in zip(ys, (a, b)))
+            b.bias.add_(1.0)
 
 @pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, None, 1.0), (0.7, 20, 0.9), (0, None, 1.0)])
 def test_logprobs_match_teacher_forcing(base, temperature, top_k, top_p):
