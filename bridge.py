@@ -68,14 +68,19 @@ def bridge_mask(alive, width):
     return key_mask, alive[..., None]
 
 
+def each(x, *mods):  # the default `linears`: one call per module
+    return [m(x) for m in mods]
+
+
 class Bridge(nn.Module):
     """h <- h + W_O * MHA_over_rows(RMSNorm(h)), independently for every token position."""
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear, linears=None):
         super().__init__()
         self.cfg, self.n_head, self.head_dim = cfg, cfg.n_head, cfg.dim // cfg.n_head
-        # the host's RMSNorm module and Linear class are passed in, so bridge.py does not import model.py
-        self.norm = norm
+        # the host's RMSNorm module, Linear class and linears(x, *mods) (Linears sharing an input, run as one
+        # matmul where that is faster) are passed in, so bridge.py does not import model.py
+        self.norm, self.linears = norm, linears or each
         self.q_proj = linear(hidden_size, cfg.dim, bias=False)
         self.k_proj = linear(hidden_size, cfg.dim, bias=False)
         self.v_proj = linear(hidden_size, cfg.dim, bias=False)
@@ -100,8 +105,8 @@ class Bridge(nn.Module):
             # (B, T, d_B) -> (G*T, H, W, hd): SDPA then attends over the W sibling rows of every (group, position)
             def rows(t):
                 return t.view(G, width, T, H, hd).permute(0, 2, 3, 1, 4).reshape(G * T, H, width, hd)
-            y = F.scaled_dot_product_attention(rows(self.q_proj(h)), rows(self.k_proj(h)), rows(self.v_proj(h)),
-                                               attn_mask=key_mask)
+            q, k, v = self.linears(h, self.q_proj, self.k_proj, self.v_proj)
+            y = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=key_mask)
             y = self.o_proj(y.view(G, T, H, width, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd))
         if query_keep is not None:
             y = y * query_keep  # finished/padded rows neither read nor are read
@@ -112,7 +117,7 @@ class PMatch(nn.Module):
     """The paper's parameter-matched baseline: a zero-initialised MLP after each FFN with Bridge's parameter
     count (D -> 2 d_B -> D = 4 D d_B) and no cross-row mixing at all."""
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear, linears=None):
         super().__init__()
         self.cfg, self.norm = cfg, norm
         self.up_proj = linear(hidden_size, 2 * cfg.dim, bias=False)
@@ -129,8 +134,8 @@ class PMatch(nn.Module):
         return x + (y if query_keep is None else y * query_keep)
 
 
-def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear):
-    return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm, linear)
+def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear, linears=None):
+    return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm, linear, linears)
 
 
 def bridge_params(model):

@@ -242,7 +242,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         if bridge is not None and bridge.enabled(layer):  # paper Fig. 2: a Bridge block after each FFN
             self.bridge = make_block(cfg.hidden_size, bridge, RMSNorm(cfg.hidden_size, bridge.eps or cfg.rms_norm_eps),
-                                     Linear)
+                                     Linear, linears)
 
     def forward(self, x, cos, sin, width, bmask, cache, pos, attn_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer, pos, attn_mask)
