@@ -2,7 +2,7 @@
 Benchmarks nanobridge against Hugging Face transformers (and TRL) on the SAME weights and against this machine's
 measured memory bandwidth. Every figure is measured in this run, side by side: repeats are interleaved, so load
 on a shared machine hits every side alike. Prints one markdown table (progress goes to stderr).
-    python bench.py                  # CPU, fp32, ~6 minutes
+    python bench.py                  # CPU, fp32, ~4 minutes (--repeats=5: ~6)
     python bench.py --quick=True     # smoke test, ~1.5 minutes
     python bench.py --real=DIR       # a real HF checkpoint instead of the random Qwen2.5-0.5B-shaped model
     python bench.py --device=cuda    # bf16, adds a Qwen2.5-1.5B-shaped model at widths 1, 16, 64
