@@ -10,6 +10,7 @@ input dtype *before* the weight multiply, RoPE angles are computed in fp32 in th
 import json
 import math
 import os
+import platform
 import re
 import tempfile
 from dataclasses import dataclass, fields
@@ -105,7 +106,8 @@ class Linear(nn.Linear):
     is made on first use and remade whenever a weight changes (its version counter moves), so sampling after
     an optimizer step never reads stale weights. It costs one extra copy of the weights in memory:
     set Linear.prepack = False to trade the speed for it."""
-    prepack = hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
+    prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
+               and platform.machine().lower() in ('x86_64', 'amd64'))  # measured on x86 only; elsewhere F.linear
     min_size = 2**17  # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights
 
     def forward(self, x):
