@@ -68,19 +68,15 @@ def bridge_mask(alive, width):
     return key_mask, alive[..., None]
 
 
-def each(x, *mods):  # the default `linears`: one call per module
-    return [m(x) for m in mods]
-
-
 class Bridge(nn.Module):
     """h <- h + W_O * MHA_over_rows(RMSNorm(h)), independently for every token position."""
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear, linears=None):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
         super().__init__()
         self.cfg, self.n_head, self.head_dim = cfg, cfg.n_head, cfg.dim // cfg.n_head
         # the host's RMSNorm module, Linear class and linears(x, *mods) (Linears sharing an input, run as one
         # matmul where that is faster) are passed in, so bridge.py does not import model.py
-        self.norm, self.linears = norm, linears or each
+        self.norm, self.linears = norm, linears
         self.q_proj = linear(hidden_size, cfg.dim, bias=False)
         self.k_proj = linear(hidden_size, cfg.dim, bias=False)
         self.v_proj = linear(hidden_size, cfg.dim, bias=False)
@@ -117,7 +113,7 @@ class PMatch(nn.Module):
     """The paper's parameter-matched baseline: a zero-initialised MLP after each FFN with Bridge's parameter
     count (D -> 2 d_B -> D = 4 D d_B) and no cross-row mixing at all."""
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear, linears=None):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
         super().__init__()
         self.cfg, self.norm = cfg, norm
         self.up_proj = linear(hidden_size, 2 * cfg.dim, bias=False)
@@ -134,7 +130,7 @@ class PMatch(nn.Module):
         return x + (y if query_keep is None else y * query_keep)
 
 
-def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear=nn.Linear, linears=None):
+def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
     return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm, linear, linears)
 
 

@@ -65,8 +65,6 @@ class ModelConfig:
             raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")
         if 'model_type' not in d:
             raise ValueError(f"{where}: missing field 'model_type'")
-        if d['model_type'] not in ARCHS:
-            raise ValueError(f"{where}: model_type={d['model_type']!r} is not supported (supported: {sorted(ARCHS)})")
         # transformers 5.x moved rope_theta/rope_scaling into rope_parameters and torch_dtype to dtype
         rp = d.get('rope_parameters') or {}
         if 'rope_theta' not in d and 'rope_theta' in rp:
@@ -95,17 +93,14 @@ class ModelConfig:
 
 # -----------------------------------------------------------------------------
 
-PACKED = WeakIdKeyDictionary()  # first weight -> (key, packed weights, bias); kept outside the modules, so
-                                # deepcopy/pickle never meet an opaque oneDNN tensor
+PACKED = WeakIdKeyDictionary()  # first weight -> (key, packed, bias), outside the modules so deepcopy works
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a CPU inference fast path. torch's CPU F.linear calls MKL sgemm, which on the few-row
-    inputs of decoding (one row per sequence) streams weights at a fraction of memory bandwidth on AMD CPUs;
-    oneDNN with the weight pre-packed in its blocked layout runs 2-4x faster there (bench.py). The packed copy
-    is made on first use and remade whenever a weight changes (its version counter moves), so sampling after
-    an optimizer step never reads stale weights. It costs one extra copy of the weights in memory:
-    set Linear.prepack = False to trade the speed for it."""
+    """nn.Linear with a CPU inference fast path: MKL sgemm (torch's F.linear) reads few-row decode matmuls far
+    below memory bandwidth; oneDNN on pre-packed weights is 2-4x faster (bench.py). The packed copy is remade
+    whenever a weight's version counter moves (optimizer steps), and costs one extra copy of the weights:
+    Linear.prepack = False turns it off."""
     prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
                and platform.machine().lower() in ('x86_64', 'amd64'))  # measured on x86 only; elsewhere F.linear
     min_size = 2**17  # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights

@@ -5,6 +5,7 @@ Sampling: a tiktoken tokenizer built from a checkpoint's tokenizer.json, the che
     python sample.py --init_from=DIR --prompt="What is 12 times 7?" --width=8
 """
 import base64
+import functools
 import json
 import math
 import os
@@ -211,6 +212,10 @@ class Generation:
         return [self.tokens[b, p:p + k].tolist() for b, (p, k) in enumerate(zip(self.prompt_lens.tolist(), n.tolist()))]
 
 
+@functools.cache  # the largest divisor of V up to sqrt(V): K chunks of V // K (K = 1 for a prime V)
+def n_chunks(V): return next(d for d in range(math.isqrt(V), 0, -1) if V % d == 0)
+
+
 def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
     """logits (B, V) -> (token (B,), log-prob (B,) of that token under softmax(logits / T), entropy (B,) of that
     distribution or None). The log-prob and the entropy are the ones GRPO uses (temperature-scaled, before
@@ -238,12 +243,12 @@ def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
     # all V entries (cumsum, or the V random draws of torch.multinomial) costs more than the matmul that made the
     # logits; this needs one sum and ~2 sqrt(V) random numbers, and never syncs with the host.
     B, V = sample.shape
-    K = next(d for d in range(math.isqrt(V), 0, -1) if V % d == 0)  # K chunks of V // K (K = 1 for a prime V)
+    K = n_chunks(V)
     chunks = sample.reshape(B, K, V // K)
     # (E is clamped above 0: exponential_ may return exactly 0, and 0 / 0 would let a zero-mass entry win)
     race = lambda w: (w / torch.empty_like(w).exponential_(generator=generator).clamp_(min=1e-30)).argmax(-1)
     j = race(chunks.sum(-1))
-    tok = j * (V // K) + race(chunks[torch.arange(B, device=sample.device), j])
+    tok = j * (V // K) + race(torch.take_along_dim(chunks, j[:, None, None], 1)[:, 0])
     return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
 
 
