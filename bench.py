@@ -30,6 +30,7 @@ threads = 0             # CPU threads, the same for every side; 0 = the free cor
 trl = True              # race one GRPO step against TRL's GRPOTrainer (CPU only, if trl is importable)
 grpo_prompt_len = 16    # prompt length in that race
 quick = False           # smoke test: 8 tokens, one repeat, a 2-layer 0.5B shape
+compile = False         # also race generate(compile=True) against eager, and compile the GRPO rows' decode step
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -137,6 +138,11 @@ def bench_model(name, cfg, ws, bw, flops, reps):
             sides['hf'] = (hf, lambda k: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True, top_k=0,
                                                      top_p=1.0, temperature=1.0, num_return_sequences=w,
                                                      max_new_tokens=k, min_new_tokens=k, pad_token_id=0))  # no eos
+        if compile:  # end to end only: the per-step timing hooks would break the compiled graph (and CUDA graphs)
+            t = race({'c': lambda: generate(ours, [prompt], w, n, compile=True, seed=seed),
+                      'e': lambda: generate(ours, [prompt], w, n, seed=seed)}, reps)
+            add(f'generate tok/s incl. prefill ({n} new tok): compiled decode vs eager', label, w, w * n / t['c'],
+                w * n / t['e'])
         if str(w) in bridge_widths.split(','):
             sides['bridge'] = (bri, lambda k: generate(bri, [prompt], w, k, 1.0, None, 1.0, (), seed=seed))
         steps, e2e = {k: [] for k in sides}, {k: [] for k in sides}
@@ -210,7 +216,8 @@ def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
             t0 = now()
             with torch.no_grad(), autocast:
                 gen = timed('sampling (generate)', generate)(model, prompts, width, n, T.temperature, None, 1.0,
-                                                             stop_ids, seed=seed + s, entropy=True)
+                                                             stop_ids, seed=seed + s, entropy=True,
+                                                             compile=compile)
             ro = timed('rewards + rollout', lambda: grpo.Rollout.from_generation(gen, reward_fn(gen), width))()
             timed('policy_update', grpo.policy_update)(model, ro, timed(OPT, update),
                                                        lambda *v: [float(u) for u in v], max_tokens=n,

@@ -171,12 +171,13 @@ class BridgeNormProbe:
         def fn(mod, args, out):
             x, out = args[0].detach(), out.detach()
             s = self.sums.setdefault(i, [0.0, 0])
-            s[0] += float((out - x).float().norm() / x.float().norm().clamp(min=1e-12))
+            # summed on the device: a float() here would be a host sync per layer per decode step on a GPU
+            s[0] = s[0] + (out - x).float().norm() / x.float().norm().clamp(min=1e-12)
             s[1] += 1
         return fn
 
     def ratios(self):
-        return {i: s / n for i, (s, n) in sorted(self.sums.items())}
+        return {i: float(s) / n for i, (s, n) in sorted(self.sums.items())}
 
     def remove(self):
         for h in self.hooks:

@@ -458,9 +458,9 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
             w = float(m.sum())
             # the sampling policy's entropy (nan if the rollout has none): a diagnostic, not part of the loss
             st['entropy'] = float((ro.entropy[mb] * m).sum() / max(w, 1)) if ro.entropy is not None else math.nan
-            for k, v in st.items():
-                sums[k] = sums.get(k, 0.0) + v * w / max(n_tok, 1)
-        sums['gnorm'] = update()
+            for k, v in st.items():  # token-weighted means, averaged over the inner iterations
+                sums[k] = sums.get(k, 0.0) + v * w / max(n_tok, 1) / num_iterations
+        sums['gnorm'] = sums.get('gnorm', 0.0) + update() / num_iterations
     keys = ['clip_frac', 'kl', 'entropy']
     return {**dict(zip(keys, all_sum(*[sums[k] for k in keys]))), 'gnorm': sums['gnorm']}
 

@@ -115,7 +115,7 @@ def linears(x, *mods):
     ws, w = [m.weight for m in mods], mods[0].weight
     if (sum(v.numel() for v in ws) < Linear.min_size or not Linear.prepack or x.device.type != 'cpu'
             or torch.is_grad_enabled() or w.dtype not in (torch.float32, torch.bfloat16) or x.dtype != w.dtype
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu')):  # autocast picks its own dtype
         return [F.linear(x, m.weight, m.bias) for m in mods]
     ps = [p for m in mods for p in (m.weight, m.bias) if p is not None]
     key = tuple((p.data_ptr(), p._version) for p in ps)
@@ -206,12 +206,19 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
+        if cache is not None:  # the cache holds the compute dtype; under autocast k (fp32 RoPE) and v (bf16) differ
+            k, v = k.to(cache.k.dtype), v.to(cache.v.dtype)
         if cache is not None and pos is None:    # prefill from position 0: store, attend causally to itself
             cache.k[layer, :B, :, :T], cache.v[layer, :B, :, :T] = k, v
         elif cache is not None:                  # one decode step: write at each row's own position
             cache.k[layer, cache.rows, :, pos], cache.v[layer, cache.rows, :, pos] = k[:, :, 0], v[:, :, 0]
             k, v = cache.k[layer, :, :, :cache.kv_len], cache.v[layer, :, :, :cache.kv_len]
-        # is_causal is upper-left aligned, so it is only right when q_len == kv_len; decode uses attn_mask
+            # the one query of each head becomes one of n_rep queries on its kv head: no GQA flag, so CUDA may pick
+            # its memory-efficient kernel (which refuses GQA) instead of the math kernel that copies K/V every step
+            y = F.scaled_dot_product_attention(q.reshape(B, self.nkv, self.nh // self.nkv, self.hd), k, v,
+                                               attn_mask=attn_mask)
+            return self.o_proj(y.reshape(B, 1, self.nh * self.hd))
+        # is_causal is upper-left aligned, so it is only right when q_len == kv_len (prefill, training)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
                                            enable_gqa=self.nh != self.nkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
@@ -305,8 +312,10 @@ class Transformer(nn.Module):
         return logits, loss
 
     def make_cache(self, batch, max_len):
-        p = self.lm_head.weight
-        return KVCache(self.config, batch, max_len, p.device, p.dtype)
+        # the compute dtype: under autocast (fp32 master weights, bf16 matmuls) that is autocast's, not the weights'
+        p, kind = self.lm_head.weight, self.lm_head.weight.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else p.dtype
+        return KVCache(self.config, batch, max_len, p.device, dtype)
 
     # ------------------------------------------------------------------ checkpoints in HF layout
 

@@ -226,7 +226,8 @@ def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
     ent = None
     if entropy:  # H = logsumexp(x) - sum p x, and logsumexp(x) = x_i - log p_i for any i: take the likeliest
         pmax, imax = probs.max(-1, keepdim=True)
-        ent = (x.gather(-1, imax) - pmax.log())[:, 0] - (probs[:, None] @ x[:, :, None])[:, 0, 0]
+        with torch.autocast(x.device.type, enabled=False):  # a bf16 dot over 150k terms is off by ~0.1 nats
+            ent = (x.gather(-1, imax) - pmax.log())[:, 0] - (probs[:, None] @ x[:, :, None])[:, 0, 0]
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
@@ -283,11 +284,12 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))  # torch.seed() would reseed the global RNG
     # 1) one prefill for all prompts (right-padded; padding sits after each prompt so causal attention ignores it)
-    x = torch.full((P, Lmax), pad, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        x[i, :len(p)] = torch.tensor(p, device=dev)
+    x = torch.tensor([list(p) + [pad] * (Lmax - len(p)) for p in prompts]).to(dev)  # one host-to-device copy
     T = Lmax + max_new_tokens
-    cache = model.make_cache(B, T)
+    cache = model.make_cache(B, -(-T // 64) * 64 if compile else T)  # compiled: fewer distinct shapes to compile
+    if compile:  # the cache is mutated in place at fixed addresses: say so, or CUDA graphs are not captured
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
     pre = model.make_cache(P, Lmax)
     logits, _ = model(x, cache=pre, last=lens - 1)
     cache.expand_from(pre, width)  # 2) every prompt's cache goes to its `width` rows; logits likewise
@@ -309,7 +311,7 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
             pos = plen + s - 1
             alive[rows, pos] = ~finished  # a row stops being a Bridge key from the position of its stop token
             # attend only over the filled part of the cache; compiled, keep every step's shapes static instead
-            cache.kv_len = T if compile else Lmax + s
+            cache.kv_len = cache.k.size(3) if compile else Lmax + s
             logits, _ = step(tok[:, None], width=width, alive=(~finished)[:, None], cache=cache, pos=pos)
             logits = logits[:, 0]
         tok, lp, ent = sample_token(logits, temperature, top_k, top_p, gen, entropy)

@@ -1425,6 +1425,7 @@ def test_torchrun_gloo_two_ranks(sft_ckpt, tmp_path):
     (['--task=gsm8k', '--data_train=/nope.jsonl'], "data file '/nope.jsonl' does not exist"),
     (['--mode=sft,train'], 'stages must be among'),
     (['--width=three'], 'expected int'),
+    (['--dtype=float16'], "dtype='float16'"),
 ])
 def test_bad_config_is_a_clear_error(args, msg, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=tmp_path, capture_output=True,
@@ -1532,3 +1533,147 @@ def test_bridge_norm_probe():
     m2(torch.randint(0, 40, (4, 5)), width=4)
     probe2.remove()
     assert all(v > 0 for v in probe2.ratios().values()) and len(probe2.ratios()) == 2
+
+
+# ====================================================================================================
+# the GPU path, checked on CPU: autocast bf16, frozen stages, DDP stop agreement, stats, safe resume
+# ====================================================================================================
+
+def test_autocast_bf16_end_to_end(monkeypatch):
+    """CUDA trains fp32 master weights under bf16 autocast. The same on CPU, with the plain F.linear path CUDA takes:
+    generate (KV cache in the compute dtype), the GRPO update and the warm-up loss all run and stay finite."""
+    from model import Linear
+    monkeypatch.setattr(Linear, 'prepack', False)
+    m = random_bridge_model(4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert m.make_cache(2, 4).k.dtype == torch.bfloat16  # the compute dtype, not the fp32 weights'
+        gen = generate(m, [[1, 2, 3], [4, 5, 6, 7]], width=4, max_new_tokens=10, stop_ids=[9, 10, 11], seed=1,
+                       entropy=True)
+    assert len(set(gen.lengths.tolist())) > 1  # rows finish at different steps: the decode path ran
+    ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
+    st = grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x],
+                            autocast=torch.autocast('cpu', dtype=torch.bfloat16))
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert math.isfinite(st['entropy']) and st['entropy'] > 0
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the warm-up's teacher-forced loss on the rollout
+        y = torch.where(gen.completion_mask[:, 1:], gen.tokens[:, 1:], -1)
+        _, loss = m(gen.tokens[:, :-1], y, width=4, alive=gen.alive[:, :-1])
+    assert torch.isfinite(loss)
+
+
+def test_sampler_entropy_is_fp32_under_autocast():
+    """The entropy diagnostic sums p x over the whole vocabulary: in bf16 that is off by ~0.1 nats at V = 151,936."""
+    logits = torch.randn(4, 151936, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [2], [4], [8]])
+    ref = sample_token(logits, 1.0, None, 1.0, torch.Generator().manual_seed(0), entropy=True)[2]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = sample_token(logits, 1.0, None, 1.0, torch.Generator().manual_seed(0), entropy=True)[2]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_grpo_stats_are_averaged_over_iterations():
+    """With no optimizer step the policy never moves, so every inner iteration logs the same statistics: their
+    average must not depend on num_iterations (a sum would double and triple)."""
+    m = random_bridge_model(5)
+    gen = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=8, stop_ids=[9, 10], seed=0, entropy=True)
+    ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
+    stats = [grpo.policy_update(m, ro, lambda: 2.0, lambda *x: [float(v) for v in x], num_iterations=n)
+             for n in (1, 2, 3)]
+    for k in ('entropy', 'kl', 'clip_frac', 'gnorm'):
+        assert [s[k] for s in stats] == pytest.approx([stats[0][k]] * 3, abs=1e-6), k
+    assert stats[0]['entropy'] > 0 and stats[0]['gnorm'] == 2.0
+
+
+def test_compiled_decode_cache_is_static(monkeypatch):
+    """CUDA graphs ('reduce-overhead') are only captured when the in-place-mutated KV cache sits at static addresses.
+    A recording backend (no inductor, so this is fast) sees how generate's decode step reaches the compiler."""
+    seen, real_compile = [], torch.compile
+
+    def backend(gm, example_inputs):
+        seen.extend(getattr(t, '_dynamo_static_input_type', None) for t in example_inputs
+                    if isinstance(t, torch.Tensor) and t.dim() == 5)  # the (layers, B, kv heads, len, hd) cache
+        return gm
+    monkeypatch.setattr(torch, 'compile', lambda m, **kw: real_compile(m, dynamic=False, backend=backend))
+    torch._dynamo.reset()
+    m = random_bridge_model(3)
+    eager = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=6, stop_ids=[7, 8, 9], seed=3)
+    comp = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=6, stop_ids=[7, 8, 9], seed=3, compile=True)
+    torch._dynamo.reset()
+    assert len(seen) == 2 and all(s is not None for s in seen), seen  # k and v, both static
+    assert torch.equal(eager.tokens, comp.tokens)
+
+
+def test_norm_probe_accumulates_on_device():
+    """The Fig. 7 probe runs inside the decode loop: it must not force a host sync (float()) per layer per step."""
+    from bridge import BridgeNormProbe
+    m = random_bridge_model()
+    probe = BridgeNormProbe(m)
+    m(torch.randint(0, 40, (4, 5)), width=4)
+    m(torch.randint(0, 40, (4, 5)), width=4)
+    assert all(isinstance(s, torch.Tensor) and n == 2 for s, n in probe.sums.values())
+    assert all(v > 0 for v in probe.ratios().values())
+    probe.remove()
+
+
+def test_warmup_gradients_do_not_leak_into_grpo(sft_ckpt, tmp_path):
+    """The warm-up trains Bridge weights only. Its backward must leave no gradient on the base weights, or the first
+    GRPO step would add 2 warm-up steps' worth of base gradients to its own. So warm-up then GRPO in one process
+    must end exactly where warm-up, a checkpoint, and a fresh process resuming into GRPO end."""
+    common = [f'--init_from={sft_ckpt}', '--warmup_steps=2', '--warmup_problems=16', '--grpo_steps=1',
+              '--batch_prompts=8', '--warmup_iters=1', *TINY]
+    train_py(*common, '--mode=warmup,grpo', '--out_dir=one', cwd=tmp_path)
+    train_py(*common, '--mode=warmup', '--out_dir=two', cwd=tmp_path)
+    out = train_py(*[a for a in common if not a.startswith('--init_from')], '--init_from=resume',
+                   '--mode=warmup,grpo', '--out_dir=two', cwd=tmp_path)
+    assert 'warmup 1/' not in out and 'grpo 1/1' in out
+    a, b = load_file(tmp_path / 'one/ckpt/model.safetensors'), load_file(tmp_path / 'two/ckpt/model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any('.bridge.' in k for k in a)
+
+
+def test_train_bf16_autocast_on_cpu(sft_ckpt, tmp_path):
+    """--dtype=bfloat16 runs train.py's whole bf16 autocast path (CUDA's default) on CPU: warm-up, GRPO, eval."""
+    out = train_py(f'--init_from={sft_ckpt}', '--mode=warmup,grpo,eval', '--warmup_steps=2', '--warmup_problems=8',
+                   '--grpo_steps=2', '--batch_prompts=8', '--dtype=bfloat16', *TINY, cwd=tmp_path)
+    assert 'grpo 2/2' in out and 'width' in out and 'nan' not in out.split('grpo 2/2')[1].split('\n')[0]
+
+
+SKEWED = """import os, runpy, sys, time
+# rank 1's clock runs 20x fast: its sft_max_seconds runs out while rank 0 is still training
+real, t0, r = time.time, time.time(), int(os.environ['RANK'])
+time.time = lambda: t0 + (real() - t0) * (1 + 19 * r)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_ddp_time_limit_stops_all_ranks_together(tmp_path):
+    """SFT's time limit is read on each rank's own clock. If one rank left the loop while the other still entered a
+    gradient all-reduce, gloo would fail (NCCL would hang): the stop decision must be agreed across ranks."""
+    (tmp_path / 'skew.py').write_text(SKEWED)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'skew.py'),
+           os.path.join(ROOT, 'train.py'), '--mode=sft', '--sft_steps=100000', '--sft_target=2', '--sft_eval_every=1000',
+           '--sft_batch=16', '--sft_max_seconds=3', '--save_every=100000', *TINY]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    steps = [l for l in p.stdout.splitlines() if l.startswith('sft ')]
+    assert steps and os.path.exists(tmp_path / 'out' / 'ckpt' / 'train_state.pt')
+
+
+def test_resume_refuses_pickled_code(sft_ckpt, tmp_path):
+    """train_state.pt is read with weights_only=True: a pickle that would run code on load is refused, in one line."""
+    import pickle
+    out = tmp_path / 'out'
+    shutil.copytree(sft_ckpt, out / 'ckpt')
+    marker = tmp_path / 'pwned'
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+    (out / 'ckpt' / 'train_state.pt').write_bytes(pickle.dumps({'stage': 'sft', 'x': Evil()}))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--init_from=resume', *TINY], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and 'refusing to load' in p.stderr and 'train_state.pt' in p.stderr, p.stderr[-2000:]
+    assert 'Traceback' not in p.stderr and not marker.exists()

@@ -92,8 +92,8 @@ eval_samples = 16       # rows per problem at every width: eval_samples // w gro
 eval_temperature = 1.0
 # system
 device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU
-compile = False
+dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' (autocast on any device) | 'float32'
+compile = False         # torch.compile the training forward and the sampler's decode step (CUDA graphs on a GPU)
 threads = 0             # CPU threads; 0 = pick from the free cores
 wandb_log = False
 wandb_project = 'nanobridge'
@@ -116,6 +116,8 @@ def check_config():
     for f in (data_train, data_test):
         if task != 'add' and not os.path.isfile(f):
             errors.append(f"data file {f!r} does not exist (set --data_train/--data_test)")
+    if dtype not in ('auto', 'bfloat16', 'float32'):
+        errors.append(f"dtype={dtype!r}: expected auto, bfloat16 or float32 (float16 would need loss scaling)")
     if errors:
         raise SystemExit("config error:\n  " + "\n  ".join(errors))
 
@@ -197,9 +199,27 @@ def save_checkpoint(stage, step, opt, extra=None):
     atomic_write(os.path.join(path, 'train_state.pt'), lambda tmp: torch.save(state, tmp))
 
 
+def load_train_state(path):
+    """train_state.pt holds only tensors and plain Python values, so it is read with weights_only=True: a tampered
+    checkpoint cannot run code. map_location='cpu': each rank's optimizer state then goes to its own device."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --init_from=resume but {path} does not exist (no checkpoint in out_dir={out_dir!r})")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable training state, refusing to load it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
 def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
     """Runs step_fn(step) -> metrics for steps start..total-1 with AdamW. step_fn does its own backward passes
     (a step may hold several micro-batches and, for GRPO, several inner updates via `update`)."""
+    # train exactly `params`: the rest is frozen (no weight gradients computed or held for it), and every stage
+    # starts with no gradients, so nothing from an earlier stage (e.g. the Bridge-only warm-up) leaks into this one
+    raw_model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    raw_model.zero_grad(set_to_none=True)
     opt = torch.optim.AdamW(params, lr=base_lr, betas=(beta1, beta2), weight_decay=weight_decay,
                             **({'fused': True} if dev.type == 'cuda' else {}))
     if opt_state is not None:
@@ -226,7 +246,9 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
                   + f", lr {g['lr']:.2e}, {1000 * (time.time() - t0):.0f}ms, eta {eta:.0f}s")
             if wandb_log:
                 wandb.log({f"{stage}/{k}": v for k, v in m.items()}, step=step)
-        done = bool(should_stop and should_stop(step, m))  # e.g. SFT reached its accuracy target
+        done = bool(should_stop and should_stop(step, m))  # e.g. SFT reached its accuracy target or its time limit
+        if should_stop and ddp_world > 1:  # ranks' clocks differ: all leave together, or their collectives mismatch
+            done = all_sum(done)[0] > 0
         if done or (step + 1) % save_every == 0 or step + 1 == stop_at:
             save_checkpoint(stage, step + 1, opt, {'done': True} if done else None)
         if done:
@@ -278,7 +300,7 @@ def sample_and_score(problems, w, temp, gen_seed, entropy=False):
     """The one place that samples: `w` rows per problem, decoded and scored -> (Generation, texts, rewards)."""
     with torch.no_grad(), autocast:
         gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
-                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy)
+                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy, compile=compile)
     texts = [tok.decode(c) for c in gen.completions()]
     return gen, texts, torch.tensor([reward(t, problems[i // w]) for i, t in enumerate(texts)])
 
@@ -320,7 +342,7 @@ def warmup(start=0, opt_state=None):
 
 def grpo_stage(start=0, opt_state=None):
     train = load_problems('train')
-    params = [p for p in raw_model.parameters() if p.requires_grad]
+    params = list(raw_model.parameters())
     if bridge_only:
         params = [p for b in raw_model.bridge_modules() for p in b.parameters()]
     ref = None
@@ -402,13 +424,13 @@ if __name__ == '__main__':
     if master:
         print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ddp_world} rank(s)")
     torch.manual_seed(seed)
-    use_bf16 = dev.type == 'cuda' and dtype in ('auto', 'bfloat16')
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and dev.type == 'cuda')  # fp32 master weights, bf16 compute
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     os.makedirs(out_dir, exist_ok=True)
     stages, start, opt_state = mode.split(','), 0, None
     ckpt = os.path.join(out_dir, 'ckpt')
     if init_from == 'resume':
-        state = torch.load(os.path.join(ckpt, 'train_state.pt'), weights_only=False)
+        state = load_train_state(os.path.join(ckpt, 'train_state.pt'))
         i = stages.index(state['stage'])
         done = state['extra'].get('done') or state['step'] >= {'sft': sft_steps, 'warmup': warmup_steps,
                                                                  'grpo': grpo_steps}.get(state['stage'], 0)
@@ -416,6 +438,7 @@ if __name__ == '__main__':
         start, opt_state = (0, None) if done else (state['step'], state['optimizer'])
         torch.set_rng_state(state['rng']['torch'])
         random.setstate(state['rng']['python'])
+        del state  # the optimizer state lives on in opt_state only until its stage has loaded it
         model_dir = ckpt
     else:
         model_dir = None if init_from == 'scratch' else init_from
