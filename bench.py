@@ -32,6 +32,8 @@ grpo_prompt_len = 16    # prompt length in that race
 quick = False           # smoke test: 8 tokens, one repeat, a 2-layer 0.5B shape
 compile = False         # also race generate(compile=True) against eager, and compile the GRPO rows' decode step
 seed = 1337
+mem_tokens = '256,1024,4096'  # completion lengths of the GRPO-update memory rows ('' = skip them)
+mem_probe = ''          # internal: 'shape:tokens:new' measures one update in this (fresh) process, prints JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 dev = torch.device(device)
@@ -301,6 +303,82 @@ def trl_step(path, prompts, w, n, reps, fair=True):
     torch.set_num_threads(threads)  # in case the Trainer touched it
     return med(b + a for a, b in zip(times[2::2], times[3::2]))  # steps after the first (a warm-up)
 
+def full_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
+    """The log-prob pass as it was before the chunked head: every logit at once, log_softmax, gather."""
+    logits = model(tokens[:, :-1], width=width, alive=alive[:, :-1], start=start)[0].float() / temperature
+    return torch.nn.functional.pad(torch.log_softmax(logits, -1).gather(-1, tokens[:, start + 1:, None])[..., 0],
+                                   (start, 0))
+
+def rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+def probe_update(spec):
+    """A GRPO update (policy_update + AdamW) of one group of 4 rows in this fresh process: its peak extra memory
+    (CPU: peak RSS; CUDA: max_memory_allocated), its time, and train.py's estimate of it. new = the chunked head
+    with grad_checkpoint; else the full-logits head without it, as before."""
+    import resource
+    shape, n, new = spec.split(':')
+    n, new = int(n), new == '1'
+    cfg = ModelConfig(vocab_size=151936, **(TINY if shape == 'tiny' else {}))
+    bcfg = BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads) if shape == 'tiny' else BridgeConfig()
+    torch.manual_seed(seed)
+    model = Transformer(cfg, bcfg).to(dev).train()
+    model.grad_checkpoint, model.head_chunk, w, P = new, 1024, 4, grpo_prompt_len
+    if not new:
+        grpo.token_logprobs = full_logprobs
+    tokens = torch.randint(0, cfg.vocab_size, (w, P + n), device=dev)
+    mask = (torch.arange(P + n, device=dev) >= P).expand(w, -1)[:, 1:]
+    ro = grpo.Rollout(tokens, torch.ones_like(tokens, dtype=torch.bool), mask, torch.randn(w, device=dev), w,
+                      torch.full((w,), P, device=dev))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    def update():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return 0.0
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    before = torch.cuda.memory_allocated() if cuda else rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # the second update is the steady state: AdamW's state is resident through its backward
+        t0 = now()
+        grpo.policy_update(model, ro, update, lambda *v: [float(u) for u in v], autocast=autocast)
+        dt = now() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    n_params = sum(p.numel() for p in model.parameters())
+    for k, v in dict(width=w, batch_prompts=1, micro_groups=1, max_new_tokens=n, logprob_chunk=1024, use_bf16=cuda,
+                     ddp_world=1, beta=0.0).items():
+        setattr(T, k, v)
+    est = T.memory_estimate(cfg, bcfg, n_params, n_params, P, True)
+    est = est['gradients'] + est['AdamW state'] + est['update activations, grad_checkpoint on']
+    print(json.dumps({'extra': peak - before, 'seconds': dt, 'estimate': est}))
+
+def bench_memory(spec_tokens):
+    """Peak extra memory of one GRPO update per completion token, chunked + checkpointed vs the full-logits head,
+    each in a fresh process (peak RSS is a process high-water mark)."""
+    import subprocess
+    def run(spec):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), f'--mem_probe={spec}', f'--device={device}',
+                            f'--threads={threads}'], capture_output=True, text=True)
+        return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
+    cases = [('tiny', int(t)) for t in spec_tokens.split(',')] + [('0.5B', 1024)]
+    for shape, n in cases:
+        log(f"memory of one GRPO update: {shape}, 4 rows x {n} completion tokens")
+        # the full-logits head needs ~1.8 MB per token: past 1,024 tokens x 4 rows it does not fit on this CPU
+        new, old = run(f'{shape}:{n}:1'), run(f'{shape}:{n}:0') if cuda or 4 * n <= 4096 else None
+        if new is None:
+            continue
+        label = 'tiny (4L d128 V151936) + Bridge' if shape == 'tiny' else '0.5B (24L d896 V151936) + Bridge'
+        add(f'GRPO update peak extra MB (4 rows x {n} tok): chunked head + grad_checkpoint vs full logits', label, 4,
+            new['extra'] / 2**20, old['extra'] / 2**20 if old else None, speedup=None,
+            note=f"KB/token {new['extra'] / 4 / n / 1024:,.0f} vs " + (f"{old['extra'] / 4 / n / 1024:,.0f}" if old
+            else 'does not fit') + f"; estimate {new['estimate'] / 2**20:,.0f} MB; step {new['seconds']:.2f} s vs "
+            + (f"{old['seconds']:.2f} s" if old else '-'))
+
+if __name__ == '__main__' and mem_probe:
+    probe_update(mem_probe)
+    sys.exit(0)
+
 if __name__ == '__main__':
     t_start = time.time()
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')
@@ -316,6 +394,8 @@ if __name__ == '__main__':
     if cuda:
         bench_model('1.5B', ModelConfig(**QWEN15), [1, 16, 64], bw, flops, reps_big)
     bench_grpo_default(repeats)
+    if mem_tokens:
+        bench_memory(mem_tokens)
     bench_trl(reps_big)
     print(f"machine: {machine}\n\n| benchmark | model | width | nanobridge | reference | speedup | bound | % of bound "
           "| note |\n|---|---|---|---|---|---|---|---|---|")

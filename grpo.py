@@ -362,9 +362,10 @@ def add_reward(text, answer):
     return 1.0 if final_answer(text)[1] == answer else 0.0
 
 
-def read_jsonl(path, kind):
-    """GSM8K (question, answer '... #### n'), MATH (problem, solution with \\boxed{}), or generic (prompt, answer)."""
-    keys = {'gsm8k': ('question', 'answer'), 'math': ('problem', 'solution'), 'jsonl': ('prompt', 'answer')}[kind]
+def read_jsonl(path, kind, keys=None):
+    """GSM8K (question, answer '... #### n'), MATH (problem, solution with \\boxed{}), or generic (prompt, answer):
+    keys=(prompt_key, answer_key) reads any other layout, e.g. ('problem', 'answer') for AIME/AMC/MATH-500 files."""
+    keys = keys or {'gsm8k': ('question', 'answer'), 'math': ('problem', 'solution'), 'jsonl': ('prompt', 'answer')}[kind]
     out = []
     with open(path, encoding='utf-8') as f:
         for i, line in enumerate(f, 1):
@@ -391,13 +392,12 @@ def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     """The one function that computes log-probs (for the loss, old and reference policies): log p(tokens[t] |
     tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
     the model together, under the same alive mask as at sampling, because each row's distribution depends on its
-    siblings; any other recomputation gives a wrong importance ratio (bridge-paper.md sec. 9.7).
-    start: skip the vocabulary projection before this position (prompts need no logits); those columns are 0.
-    (The entropy diagnostic comes from the sampler, generate(entropy=True): here it would cost a third of the pass.)"""
-    logits, _ = model(tokens[:, :-1], width=width, alive=alive[:, :-1], start=start)
-    logits = logits.float() if temperature == 1 else logits.float() / temperature
-    logp = torch.log_softmax(logits, -1)
-    return F.pad(logp.gather(-1, tokens[:, start + 1:, None])[..., 0], (start, 0))
+    siblings; any other recomputation gives a wrong importance ratio (bridge-paper.md sec. 9.7). The vocabulary
+    head then runs in token chunks (model.head_logprobs): memory does not grow with rows x tokens x V.
+    start: skip the head before this position (prompts need no log-probs); those columns are 0."""
+    _, nll = model(tokens[:, :-1], tokens[:, 1:], width=width, alive=alive[:, :-1], start=start,
+                   temperature=temperature, reduction='none')
+    return F.pad(-nll, (start, 0))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bridge import BridgeConfig, make_block, bridge_mask, bridge_report
@@ -168,6 +169,60 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def _chunk_logits(h, w, temperature):
+    # one function for the forward pass and the backward recompute: the same ops on the same inputs, the same bits
+    z = (h @ w.T).float()  # the matmul in h's dtype (bf16 under autocast), the softmax in fp32
+    return z if temperature == 1 else z.div_(temperature)
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """log softmax(h W^T / T)[target] over token chunks: no (tokens x V) logits ever exist, in forward or backward.
+    Forward keeps only each token's logsumexp; backward recomputes each chunk's logits (as Liger, TRL, verl do).
+    At V = 151,936 the unchunked head holds ~3 fp32 copies of the logits: 1.8 MB per token."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk):
+        w, out = weight.to(h.dtype), torch.empty(h.size(0), device=h.device)  # under autocast one bf16 copy of W
+        lse = torch.empty_like(out)
+        for i in range(0, h.size(0), chunk):
+            t, z = targets[i:i + chunk], _chunk_logits(h[i:i + chunk], w, temperature)
+            zt, m = z.gather(1, t.clamp(min=0)[:, None])[:, 0], z.amax(1)  # ignored (-1) targets read column 0
+            s = z.sub_(m[:, None]).exp_().sum(1).log_()  # logsumexp in place: one chunk x V buffer, not two
+            out[i:i + chunk] = ((zt - m) - s).masked_fill_(t < 0, 0)
+            lse[i:i + chunk] = m + s
+            del z  # free this chunk's logits before the next chunk's exist
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets, lse = ctx.saved_tensors
+        T, C, w = ctx.temperature, ctx.chunk, weight.to(h.dtype)
+        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # summed in fp32
+        g = grad_out.float().masked_fill(targets < 0, 0) / T  # 1/T: z = h W^T / T
+        for i in range(0, h.size(0), C):
+            t, gc, hc = targets[i:i + C], g[i:i + C, None], h[i:i + C]
+            # d log p_target / dz = onehot(target) - softmax(z), built in place in the recomputed logits
+            dz = _chunk_logits(hc, w, T).sub_(lse[i:i + C, None]).exp_().mul_(-gc)
+            dz = dz.scatter_add_(1, t.clamp(min=0)[:, None], gc).to(h.dtype)
+            if gh is not None:
+                gh[i:i + C] = dz @ w
+            if gw is not None:  # in place: a V x D temporary per chunk would cost ~1 GB at the 1.5B shape
+                gw.addmm_(dz.T, hc) if dz.dtype == gw.dtype else gw.add_(dz.T @ hc)
+            del dz
+        return gh, None if gw is None else gw.to(weight.dtype), None, None, None
+
+
+def head_logprobs(h, weight, targets, temperature=1.0, chunk=1024):
+    """(N, D) normed hidden states -> (N,) fp32 log softmax(h W^T / T)[targets], 0 where a target is -1."""
+    kind = h.device.type
+    if torch.is_autocast_enabled(kind):  # the head's matmul runs in autocast's dtype, as lm_head's would
+        h = h.to(torch.get_autocast_dtype(kind))
+    return ChunkedLogProbs.apply(h, weight, targets, temperature, chunk or max(1, h.size(0)))
+
+
 class KVCache:
     """Static, pre-allocated keys/values (n_layers, B, n_kv_heads, max_len, head_dim): no reallocation while
     decoding, and the prompt's rows can be copied to its `width` siblings once after a single prefill."""
@@ -260,6 +315,8 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, bridge: BridgeConfig | None = None):
         super().__init__()
         self.config, self.bridge_config = config, bridge
+        self.grad_checkpoint = False  # recompute each block (its Bridge included) in backward: store only its input
+        self.head_chunk = 1024        # tokens per chunk of the vocabulary head when targets are given (0 = all)
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
             layers=nn.ModuleList(Block(config, i, bridge) for i in range(config.num_hidden_layers)),
@@ -280,13 +337,17 @@ class Transformer(nn.Module):
     def bridge_modules(self):
         return [l.bridge for l in self.model.layers if hasattr(l, 'bridge')]
 
-    def forward(self, idx, targets=None, width=1, alive=None, cache=None, pos=None, last=None, start=0):
+    def forward(self, idx, targets=None, width=1, alive=None, cache=None, pos=None, last=None, start=0,
+                temperature=1.0, reduction='mean'):
         """idx (B, T) -> (logits (B, T, V), loss). Rows are grouped into contiguous blocks of `width` siblings
         for Bridge; alive (B, T) marks positions that are not finished/padded (None = all alive).
         With a cache: pos=None prefills from position 0; pos (B,) decodes one token per row at its position.
         last (B,) returns logits only at those positions (prefill needs just each prompt's last one); start > 0
         only for positions >= start (the log-prob pass needs none for the prompt). The vocabulary projection is
-        the biggest matmul of a small model, so skipping it where nobody reads it matters."""
+        the biggest matmul of a small model, so skipping it where nobody reads it matters.
+        With targets (-1 = no loss) the logits are never built: the head runs in token chunks (head_logprobs) and
+        logits is None; loss is the mean cross-entropy of softmax(logits / temperature), or with reduction='none'
+        the per-token negative log-probs (B, T - start), which is what GRPO needs."""
         B, T = idx.shape
         if B % width:
             raise ValueError(f"batch of {B} rows is not divisible by width={width}")
@@ -300,16 +361,20 @@ class Transformer(nn.Module):
             attn_mask = (torch.arange(cache.kv_len, device=idx.device) <= pos[:, None])[:, None, None, :]
         bmask = bridge_mask(alive, width) if self.bridge_config is not None else (None, None)
         for block in self.model.layers:
-            x = block(x, cos, sin, width, bmask, cache, pos, attn_mask)
+            if self.grad_checkpoint and torch.is_grad_enabled():  # whole groups stay together inside the block
+                x = checkpoint(block, x, cos, sin, width, bmask, cache, pos, attn_mask, use_reentrant=False,
+                               preserve_rng_state=False)  # no dropout: nothing random to replay
+            else:
+                x = block(x, cos, sin, width, bmask, cache, pos, attn_mask)
         if last is not None:
             x = x[torch.arange(B, device=idx.device), last][:, None]
         x = self.model.norm(x[:, start:])
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets[:, start:].reshape(-1),
-                                   ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x), None
+        t = targets[:, start:]
+        nll = -head_logprobs(x.flatten(0, 1), self.lm_head.weight, t.reshape(-1), temperature,
+                             self.head_chunk).view(t.shape)
+        return None, nll if reduction == 'none' else nll.sum() / (t >= 0).sum().clamp(min=1)
 
     def make_cache(self, batch, max_len):
         # the compute dtype: under autocast (fp32 master weights, bf16 matmuls) that is autocast's, not the weights'

@@ -1677,3 +1677,98 @@ def test_resume_refuses_pickled_code(sft_ckpt, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and 'refusing to load' in p.stderr and 'train_state.pt' in p.stderr, p.stderr[-2000:]
     assert 'Traceback' not in p.stderr and not marker.exists()
+
+
+# ====================================================================================================
+# paper scale: the chunked vocabulary head, activation checkpointing, the memory estimate
+# ====================================================================================================
+
+@pytest.mark.parametrize('temperature', [1.0, 0.7])
+def test_chunked_head_equals_full_logits(temperature):
+    """The head in token chunks of 7 (not a divisor of the 2 x 4 x 11 tokens): log-probs and every gradient equal
+    the full-logits path in fp32, ignored targets (-1) give 0 and no gradient, and the mean CE equals F.cross_entropy."""
+    idx = torch.randint(0, 40, (8, 12), generator=torch.Generator().manual_seed(0))
+    tgt = idx[:, 1:].clone()
+    tgt[::3, :4] = -1
+    grads, vals = [], []
+    for chunk in (0, 7):
+        m = random_bridge_model(6)
+        m.head_chunk = chunk
+        if chunk:
+            lp = -m(idx[:, :-1], tgt, width=4, temperature=temperature, reduction='none')[1]
+        else:  # the reference: full logits, log_softmax, gather
+            logits = m(idx[:, :-1], width=4)[0].float() / temperature
+            lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt >= 0)
+        (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+        vals.append(lp.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    torch.testing.assert_close(vals[1], vals[0], atol=1e-5, rtol=0)
+    assert (vals[1][tgt < 0] == 0).all()
+    for n, g in grads[0].items():
+        assert (grads[1][n] - g).norm() <= 1e-5 * g.norm() + 1e-12, n
+    m = random_bridge_model(6)
+    m.head_chunk = 5
+    logits = m(idx[:, :-1], width=4)[0]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tgt.reshape(-1), ignore_index=-1)
+    torch.testing.assert_close(m(idx[:, :-1], tgt, width=4)[1], ref, atol=1e-6, rtol=0)
+
+
+def test_chunked_head_ratio_is_exactly_one():
+    """Old (no grad) and new (grad) log-probs come from the same chunked computation: exp(new - old) is exactly 1."""
+    m = random_bridge_model(2)
+    m.head_chunk = 5
+    gen = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=10, stop_ids=[9, 10], seed=1, temperature=0.9)
+    ro = grpo.Rollout.from_generation(gen, torch.rand(8), 4)
+    with torch.no_grad():
+        old = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.9)
+    new = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.9)
+    assert torch.equal(torch.exp(new - old)[ro.mask], torch.ones(int(ro.mask.sum())))
+    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+
+
+def test_grad_checkpoint_same_gradients():
+    """Each block (its Bridge inside) recomputed in backward: the same loss and gradients as storing activations."""
+    idx = torch.randint(0, 40, (8, 10), generator=torch.Generator().manual_seed(1))
+    alive = torch.ones_like(idx, dtype=torch.bool)
+    alive[1, 6:] = False  # a finished row: the Bridge mask is part of what is recomputed
+    out = []
+    for ckpt in (False, True):
+        m = random_bridge_model(7)
+        m.grad_checkpoint = ckpt
+        loss = m(idx[:, :-1], idx[:, 1:], width=4, alive=alive[:, :-1])[1]
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    assert torch.equal(out[0][0], out[1][0])
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][n], g, atol=1e-7, rtol=1e-6)
+
+
+def bench_probe(spec):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), f'--mem_probe={spec}', '--threads=1'],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_memory_estimate_matches_measured_rss():
+    """train.py's estimate of one GRPO update (gradients + AdamW state + activations and the head) is within 25% of
+    the peak RSS it really adds: tiny shape, the real 151,936 vocabulary, 4 rows x 256 tokens, in a fresh process."""
+    r = bench_probe('tiny:256:1')
+    assert abs(r['estimate'] - r['extra']) <= 0.25 * r['extra'], r
+
+
+@pytest.mark.slow
+def test_memory_targets_long_traces():
+    """One update of 4 rows with the 151,936 vocabulary: <= 64 KB per added completion token from 1,024 to 4,096
+    tokens, <= 1.5 GiB in all at 4,096 (the full-logits head needed ~1.8 MB per token). ~1 minute."""
+    a, b = bench_probe('tiny:1024:1'), bench_probe('tiny:4096:1')
+    assert (b['extra'] - a['extra']) / (4 * 3072) <= 64 * 1024 and b['extra'] <= 1.5 * 2**30, (a, b)
+    assert abs(b['estimate'] - b['extra']) <= 0.25 * b['extra'], b
+
+
+def test_memory_estimate_printed_and_warns_on_cpu(tmp_path):
+    """The estimate prints item by item at start; on CPU a run that cannot fit warns (CUDA would stop)."""
+    out = train_py('--dry_run=True', '--max_new_tokens=200', '--batch_prompts=4096', '--width=64', *TINY[:-3],
+                   cwd=tmp_path)
+    assert 'memory estimate per rank' in out and 'rollout KV cache' in out and 'AdamW state' in out
+    assert 'WARNING: the run needs' in out and 'lower width, max_new_tokens' in out and 'sft 1/' not in out

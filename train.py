@@ -41,6 +41,7 @@ task = 'add'            # 'add' (embedded, procedural) | 'gsm8k' | 'math' | 'jso
 digits = 2              # difficulty of the embedded task: operand digits
 data_train = ''         # JSONL files for gsm8k/math/jsonl tasks
 data_test = ''
+test_keys = ''          # 'prompt_key,answer_key' of data_test, e.g. 'problem,answer' for AIME/AMC/MATH-500 JSONL
 chat_template = 'auto'  # 'auto' = the checkpoint's own template | 'plain'
 instruction = ' Please reason step by step, and put your final answer within \\boxed{}.'
 # model built from scratch (init_from='scratch')
@@ -84,6 +85,8 @@ num_iterations = 1      # policy updates per batch of rollouts (> 1 uses the cli
 scale_rewards = 'group' # 'group' = (r - mean) / (std + eps) | 'none' = Dr. GRPO
 mask_truncated = False  # drop completions that hit max_new_tokens from the loss
 micro_groups = 0        # groups per micro-batch for the gradient pass (0 = all); a group is never split
+logprob_chunk = 1024    # tokens per chunk of the vocabulary head in the log-prob/CE pass (0 = all at once)
+grad_checkpoint = None  # recompute blocks in backward; None = on for models of >= 100M params (see memory_estimate)
 bridge_only = False     # GRPO trains only Bridge weights
 # evaluation
 eval_widths = '1,2,4,8,16'
@@ -95,9 +98,10 @@ device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' (autocast on any device) | 'float32'
 compile = False         # torch.compile the training forward and the sampler's decode step (CUDA graphs on a GPU)
 threads = 0             # CPU threads; 0 = pick from the free cores
+dry_run = False         # print the memory estimate, then stop
 wandb_log = False
 wandb_project = 'nanobridge'
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 # -----------------------------------------------------------------------------
 
 
@@ -118,6 +122,8 @@ def check_config():
             errors.append(f"data file {f!r} does not exist (set --data_train/--data_test)")
     if dtype not in ('auto', 'bfloat16', 'float32'):
         errors.append(f"dtype={dtype!r}: expected auto, bfloat16 or float32 (float16 would need loss scaling)")
+    if test_keys and len(test_keys.split(',')) != 2:
+        errors.append(f"test_keys={test_keys!r}: expected 'prompt_key,answer_key'")
     if errors:
         raise SystemExit("config error:\n  " + "\n  ".join(errors))
 
@@ -149,6 +155,8 @@ def load_problems(split):
     """The embedded task, or GSM8K / MATH / generic JSONL with line-numbered errors."""
     if task == 'add':
         return grpo.addition_problems(split, digits)
+    if split == 'test' and test_keys:
+        return grpo.read_jsonl(data_test, 'jsonl', tuple(test_keys.split(',')))
     return grpo.read_jsonl(data_train if split == 'train' else data_test, task)
 
 
@@ -160,6 +168,80 @@ def encode_prompt(tok, text):
 
 def reward(text, problem):
     return grpo.add_reward(text, problem['answer']) if task == 'add' else grpo.math_reward(text, problem['answer'])
+
+
+# -----------------------------------------------------------------------------
+# memory: what the run will need, item by item, before it starts
+
+def saved_bytes_per_token(mcfg, bcfg):
+    """Bytes autograd keeps per token in one block (its Bridge included). Measured, not modelled: one block runs
+    on CPU on uninitialised weights under the run's autocast, and saved_tensors_hooks add up the storages it
+    saves. Two sequence lengths, so that what does not grow with tokens (autocast's weight copies) cancels."""
+    from model import Block, rope, rope_inv_freq
+    from bridge import bridge_mask
+    with torch.device('meta'):
+        block = Block(mcfg, 0, bcfg)
+    block.to_empty(device='cpu')
+    params, sizes = {p.untyped_storage().data_ptr() for p in block.parameters()}, []
+    for T in (8, 16):
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = torch.zeros(width, T, mcfg.hidden_size, requires_grad=True)
+        cos, sin = rope(torch.arange(T).expand(width, T), rope_inv_freq(mcfg), x.dtype)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast('cpu', torch.bfloat16, enabled=use_bf16):
+            block(x, cos, sin, width, bridge_mask(torch.ones(width, T, dtype=torch.bool), width), None, None, None)
+        sizes.append(sum(seen.values()))
+    return (sizes[1] - sizes[0]) / (8 * width)
+
+
+def memory_estimate(mcfg, bcfg, n_params, n_train, prompt_len, checkpointing):
+    """{item: bytes} at the run's peak on one rank: a long-trace run should stop before it starts, not after an
+    hour of rollouts. The update item is one micro-batch of whole groups (a group is never split)."""
+    L, V, cdt = mcfg.num_hidden_layers, mcfg.vocab_size, 2 if use_bf16 else 4
+    rows, T = batch_prompts // ddp_world * width, prompt_len + max_new_tokens
+    mb_rows = (micro_groups or batch_prompts // ddp_world) * width
+    kv_token = 2 * L * mcfg.num_key_value_heads * mcfg.head_dim * cdt  # K and V of every layer, per cached token
+    act = saved_bytes_per_token(mcfg, bcfg)
+    head_tokens = min(logprob_chunk or mb_rows * max_new_tokens, mb_rows * max_new_tokens)
+    # checkpointing keeps each block's fp32 input and recomputes one block at a time; the gradients flowing back
+    # through that block take about as much again (measured, bench.py's memory rows)
+    acts = {c: mb_rows * T * ((L * 4 * mcfg.hidden_size if c else L * act) + 2 * act) for c in (True, False)}
+    head = 4 * head_tokens * V + mb_rows * T * 4 * mcfg.hidden_size  # one chunk's fp32 logits; the normed hidden
+    m = {'weights (fp32)': 4 * n_params, 'gradients': 4 * n_train, 'AdamW state': 8 * n_train,
+         'reference model (beta > 0)': 4 * n_params if beta > 0 else 0,
+         'bf16 weight copies (autocast)': 2 * n_params if use_bf16 else 0,
+         f'rollout KV cache ({kv_token:,} B/token)': kv_token * rows * T + 4 * 4 * rows * V,
+         f'update activations, grad_checkpoint on': acts[True] + head,
+         f'update activations, grad_checkpoint off': acts[False] + head}
+    fixed = sum(v for k, v in m.items() if not k.startswith(('rollout', 'update')))
+    m['peak'] = fixed + max(m[next(k for k in m if k.startswith('rollout'))],
+                            m[f'update activations, grad_checkpoint {"on" if checkpointing else "off"}'])
+    return m
+
+
+def check_memory(m):
+    """Print the estimate; on CUDA stop if it cannot fit, on CPU warn."""
+    if master:
+        print('memory estimate per rank:\n' + '\n'.join(f"  {k:<48} {v / 2**30:8.2f} GiB" if v >= 2**30 else
+                                                        f"  {k:<48} {v / 2**20:8.1f} MiB" for k, v in m.items()))
+    if dev.type == 'cuda':
+        free, total = torch.cuda.mem_get_info(dev)
+        have = free + torch.cuda.memory_allocated(dev)  # the weights may already be on the device
+    else:
+        with open('/proc/meminfo') as f:
+            have = int(next(l for l in f if l.startswith('MemAvailable')).split()[1]) * 1024
+    if m['peak'] > 0.95 * have:
+        msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank but {dev} has {have / 2**30:.1f} GiB: lower "
+               f"width, max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set grad_checkpoint=True")
+        if dev.type == 'cuda':
+            raise SystemExit(f"error: {msg}")
+        if master:
+            print(f"WARNING: {msg}")
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +451,8 @@ def grpo_stage(start=0, opt_state=None):
         dt = time.time() - t0
         return {'reward': all_sum(r.mean())[0] / ddp_world, 'acc': all_sum((r > 0).float().mean())[0] / ddp_world,
                 'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()), 'trunc': trunc,
-                'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%"}
+                'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%",
+                **({'mem': f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"} if dev.type == 'cuda' else {})}
     run_stage('grpo', params, lr, grpo_steps, step_fn, start, opt_state)
 
 
@@ -457,6 +540,20 @@ if __name__ == '__main__':
         for f in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'qwen.tiktoken'):
             if os.path.exists(os.path.join(model_dir, f)):
                 shutil.copy(os.path.join(model_dir, f), ckpt)
+    bcfg = raw_model.bridge_config or (BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
+                                       if use_bridge and {'warmup', 'grpo'} & set(stages) else None)
+    with torch.device('meta'):
+        shape = Transformer(raw_model.config, bcfg)
+    n_params = sum(p.numel() for p in shape.parameters())
+    n_train = sum(p.numel() for b in shape.bridge_modules() for p in b.parameters()) if bridge_only else n_params
+    # why 100M: below it (the embedded model) activations are small and recomputing costs ~30% of the update;
+    # above it (any real checkpoint) activations are ~4 MB per token at 1.5B without it
+    raw_model.grad_checkpoint = n_params >= 1e8 if grad_checkpoint is None else bool(grad_checkpoint)
+    raw_model.head_chunk = logprob_chunk
+    prompt_len = max(len(encode_prompt(tok, p['prompt'])) for p in load_problems('train'))
+    check_memory(memory_estimate(raw_model.config, bcfg, n_params, n_train, prompt_len, raw_model.grad_checkpoint))
+    if dry_run:
+        stages = []
     if wandb_log and master:
         import wandb  # imported only when enabled
         wandb.init(project=wandb_project, config=config)
@@ -465,8 +562,10 @@ if __name__ == '__main__':
             # adding Bridge to a trained model: zero W_O keeps it exactly the same model
             bcfg = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
             sd = raw_model.state_dict()
-            raw_model = Transformer(raw_model.config, bcfg).to(dev)
+            old, raw_model = raw_model, Transformer(raw_model.config, bcfg).to(dev)
             raw_model.load_state_dict(sd, strict=False)
+            raw_model.grad_checkpoint, raw_model.head_chunk = old.grad_checkpoint, old.head_chunk
+            del old
             if master:
                 print(bridge_report(raw_model))
         if stage == 'warmup' and raw_model.bridge_config is None:
