@@ -419,6 +419,8 @@ class Transformer(nn.Module):
                     unexpected.append(k)
                 elif shape != tuple(expected[k]):
                     bad.append(f"{k}: checkpoint {shape} vs model {tuple(expected[k])}")
+                elif device.type == 'meta':  # shapes only (train.py --dry_run): read nothing
+                    tensors[k] = torch.empty(shape, dtype=dtype, device=device)
                 else:  # one tensor at a time: peak RAM stays ~ one model + one tensor
                     tensors[k] = read().to(device=device, dtype=dtype)
         missing = [k for k in expected if k not in tensors and not (bridge is not None and saved_bridge is None

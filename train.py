@@ -533,7 +533,8 @@ if __name__ == '__main__':
         raw_model = Transformer(mcfg).to(dev)
     else:
         tok = Tokenizer.from_pretrained(model_dir)  # our checkpoints always carry their tokenizer files
-        raw_model = Transformer.from_pretrained(model_dir, device=dev, dtype=torch.float32, verbose=master)
+        raw_model = Transformer.from_pretrained(model_dir, device='meta' if dry_run else dev, dtype=torch.float32,
+                                                verbose=master)
     if model_dir not in (None, ckpt) and master:  # keep the tokenizer beside every checkpoint we write
         import shutil
         os.makedirs(ckpt, exist_ok=True)
