@@ -38,11 +38,11 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 # -----------------------------------------------------------------------------
 dev = torch.device(device)
 cuda = dev.type == 'cuda'
-assert not cuda or torch.cuda.is_available(), "--device=cuda but torch.cuda.is_available() is False"
+if cuda and not torch.cuda.is_available():
+    raise ValueError(f"device={device!r} but torch.cuda.is_available() is False")
 dt = torch.bfloat16 if cuda else torch.float32
 new_tokens, repeats = (8, 1) if quick else (new_tokens, repeats)
-if not threads:  # oversubscribed BLAS threads on a loaded machine run many times slower than fewer threads
-    threads = max(1, len(os.sched_getaffinity(0)) - int(os.getloadavg()[0] + 0.5))
+threads = threads or T.free_cores()  # oversubscribed BLAS threads on a busy machine run many times slower
 torch.set_num_threads(threads)
 warnings.filterwarnings('ignore')
 try:

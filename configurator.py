@@ -4,19 +4,36 @@ config lives in plain globals:
     python train.py config/rlvr.py --max_steps=100 --lr=1e-4
 A bare argument is a Python config file that is exec'd; --key=value overrides one global, with the type
 checked against the default. Unknown keys are errors, so a typo never silently trains the wrong thing.
+It also makes a user's mistake (a bad value, a missing or corrupt file: ValueError or OSError) end the script with
+one line on stderr, "error: <message>", printed by the first rank only under torchrun; any other exception is a
+bug and keeps its traceback, and NANOBRIDGE_TRACEBACK=1 shows it for every error.
 """
+import os
 import sys
 from ast import literal_eval
 
+
+def _user_errors(kind, e, tb):
+    if issubclass(kind, (ValueError, OSError)) and not os.environ.get('NANOBRIDGE_TRACEBACK'):
+        if int(os.environ.get('RANK', 0)) == 0:  # every rank meets the same bad input: say it once
+            msg = '; '.join(l.strip() for l in str(e).splitlines() if l.strip())
+            print(f"error: {msg[:600]}{' ...' if len(msg) > 600 else ''}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, e, tb)
+
+
+sys.excepthook = _user_errors
 for arg in sys.argv[1:]:
     if '=' not in arg:
-        assert not arg.startswith('--'), f"expected --key=value or a config file, got {arg!r}"
+        if arg.startswith('--'):
+            raise ValueError(f"expected --key=value or a config file, got {arg!r}")
         print(f"Overriding config with {arg}:")
         with open(arg) as f:
             print(f.read())
         exec(open(arg).read())
     else:
-        assert arg.startswith('--'), f"expected --key=value, got {arg!r}"
+        if not arg.startswith('--'):
+            raise ValueError(f"expected --key=value, got {arg!r}")
         key, val = arg[2:].split('=', 1)
         if key not in globals():
             raise ValueError(f"Unknown config key: {key}")

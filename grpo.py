@@ -37,6 +37,15 @@ _GSM_RE = re.compile(r"####[ \t]*([^\n]*)")
 # last-number fallback: "1,234.5", "-3", "2/3", ".5"; a '-' counts only if it is not a binary minus
 _NUM_RE = re.compile(r"(?:(?<![0-9a-zA-Z)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)")
 
+def _closing_brace(s, i=0):
+    """Index of the '}' that closes the '{' at s[i], or None if it never closes."""
+    depth = 0
+    for j in range(i, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[j], 0)
+        if depth == 0:
+            return j
+    return None
+
 def _last_boxed(text):
     """Content of the last \\boxed{...} / \\fbox{...} / '\\boxed 5'. None if absent or malformed."""
     boxes = list(_BOX_RE.finditer(text))
@@ -45,15 +54,8 @@ def _last_boxed(text):
     i = boxes[-1].end()
     if text[i:i + 1] == "{":
         # match braces by depth so that \boxed{\frac{1}{2}} returns \frac{1}{2}
-        depth = 0
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1:j]
-        return None  # unbalanced: the model started a box and never closed it -> no answer
+        j = _closing_brace(text, i)
+        return None if j is None else text[i + 1:j]  # unbalanced: a box that never closes -> no answer
     bare = re.match(r"[ \t]+([^\s$]+)", text[i:])  # Hendrycks also accepts "\boxed 5"
     # the last box decides; a malformed last box is "no answer", we do not go back to earlier boxes
     return bare.group(1) if bare else None
@@ -94,6 +96,8 @@ def normalize_answer(s):
     parts = s.split("=")
     if len(parts) == 2 and len(parts[0].strip()) <= 2:
         s = parts[1]
+    while s.startswith("{") and _closing_brace(s) == len(s) - 1:  # \boxed{{5}}: redundant grouping braces
+        s = s[1:-1].strip()
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     s = s.replace(" ", "")
     # \frac12 -> \frac{1}{2}, \frac1{2} -> \frac{1}{2}, \frac{1}2 -> \frac{1}{2}

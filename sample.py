@@ -263,6 +263,8 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
         raise ValueError(f"width={width} must be >= 1")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -347,6 +349,10 @@ if __name__ == '__main__':
     compile = False         # torch.compile the one-token decode step
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    if device.split(':')[0] not in ('cpu', 'cuda') or (device.startswith('cuda') and not torch.cuda.is_available()):
+        raise ValueError(f"device={device!r}: expected auto, cpu or cuda[:N] (with CUDA available)")
+    if dtype != 'auto' and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
     dt = DTYPES[dtype] if dtype != 'auto' else (torch.bfloat16 if device.startswith('cuda') else torch.float32)
     if prompt.startswith('FILE:'):
         prompt = _read(prompt[5:])

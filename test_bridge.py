@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import string
 import subprocess
@@ -1231,6 +1232,9 @@ CASES = [
     ("the answer is " + H, H, True, 0.0),  # longer than MAX_ANSWER_CHARS -> no answer
     (r"\boxed{" + "1" * 150 + "}", "1" * 150, True, 1.0),  # too long for Fraction: string equality
     ("x" * 20000 + r"\boxed{3}", "3", True, 1.0),  # only the tail is read, the answer is in it
+    (r"\boxed{{5}}", "5", True, 1.0),  # redundant grouping braces grade like the bare answer
+    (r"so \boxed{ {\frac{1}{2}} }", "0.5", True, 1.0),
+    (r"\boxed{{1}{2}}", "12", True, 0.0),  # two groups, not one redundant pair: left as is
 ]
 
 @pytest.mark.parametrize("text,gold,fallback,expected", CASES)
@@ -1312,7 +1316,7 @@ def test_countdown_reward(text, numbers, target, kw, expected):
 # ====================================================================================================
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TINY = ['--n_layer=2', '--n_embd=64', '--n_head=2', '--n_kv_head=1', '--ffn=128', '--bridge_dim=16',
+TINY = ['--log_interval=1', '--n_layer=2', '--n_embd=64', '--n_head=2', '--n_kv_head=1', '--ffn=128', '--bridge_dim=16',
         '--threads=1', '--digits=1', '--eval_problems=16', '--eval_samples=4', '--eval_widths=1,4']
 
 
@@ -1772,3 +1776,95 @@ def test_memory_estimate_printed_and_warns_on_cpu(tmp_path):
                    cwd=tmp_path)
     assert 'memory estimate per rank' in out and 'rollout KV cache' in out and 'AdamW state' in out
     assert 'WARNING: the run needs' in out and 'lower width, max_new_tokens' in out and 'sft 1/' not in out
+
+
+# ====================================================================================================
+# first contact: a user's mistake is one line on stderr, at the command line, never a traceback
+# ====================================================================================================
+
+@pytest.fixture(scope='module')
+def cli_ckpt(tmp_path_factory):
+    """A tiny random checkpoint with train.py's byte tokenizer: what sample.py needs to run end to end."""
+    import train
+    d = tmp_path_factory.mktemp('cli')
+    torch.manual_seed(0)
+    Transformer(ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(d)
+    train.write_byte_tokenizer(str(d))
+    return d
+
+
+def _shard(d):  # re-save in shards, then lose one of them
+    m = load(d)
+    os.remove(d / 'model.safetensors')
+    m.save_pretrained(d, max_shard_bytes=20000)
+    os.remove(d / sorted(f for f in os.listdir(d) if f.startswith('model-'))[1])
+
+
+CLI_CASES = {f'load: {k}': (b, m, []) for k, (b, m) in BREAK.items()} | {
+    'missing shard': (_shard, r'shard model-00002-of-\d+\.safetensors named in .* is missing', []),
+    'missing tokenizer': (lambda d: os.remove(d / 'qwen.tiktoken'), 'no tokenizer.json or qwen.tiktoken', []),
+    'width 0': (None, 'width=0', ['--width=0']),
+    'temperature': (None, 'temperature=-1', ['--temperature=-1.0']),
+    'top_p': (None, r'top_p=1\.5', ['--top_p=1.5']),
+    'max_new_tokens': (None, 'max_new_tokens=0', ['--max_new_tokens=0']),
+    'prompt over context': (None, 'exceeds the model', ['--max_new_tokens=60']),
+    'dtype': (None, "dtype='float8'", ['--dtype=float8']),
+    'device': (None, "device='tpu'", ['--device=tpu']),
+    'unknown key': (None, 'Unknown config key: widht', ['--widht=4']),
+    'wrong type': (None, "--width='four': expected int", ['--width=four']),
+    'missing config file': (None, 'no/such/config.py', ['no/such/config.py']),
+}
+
+
+@pytest.mark.parametrize('case', list(CLI_CASES))
+def test_sample_cli_user_errors(cli_ckpt, tmp_path, case):
+    breaker, msg, args = CLI_CASES[case]
+    d = tmp_path / 'ck'
+    shutil.copytree(cli_ckpt, d)
+    if breaker:
+        breaker(d)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={d}', '--prompt=12+34=',
+                        '--max_new_tokens=4', *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    err = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+    assert len(err) == 1 and re.search(msg, err[0]), p.stderr[-2000:]
+
+
+def test_sample_cli_runs(cli_ckpt):
+    """The same checkpoint, unbroken, samples: the cases above fail for the reason they name."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={cli_ckpt}', '--prompt=12+34=',
+                        '--max_new_tokens=4', '--width=2'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and '--- answer 2/2' in p.stdout, p.stderr[-2000:]
+
+
+TRAIN_CASES = {
+    'malformed JSONL line': (lambda d: (d / 'train.jsonl').write_text('{"question": "q", "answer": "#### 1"}\n{"question"\n'),
+                             r'train\.jsonl:2', ['--task=gsm8k', '--data_train=train.jsonl', '--data_test=train.jsonl']),
+    'resume, no checkpoint': (None, r"out/ckpt/train_state\.pt does not exist", ['--init_from=resume']),
+    'corrupt training state': (lambda d: ((d / 'out' / 'ckpt').mkdir(parents=True),
+                                          (d / 'out' / 'ckpt' / 'train_state.pt').write_bytes(os.urandom(300))),
+                               'refusing to load', ['--init_from=resume']),
+    'bad stage': (None, "mode='sft,train'", ['--mode=sft,train']),
+    'float16': (None, "dtype='float16'", ['--dtype=float16']),
+}
+
+
+@pytest.mark.parametrize('case', list(TRAIN_CASES))
+def test_train_cli_user_errors(tmp_path, case):
+    breaker, msg, args = TRAIN_CASES[case]
+    if breaker:
+        breaker(tmp_path)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args, *TINY], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
+    err = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+    assert len(err) == 1 and re.search(msg, err[0]), p.stderr[-2000:]
+
+
+def test_torchrun_user_error_printed_once(tmp_path):
+    """Under torchrun every rank meets the bad value; the message is printed once and no rank waits forever."""
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        os.path.join(ROOT, 'train.py'), '--loss_type=ppo', *TINY], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode != 0 and (p.stdout + p.stderr).count("error: config: loss_type='ppo'") == 1, p.stderr[-2000:]

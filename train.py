@@ -35,6 +35,7 @@ out_dir = 'out'
 init_from = 'scratch'   # 'scratch' (tiny embedded model) | 'resume' (out_dir/ckpt) | an HF checkpoint directory
 mode = 'sft,eval,warmup,grpo,eval'  # stages to run, in order: any of sft, warmup, grpo, eval
 save_every = 100        # checkpoint every this many steps (and at the end of each stage)
+log_interval = 10       # print every this many steps' log line (and each stage's last; SFT's evals always)
 seed = 1337
 # data
 task = 'add'            # 'add' (embedded, procedural) | 'gsm8k' | 'math' | 'jsonl' (prompt, answer)
@@ -124,17 +125,33 @@ def check_config():
         errors.append(f"dtype={dtype!r}: expected auto, bfloat16 or float32 (float16 would need loss scaling)")
     if test_keys and len(test_keys.split(',')) != 2:
         errors.append(f"test_keys={test_keys!r}: expected 'prompt_key,answer_key'")
+    if device.split(':')[0] not in ('auto', 'cpu', 'cuda'):
+        errors.append(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
+    elif device.startswith('cuda') and not torch.cuda.is_available():
+        errors.append(f"device={device!r} but torch.cuda.is_available() is False")
     if errors:
-        raise SystemExit("config error:\n  " + "\n  ".join(errors))
+        raise ValueError("config: " + "; ".join(errors))
+
+
+def free_cores(seconds=0.3):
+    """Cores idle right now, from two reads of /proc/stat. Oversubscribed BLAS threads run many times slower on a
+    busy machine; the load average would lag by a minute (right after `pip install` it still counts pip)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+    def total_idle():
+        with open('/proc/stat') as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all jiffies, idle + iowait ones
+    try:
+        (t0, i0), _, (t1, i1) = total_idle(), time.sleep(seconds), total_idle()
+    except OSError:  # no /proc (macOS): assume the machine is ours
+        return cores
+    return max(1, min(cores, round(os.cpu_count() * (i1 - i0) / max(t1 - t0, 1))))
 
 
 def pick_threads():
-    """Oversubscribed BLAS threads run many times slower on a loaded machine, so use the cores that are free."""
-    if threads:
-        return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    free = cores - int(os.getloadavg()[0] + 0.5) if hasattr(os, 'getloadavg') else cores
-    return max(1, min(cores // ddp_world, free // ddp_world))
+    return threads or max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+                                 free_cores()) // ddp_world)
 
 
 def write_byte_tokenizer(path):
@@ -239,7 +256,7 @@ def check_memory(m):
         msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank but {dev} has {have / 2**30:.1f} GiB: lower "
                f"width, max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set grad_checkpoint=True")
         if dev.type == 'cuda':
-            raise SystemExit(f"error: {msg}")
+            raise ValueError(msg)
         if master:
             print(f"WARNING: {msg}")
 
@@ -285,11 +302,11 @@ def load_train_state(path):
     """train_state.pt holds only tensors and plain Python values, so it is read with weights_only=True: a tampered
     checkpoint cannot run code. map_location='cpu': each rank's optimizer state then goes to its own device."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --init_from=resume but {path} does not exist (no checkpoint in out_dir={out_dir!r})")
+        raise FileNotFoundError(f"--init_from=resume but {path} does not exist (no checkpoint in out_dir={out_dir!r})")
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable training state, refusing to load it "
+        raise ValueError(f"{path} is not a readable training state, refusing to load it "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
@@ -322,7 +339,7 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
         t0 = time.time()
         m = step_fn(step, update)
         eta = (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1)
-        if master:
+        if master and ((step + 1) % log_interval == 0 or step + 1 == stop_at or 'acc' in m and stage == 'sft'):
             print(f"{stage} {step + 1}/{total}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                            for k, v in m.items())
                   + f", lr {g['lr']:.2e}, {1000 * (time.time() - t0):.0f}ms, eta {eta:.0f}s")
