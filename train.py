@@ -564,7 +564,7 @@ if __name__ == '__main__':
         shape = Transformer(raw_model.config, bcfg)
     n_params = sum(p.numel() for p in shape.parameters())
     n_train = sum(p.numel() for b in shape.bridge_modules() for p in b.parameters()) if bridge_only else n_params
-    # why 100M: below it (the embedded model) activations are small and recomputing costs ~30% of the update;
+    # why 100M: below it (the embedded model) activations are small and recomputing is a second forward pass;
     # above it (any real checkpoint) activations are ~4 MB per token at 1.5B without it
     raw_model.grad_checkpoint = n_params >= 1e8 if grad_checkpoint is None else bool(grad_checkpoint)
     raw_model.head_chunk = logprob_chunk
