@@ -303,6 +303,35 @@ def trl_step(path, prompts, w, n, reps, fair=True):
     torch.set_num_threads(threads)  # in case the Trainer touched it
     return med(b + a for a, b in zip(times[2::2], times[3::2]))  # steps after the first (a warm-up)
 
+HF_JOB = '''import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, prompt = sys.argv[1:]
+tok, m = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+m.generate(tok(text, return_tensors="pt").input_ids, do_sample=True, temperature=0.8, top_k=0, num_return_sequences=4,
+           max_new_tokens=64)'''
+
+def bench_oneshot(path, reps=3):
+    """What most users run once: a whole `python sample.py` process (imports, load, tokenizer, chat template, 4
+    answers of up to 64 tokens) against the same job in transformers, interleaved, wall time per process."""
+    import subprocess
+    prompt, env = 'What is 12 times 7? Explain briefly.', {**os.environ, 'OMP_NUM_THREADS': str(threads)}
+    cmds = {'ours': [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'),
+                     f'--init_from={path}', f'--prompt={prompt}', '--width=4', '--max_new_tokens=64'],
+            'hf': [sys.executable, '-c', HF_JOB, path, prompt]}
+    t = {k: [] for k in cmds}
+    log(f"one-shot sample.py vs transformers, {reps} interleaved runs each")
+    for _ in range(reps):
+        for k, c in cmds.items():
+            t0 = time.perf_counter()
+            subprocess.run(c, env=env, capture_output=True, check=True)
+            t[k].append(time.perf_counter() - t0)
+    ratios = sorted(h / o for o, h in zip(t['ours'], t['hf']))
+    add('one-shot `python sample.py` process s (width 4, <= 64 tok): ours vs transformers', 'real checkpoint', 4,
+        med(t['ours']), med(t['hf']), speedup=med(t['hf']) / med(t['ours']),
+        note=f"per-run speedups {', '.join(f'{r:.2f}x' for r in ratios)}; seconds ours "
+             f"{', '.join(f'{v:.1f}' for v in t['ours'])}, transformers {', '.join(f'{v:.1f}' for v in t['hf'])}")
+
 def full_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     """The log-prob pass as it was before the chunked head: every logit at once, log_softmax, gather."""
     logits = model(tokens[:, :-1], width=width, alive=alive[:, :-1], start=start)[0].float() / temperature
@@ -393,6 +422,8 @@ if __name__ == '__main__':
     bench_model('real' if real else '0.5B', ModelConfig(num_hidden_layers=2 if quick else 24), ws, bw, flops, reps_big)
     if cuda:
         bench_model('1.5B', ModelConfig(**QWEN15), [1, 16, 64], bw, flops, reps_big)
+    if real and transformers:
+        bench_oneshot(real)
     bench_grpo_default(repeats)
     if mem_tokens:
         bench_memory(mem_tokens)

@@ -101,10 +101,13 @@ class Linear(nn.Linear):
     """nn.Linear with a CPU inference fast path: MKL sgemm (torch's F.linear) reads few-row decode matmuls far
     below memory bandwidth; oneDNN on pre-packed weights is 2-4x faster (bench.py). The packed copy is remade
     whenever a weight's version counter moves (optimizer steps), and costs one extra copy of the weights:
-    Linear.prepack = False turns it off."""
+    Linear.prepack = False turns it off. Packing costs about as much as a few dozen matmuls, so a weight is packed
+    only once it has been used pack_after times unchanged (a one-shot short answer never pays for it), and a
+    single row (width-1 decode) always takes F.linear: MKL's mat-vec is no slower there."""
     prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
                and platform.machine().lower() in ('x86_64', 'amd64'))  # measured on x86 only; elsewhere F.linear
     min_size = 2**17  # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights
+    pack_after = 16
 
     def forward(self, x):
         return linears(x, self)[0]
@@ -116,14 +119,20 @@ def linears(x, *mods):
     ws, w = [m.weight for m in mods], mods[0].weight
     if (sum(v.numel() for v in ws) < Linear.min_size or not Linear.prepack or x.device.type != 'cpu'
             or torch.is_grad_enabled() or w.dtype not in (torch.float32, torch.bfloat16) or x.dtype != w.dtype
-            or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu')):  # autocast picks its own dtype
-        return [F.linear(x, m.weight, m.bias) for m in mods]
+            or x.numel() == x.size(-1) or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu')):
+        return [F.linear(x, m.weight, m.bias) for m in mods]  # (autocast picks its own dtype)
     ps = [p for m in mods for p in (m.weight, m.bias) if p is not None]
     key = tuple((p.data_ptr(), p._version) for p in ps)
-    if PACKED.get(w, (None,))[0] != key:
+    seen, uses, packed, bias = PACKED.get(w, (None, 0, None, None))
+    if seen != key:  # new, or updated since it was packed
+        uses, packed = 0, None
+    if packed is None and uses < Linear.pack_after:
+        PACKED[w] = key, uses + 1, None, None
+        return [F.linear(x, m.weight, m.bias) for m in mods]
+    if packed is None:
         bias = torch.cat([m.bias for m in mods]).detach() if mods[0].bias is not None else None
-        PACKED[w] = key, torch.ops.mkldnn._reorder_linear_weight(torch.cat(ws).detach()), bias
-    _, packed, bias = PACKED[w]
+        packed = torch.ops.mkldnn._reorder_linear_weight((ws[0] if len(ws) == 1 else torch.cat(ws)).detach())
+        PACKED[w] = key, uses, packed, bias
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '').split([v.size(0) for v in ws], -1)
 
 
@@ -141,7 +150,8 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig):
     dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # on the CPU even inside torch.device('meta'): meta arithmetic imports torch._dynamo, seconds of start-up
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device='cpu').float() / dim))
     rs = cfg.rope_scaling
     if rs and rs.get('rope_type', rs.get('type')) == 'llama3':
         # Llama 3.1 long-context rule: keep high frequencies, divide low ones by `factor`, blend in between
@@ -318,14 +328,16 @@ class Transformer(nn.Module):
         self.grad_checkpoint = False  # recompute each block (its Bridge included) in backward: store only its input
         self.head_chunk = 1024        # tokens per chunk of the vocabulary head when targets are given (0 = all)
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            # _weight: no default init here (on the meta device it would import torch._dynamo, as above)
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size,
+                                      _weight=torch.empty(config.vocab_size, config.hidden_size)),
             layers=nn.ModuleList(Block(config, i, bridge) for i in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer('inv_freq', rope_inv_freq(config), persistent=False)
-        if not self.inv_freq.is_meta:  # from scratch (from_pretrained builds on 'meta' and loads instead)
+        self.register_buffer('inv_freq', rope_inv_freq(config).to(self.lm_head.weight.device), persistent=False)
+        if not self.lm_head.weight.is_meta:  # from scratch (from_pretrained builds on 'meta' and loads instead)
             for m in self.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(m.weight, std=0.02)

@@ -278,12 +278,13 @@ def test_prepacked_linear_matches_and_follows_updates(monkeypatch):
     # the CPU inference fast path (oneDNN-packed weights) must equal F.linear and repack after a weight update
     from model import Linear, PACKED
     monkeypatch.setattr(Linear, 'min_size', 0)  # pack even this small layer
+    monkeypatch.setattr(Linear, 'pack_after', 0)  # and at once
     torch.manual_seed(0)
     lin, x = Linear(48, 40, bias=True), torch.randn(3, 5, 48)
     ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
     with torch.no_grad():
         assert torch.allclose(lin(x), ref, atol=1e-5)
-        assert not Linear.prepack or lin.weight in PACKED  # the fast path really ran (where oneDNN exists)
+        assert not Linear.prepack or PACKED[lin.weight][2] is not None  # the fast path ran (where oneDNN exists)
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
     lin(x).square().sum().backward()  # the grad path is plain F.linear
     opt.step()
@@ -291,6 +292,15 @@ def test_prepacked_linear_matches_and_follows_updates(monkeypatch):
         assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
         assert not torch.allclose(lin(x), ref, atol=1e-3)  # the update is visible, no stale packed copy
     copy.deepcopy(lin)  # the packed copy lives outside the module, so copying a used model still works
+    # a weight is packed only on its (pack_after + 1)-th use unchanged, and never for a single row (mat-vec)
+    monkeypatch.setattr(Linear, 'pack_after', 2)
+    lazy = Linear(48, 40)
+    with torch.no_grad():
+        lazy(x[:1, :1])
+        assert lazy.weight not in PACKED
+        for packed in (False, False, True):
+            assert torch.allclose(lazy(x), torch.nn.functional.linear(x, lazy.weight, lazy.bias), atol=1e-5)
+            assert (PACKED[lazy.weight][2] is not None) == (packed and Linear.prepack)
     # Linears sharing an input run as one packed matmul; an update to any of them (here the bias of the second
     # only) invalidates the stacked copy
     from model import linears
