@@ -101,13 +101,13 @@ class Linear(nn.Linear):
     """nn.Linear with a CPU inference fast path: MKL sgemm (torch's F.linear) reads few-row decode matmuls far
     below memory bandwidth; oneDNN on pre-packed weights is 2-4x faster (bench.py). The packed copy is remade
     whenever a weight's version counter moves (optimizer steps), and costs one extra copy of the weights:
-    Linear.prepack = False turns it off. Packing costs about as much as a few dozen matmuls, so a weight is packed
-    only once it has been used pack_after times unchanged (a one-shot short answer never pays for it), and a
-    single row (width-1 decode) always takes F.linear: MKL's mat-vec is no slower there."""
+    Linear.prepack = False turns it off. Packing costs a few matmuls' time, so a weight is packed only once it has
+    been used pack_after times unchanged (one forward pass, a prefill or a one-off log-prob pass, never pays for it),
+    and a single row (width-1 decode) always takes F.linear: MKL's mat-vec is no slower there."""
     prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
                and platform.machine().lower() in ('x86_64', 'amd64'))  # measured on x86 only; elsewhere F.linear
     min_size = 2**17  # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights
-    pack_after = 16
+    pack_after = 1  # measured (0.5B, width 4, 64 tokens, 1 thread): packing at the 2nd use pays within the answer
 
     def forward(self, x):
         return linears(x, self)[0]
