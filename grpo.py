@@ -356,6 +356,33 @@ def addition_problems(split, digits=2, n_test=512):
     return out
 
 
+def skewed_digits(n, generator, k=10):
+    """n symbols floor(k u^4), u ~ U(0, 1): the largest of 4 is uniform over 0..k-1, so at width 4 no answer is
+    likelier than another, and a row that sees only its own symbol can do no better than answer it."""
+    return (k * torch.rand(n, generator=generator) ** 4).long()
+
+
+def max_chance(w, k=10):
+    """The Bayes limit of a row that sees only its own symbol s (skewed_digits) when the answer is the largest of
+    its w rows: sum_s P(s) max_m P(max = m | s). 1 at w=1, 0.347 at w=4 (k=10), where the best guess is s itself."""
+    F = lambda j: ((j + 1) / k) ** 0.25 if j >= 0 else 0.0  # P(symbol <= j)
+    return sum((F(s) - F(s - 1)) * max(F(m) ** (w - 1) - (F(m - 1) ** (w - 1) if m > s else 0) for m in range(s, k))
+               for s in range(k))
+
+
+def maxdigit_problems(split, n=4096):
+    """The positive control (task='maxdigit'): every prompt is 'max?', the environment writes 'd;' (d from
+    skewed_digits) and the stop token, the policy writes only F, and the reward asks for F = the largest d of the
+    group, which only siblings can tell. The SFT responses are self-only: F is d half the time, else a random
+    digit, so GRPO starts from a policy that never reads siblings but still explores (after SFT on 'd;d' alone, F
+    was nearly deterministic and sibling reading took off in 1 seed of 3)."""
+    g = torch.Generator().manual_seed(int(split == 'test'))
+    d, r = skewed_digits(n, g), torch.randint(10, (n,), generator=g)
+    f = torch.where(torch.rand(n, generator=g) < 0.5, r, d)
+    return [{'prompt': 'max?', 'answer': None, 'response': f"{x};{y}"}
+            for x, y in zip(d.tolist(), f.tolist())]
+
+
 def final_answer(text):
     """'draft;final' -> (draft, final); either may be None."""
     draft, _, final = text.partition(';')
@@ -417,7 +444,7 @@ class Rollout:
 
     @classmethod
     def from_generation(cls, gen, rewards, width, scale='group', mask_truncated=False):
-        mask = gen.completion_mask[:, 1:]
+        mask = (gen.completion_mask & ~gen.from_env)[:, 1:]  # the tokens the policy chose, not the environment's
         if mask_truncated:  # DAPO's overlong filtering: a cut-off answer says nothing about its quality
             mask = mask & gen.finished[:, None]
         adv = group_advantages(rewards.to(gen.tokens.device), width, scale)
@@ -473,7 +500,7 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
 
 
 def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
-    """Sums and counts (so ranks can add them up) for one width. Rows come in groups of w.
+    """(sum, count) pairs (so ranks can add them up) for one width. Rows come in groups of w.
     acc: mean per-response accuracy; pass@w: >= 1 correct in the group; maj: the group's plurality answer is right;
     gpass@tau: >= ceil(tau * w) correct (G-Pass@w_tau, Liu et al. 2024, with n = k = w);
     agree: fraction of sibling pairs with the same final answer; fix: P(row correct | its own draft is wrong and the
@@ -499,18 +526,13 @@ def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
                 sib = Counter(d for j, d in enumerate(drafts) if j != i and d is not None).most_common(1)
                 if drafts[i] != gold and sib and sib[0][0] == gold:
                     fix, fix_n = fix + int(r[g, i] > 0), fix_n + 1
-    m['maj'] = (maj, G)
-    if w > 1:
-        m['agree'] = (agree, pairs)
-    if draft_fn and w > 1:
-        m['fix'] = (fix, fix_n)
-    return m
+    return {**m, 'maj': (maj, G), 'agree': (agree, pairs), 'fix': (fix, fix_n)}  # a count of 0: undefined
 
 
 def format_table(results):
     widths = [k for k in results if isinstance(k, int)]
     cols = ['acc', 'pass@w', 'maj', 'gpass@0.25', 'gpass@0.5', 'gpass@0.75', 'gpass@1.0', 'agree', 'fix',
-            'width_gain', 'len']
+            'width_gain', 'chance', 'len']
     lines = ['width ' + ' '.join(f"{c:>10}" for c in cols)]
     for w in widths:
         lines.append(f"{w:>5} " + ' '.join(f"{results[w][c]:>10.3f}" if c in results[w] else f"{'-':>10}"

@@ -200,6 +200,7 @@ class Generation:
     finished: torch.Tensor     # (B,) True if the row ended on a stop token (False = truncated)
     logprobs: torch.Tensor     # (B, T) log p(token at t) under softmax(logits / temperature); 0 outside completions
     alive: torch.Tensor        # (B, T) the Bridge mask the sampler used, per *input* position
+    from_env: torch.Tensor     # (B, T) True where `env` wrote the token: not sampled, log-prob 0, kept out of the loss
     width: int
     entropy: torch.Tensor | None = None  # (B, T) entropy of the distribution each token was drawn from (entropy=True)
 
@@ -257,10 +258,14 @@ def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
 
 @torch.no_grad()
 def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0, stop_ids=(),
-             seed=None, pad_id=None, check_every=None, compile=False, entropy=False):
+             seed=None, pad_id=None, check_every=None, compile=False, entropy=False, env=None):
     """prompts: list of token-id lists (lengths may differ). Returns a Generation with len(prompts) * width rows;
     the `width` rows of prompt p are rows p*width .. p*width+width-1 and always sit at the same timestep, which
-    is what Bridge needs: at every step its siblings' hidden states exist at the same position."""
+    is what Bridge needs: at every step its siblings' hidden states exist at the same position.
+    env: an environment or tool that writes tokens itself (multi-turn RL): env(s, tokens, pos) is called at every
+    step s with the (B, T) tokens so far and the (B,) positions about to be written; it returns None or (B,) ids,
+    where an id >= 0 replaces that row's sampled token. Rows and siblings read it like any token, but it is marked
+    in from_env and gets log-prob 0: the policy did not choose it, so GRPO leaves it out of the loss."""
     if width < 1:
         raise ValueError(f"width={width} must be >= 1")
     if temperature < 0:
@@ -305,6 +310,7 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     logprobs = torch.zeros(B, T, device=dev)
     ents = torch.zeros(B, T, device=dev) if entropy else None  # GRPO's entropy diagnostic, nearly free here
     alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
+    from_env = torch.zeros(B, T, dtype=torch.bool, device=dev)
     alive[:, :Lmax] = torch.arange(Lmax, device=dev) < plen[:, None]
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -319,6 +325,10 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
             logits, _ = step(tok[:, None], width=width, alive=(~finished)[:, None], cache=cache, pos=pos)
             logits = logits[:, 0]
         tok, lp, ent = sample_token(logits, temperature, top_k, top_p, gen, entropy)
+        if env is not None and (forced := env(s, tokens, plen + s)) is not None:  # the environment's tokens win
+            hit = (forced >= 0) & ~finished
+            from_env[rows, plen + s] = hit
+            tok, lp = torch.where(hit, forced, tok), torch.where(hit, 0.0, lp)
         tok = torch.where(finished, pad, tok)
         tokens[rows, plen + s] = tok
         logprobs[rows, plen + s] = torch.where(finished, 0.0, lp)
@@ -329,8 +339,8 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
         if (s + 1) % check_every == 0 and bool(finished.all()):  # the only host sync in the loop
             break
     n = int((plen + lengths).max())
-    return Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], width,
-                      ents[:, :n] if entropy else None)
+    return Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], from_env[:, :n],
+                      width, ents[:, :n] if entropy else None)
 
 
 # -----------------------------------------------------------------------------

@@ -527,6 +527,77 @@ def test_bridge_bad_input(bridged, tmp_path):
         with pytest.raises(ValueError, match='Bridge weights'):
             load(tmp_path, bridge=bad)
 
+# ---- the supervised positive control (issue 12): the target is a function of the whole group, its largest symbol.
+# Trained through the project's own model, Bridge learns it; the self-only control and P-Match cannot.
+
+MAXK, MAXW = 16, 4  # symbols 0..MAXK-1, trained in groups of MAXW siblings
+BOS, SEP = MAXK, MAXK + 1
+SELF_BAYES = grpo.max_chance(MAXW, MAXK)  # 0.3135: the best a row that sees only its own symbol can do
+
+
+def max_batch(groups, width, gen):
+    """Row = [BOS, s, SEP]; the target at SEP is the max of its group's s (-1 = no loss elsewhere). s is skewed
+    (grpo.skewed_digits) so that at width 4 every answer is equally frequent: with s uniform, groups with
+    max <= 5 are 2% of the data and some seeds stall at ~0.98 on them."""
+    s = grpo.skewed_digits(groups * width, gen, MAXK).view(groups, width)
+    idx = torch.stack([torch.full_like(s, BOS), s, torch.full_like(s, SEP)], -1).view(-1, 3)
+    tgt = torch.full_like(idx, -1)
+    tgt[:, 2] = s.amax(1, keepdim=True).expand(-1, width).reshape(-1)
+    return idx, tgt
+
+
+def max_train(mode, seed=0, steps=400, groups=16, lr=5e-3):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=MAXK + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8)
+    m = Transformer(cfg, BridgeConfig(dim=32, n_head=2, mode=mode))  # zero W_O: starts as the base model
+    # all params from scratch, nanoGPT's recipe (beta2 .95, clip 1, linear decay): without the clip, or with
+    # a constant lr, one seed in five ended at 0.93
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        opt.param_groups[0]['lr'] = lr * (1 - step / steps)
+        loss = m(*max_batch(groups, MAXW, gen), width=MAXW)[1]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+    return m
+
+
+@torch.no_grad()
+def max_accuracy(m, width, read=None, rows=4096):
+    # fresh groups from a generator training never used (greedy argmax at SEP). The multiset space is small,
+    # so most width-4 groups also occur in training; widths 2 and 8 never do. read=1 runs every row alone.
+    idx, tgt = max_batch(rows // width, width, torch.Generator().manual_seed(1234))
+    return (m(idx, width=read or width)[0][:, 2].argmax(-1) == tgt[:, 2]).float().mean().item()
+
+
+@pytest.fixture
+def one_thread():
+    # tiny matmuls gain nothing from threads, and on a shared CPU 2 threads once took 7 min instead of 10 s
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize('mode', ['bridge', 'self', 'pmatch'])
+def test_bridge_positive_control(mode, one_thread):
+    """Margins: 1024 eval groups put the std of an accuracy below 0.016. Any model that does not read its
+    siblings is a self-only predictor, expected <= SELF_BAYES = 0.31: 0.95 is 40 std above it, and the
+    controls' bound SELF_BAYES + 0.1 is 6 std above it, so neither side passes or fails by luck."""
+    assert SELF_BAYES == pytest.approx(0.3135, abs=1e-4)
+    m = max_train(mode)
+    acc = max_accuracy(m, MAXW)
+    if mode == 'bridge':
+        assert acc >= 0.95
+        assert max_accuracy(m, MAXW, read=1) <= SELF_BAYES + 0.1  # the same weights, siblings hidden: chance
+        assert min(max_accuracy(m, 2), max_accuracy(m, 8)) >= 0.9  # widths never trained: a rule, not a table
+    else:
+        assert acc <= SELF_BAYES + 0.1  # same params (self) / param count (pmatch), no cross-row path
+
+
 @pytest.mark.parametrize('first,second', [(6000, None), (None, 6000)])
 def test_resave_into_same_dir(ckpts, base, tmp_path, first, second):
     """Saving over an older checkpoint of another shard layout must not leave stale weight files that a loader
@@ -1377,6 +1448,45 @@ def test_ratio_is_exactly_one_before_first_update():
     assert (wrong[ro.mask] - old[ro.mask]).abs().max() > 1e-4
 
 
+def test_env_written_tokens():
+    """generate's env hook (an environment or tool writes some rows' tokens): the tokens appear in the output, are
+    marked from_env with log-prob 0, stay out of the GRPO loss, leave the alive mask alone, the ratio is exactly 1
+    before the first update, and Bridge siblings read them (self-only rows do not)."""
+    m = random_bridge_model(8)
+    P, W, stop = [[1, 2, 3], [4, 5, 6, 7, 8]], 4, [9, 10, 11]
+
+    def env(val):  # step 1: rows 0, 2 and 5 get `val`, row 6 gets a stop token (a tool may end a row); -1 = sampled
+        ids = torch.tensor([val, -1, val, -1, -1, val, 9, -1])
+        return lambda s, tokens, pos: ids if s == 1 else None
+    gen = generate(m, P, width=W, max_new_tokens=10, temperature=0.8, stop_ids=stop, seed=3, entropy=True, env=env(30))
+    pos = gen.prompt_lens + 1
+    hit = torch.tensor([0, 2, 5, 6])
+    assert gen.tokens[hit, pos[hit]].tolist() == [30, 30, 30, 9] and gen.lengths[6] == 2 and gen.finished[6]
+    want = torch.zeros_like(gen.from_env)
+    want[hit, pos[hit]] = True
+    assert torch.equal(gen.from_env, want) and (gen.logprobs[want] == 0).all()
+    t = torch.arange(gen.tokens.size(1))
+    assert torch.equal(gen.alive, t < (gen.prompt_lens + gen.lengths - 1)[:, None])  # env tokens are ordinary inputs
+    ro = grpo.Rollout.from_generation(gen, torch.rand(8), W)
+    assert torch.equal(ro.mask, (gen.completion_mask & ~want)[:, 1:]) and not ro.mask[want[:, 1:]].any()
+    with torch.no_grad():
+        old = grpo.token_logprobs(m, ro.tokens, W, ro.alive, 0.8)
+    new = grpo.token_logprobs(m, ro.tokens, W, ro.alive, 0.8)
+    assert torch.equal(torch.exp(new - old)[ro.mask], torch.ones(int(ro.mask.sum())))
+    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+    # another env token in rows 0, 2 (group 0) and 5 (group 1) changes what every running sibling samples from
+    # next under Bridge, and only the written rows under self-only. Same seed, so all else is equal
+    for mode in ('bridge', 'self'):
+        mm = m if mode == 'bridge' else copy.deepcopy(m)
+        mm.bridge_config.mode = mode  # the modules read the config object they were built with
+        a, b = (generate(mm, P, width=W, max_new_tokens=3, temperature=0.8, stop_ids=stop, seed=3, env=env(v))
+                for v in (30, 31))
+        step2 = lambda g: g.logprobs[torch.arange(8), g.prompt_lens + 2]
+        changed = (step2(a) != step2(b)).nonzero()[:, 0].tolist()
+        running = a.alive[torch.arange(8), a.prompt_lens + 1].nonzero()[:, 0].tolist()  # not finished by step 2
+        assert {3, 4, 7} <= set(running) and changed == (running if mode == 'bridge' else [0, 2, 5]), (mode, changed)
+
+
 def test_micro_batches_never_split_a_group_and_sum_to_full_batch():
     m = random_bridge_model(1)
     gen = generate(m, [[1, 2], [3, 4, 5], [6], [7, 8], [9, 10, 11]], width=4, max_new_tokens=8, stop_ids=[12, 13],
@@ -1425,6 +1535,32 @@ def test_end_to_end_reward_rises(sft_ckpt, tmp_path):
     first, last = sum(rewards[:30]) / 30, sum(rewards[-30:]) / 30
     assert last > first + 0.06, (first, last)
     assert os.path.exists(tmp_path / 'out' / 'eval_grpo.json')
+
+
+POSCTL = os.path.join(ROOT, 'config', 'positive_control.py')
+
+
+def test_maxdigit_task_runs(tmp_path):
+    """task='maxdigit' end to end in a few seconds: SFT from scratch, GRPO on env-written digits, the eval table
+    with each width's chance level (the best a row that cannot read its siblings can do)."""
+    out = train_py(POSCTL, '--sft_steps=30', '--grpo_steps=4', '--eval_problems=8', '--eval_samples=4',
+                   '--eval_widths=1,4', '--threads=1', cwd=tmp_path)
+    assert 'grpo 4/4' in out and 'chance' in out
+    res = json.load(open(tmp_path / 'out-posctl' / 'eval_grpo.json'))
+    assert res['1']['chance'] == 1.0 and res['4']['chance'] == pytest.approx(0.3472, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_positive_control_through_rl(tmp_path):
+    """The issue's RL positive control, as in the README (2-3 minutes): GRPO through sampling with env-written
+    digits, group rewards and joint log-probs makes Bridge read its siblings; the self-only control stays at or
+    below what a row alone can know."""
+    acc = {}
+    for mode in ('bridge', 'self'):
+        train_py(POSCTL, f'--bridge_mode={mode}', f'--out_dir={mode}', '--seed=1', '--threads=1', cwd=tmp_path,
+                 timeout=900)
+        acc[mode] = json.load(open(tmp_path / mode / 'eval_grpo.json'))['4']['acc']
+    assert acc['bridge'] >= 0.8 and acc['self'] <= grpo.max_chance(4) + 0.03, acc
 
 
 def test_torchrun_gloo_two_ranks(sft_ckpt, tmp_path):

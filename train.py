@@ -9,6 +9,7 @@ width. With no arguments it runs the embedded default on a laptop CPU in a few m
 Examples:
   python train.py                                     # the embedded default
   python train.py config/rlvr.py                      # same budget, no Bridge (the RLVR-only baseline)
+  python train.py config/positive_control.py          # a task only sibling reading solves (task='maxdigit')
   python train.py config/qwen05b_gsm.py               # a real checkpoint on GSM8K-format JSONL
   torchrun --standalone --nproc_per_node=2 train.py   # DDP (gloo on CPU, NCCL on CUDA)
 """
@@ -38,7 +39,7 @@ save_every = 100        # checkpoint every this many steps (and at the end of ea
 log_interval = 10       # print every this many steps' log line (and each stage's last; SFT's evals always)
 seed = 1337
 # data
-task = 'add'            # 'add' (embedded, procedural) | 'gsm8k' | 'math' | 'jsonl' (prompt, answer)
+task = 'add'            # 'add' | 'maxdigit' (embedded; maxdigit = the positive control) | 'gsm8k' | 'math' | 'jsonl'
 digits = 2              # difficulty of the embedded task: operand digits
 data_train = ''         # JSONL files for gsm8k/math/jsonl tasks
 data_test = ''
@@ -116,10 +117,10 @@ def check_config():
         errors.append(f"batch_prompts={batch_prompts} is not divisible by the {ddp_world} DDP ranks")
     if loss_type not in grpo.LOSS_TYPES:
         errors.append(f"loss_type={loss_type!r}: expected one of {grpo.LOSS_TYPES}")
-    if task not in ('add', 'gsm8k', 'math', 'jsonl'):
-        errors.append(f"task={task!r}: expected add, gsm8k, math or jsonl")
+    if task not in ('add', 'maxdigit', 'gsm8k', 'math', 'jsonl'):
+        errors.append(f"task={task!r}: expected add, maxdigit, gsm8k, math or jsonl")
     for f in (data_train, data_test):
-        if task != 'add' and not os.path.isfile(f):
+        if task not in EMBEDDED and not os.path.isfile(f):
             errors.append(f"data file {f!r} does not exist (set --data_train/--data_test)")
     if dtype not in ('auto', 'bfloat16', 'float32'):
         errors.append(f"dtype={dtype!r}: expected auto, bfloat16 or float32 (float16 would need loss scaling)")
@@ -168,23 +169,26 @@ def write_byte_tokenizer(path):
 # -----------------------------------------------------------------------------
 # data: a problem is a dict with prompt text, gold answer, and the reference response used for SFT
 
+EMBEDDED = ('add', 'maxdigit')  # procedural tasks in the 'draft;final' format, for the byte-level tiny model
+
+
 def load_problems(split):
-    """The embedded task, or GSM8K / MATH / generic JSONL with line-numbered errors."""
-    if task == 'add':
-        return grpo.addition_problems(split, digits)
+    """The embedded tasks, or GSM8K / MATH / generic JSONL with line-numbered errors."""
+    if task in EMBEDDED:
+        return grpo.addition_problems(split, digits) if task == 'add' else grpo.maxdigit_problems(split)
     if split == 'test' and test_keys:
         return grpo.read_jsonl(data_test, 'jsonl', tuple(test_keys.split(',')))
     return grpo.read_jsonl(data_train if split == 'train' else data_test, task)
 
 
 def encode_prompt(tok, text):
-    if task == 'add':  # the embedded model has no chat format: the prompt is the raw 'ab+cd='
+    if task in EMBEDDED:  # the embedded model has no chat format: the prompt is the raw 'ab+cd='
         return tok.encode(text)
     return tok.encode_chat(text + instruction, template='plain' if chat_template == 'plain' else None)
 
 
 def reward(text, problem):
-    return grpo.add_reward(text, problem['answer']) if task == 'add' else grpo.math_reward(text, problem['answer'])
+    return (grpo.add_reward if task in EMBEDDED else grpo.math_reward)(text, problem['answer'])
 
 
 # -----------------------------------------------------------------------------
@@ -396,12 +400,26 @@ def sft_batch_tensors(batch, rows=None):
 
 
 def sample_and_score(problems, w, temp, gen_seed, entropy=False):
-    """The one place that samples: `w` rows per problem, decoded and scored -> (Generation, texts, rewards)."""
+    """The one place that samples: `w` rows per problem, decoded and scored -> (Generation, texts, rewards, the
+    problem of every row)."""
+    env = None
+    if task == 'maxdigit':  # the environment writes 'd;' and the stop token, the policy only F: 'd;F'
+        g = torch.Generator().manual_seed(gen_seed + 7919 * (ddp_rank + 1))  # not the sampler's random stream
+        digit, fixed = torch.tensor(tok.encode('0123456789'), device=dev), {1: tok.encode(';')[0], 3: tok.eos_id}
+
+        def env(s, tokens, pos):
+            if s == 0:  # a digit the policy cannot choose
+                return digit[grpo.skewed_digits(len(pos), g).to(dev)]
+            return torch.full_like(pos, fixed[s]) if s in fixed else None
     with torch.no_grad(), autocast:
         gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
-                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy, compile=compile)
+                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy, compile=compile, env=env)
     texts = [tok.decode(c) for c in gen.completions()]
-    return gen, texts, torch.tensor([reward(t, problems[i // w]) for i, t in enumerate(texts)])
+    rows = [problems[i // w] for i in range(len(texts))]
+    if task == 'maxdigit':  # the gold answer is the largest digit the environment wrote in the group
+        d = tok.decode(gen.tokens[torch.arange(len(texts)), gen.prompt_lens].tolist())
+        rows = [{**p, 'answer': max(d[i - i % w:i - i % w + w])} for i, p in enumerate(rows)]
+    return gen, texts, torch.tensor([reward(t, p) for t, p in zip(texts, rows)]), rows
 
 
 def rollout(train, n_prompts, step, salt):
@@ -409,7 +427,7 @@ def rollout(train, n_prompts, step, salt):
     Everything random is derived from (seed, stage, step, rank), which is what makes resume exact."""
     rng = random.Random(seed * 1000 + salt * 100 + step * ddp_world + ddp_rank)
     probs = [rng.choice(train) for _ in range(n_prompts // ddp_world)]
-    gen, _, r = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
+    gen, _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
     return gen, r
 
 
@@ -427,7 +445,7 @@ def warmup(start=0, opt_state=None):
         loss = torch.zeros(())
         if keep.any():
             rows = (ok & keep[:, None]).flatten()
-            mask = gen.completion_mask & rows[:, None].to(dev)
+            mask = gen.completion_mask & ~gen.from_env & rows[:, None].to(dev)
             x, y = gen.tokens[:, :-1], torch.where(mask[:, 1:], gen.tokens[:, 1:], -1)
             alive = gen.alive[:, :-1] & rows[:, None].to(dev)
             with autocast:
@@ -460,13 +478,13 @@ def grpo_stage(start=0, opt_state=None):
                                    eps_high=eps_high, beta=beta, num_iterations=num_iterations,
                                    max_tokens=max_new_tokens, autocast=autocast)
         n_tok = all_sum(gen.lengths.sum())[0]
-        zero_std, trunc = all_sum((r.view(-1, width).std(1) == 0).float().mean() / ddp_world,
-                                  (~gen.finished).float().mean() / ddp_world)
-        if master and (zero_std == 1.0 or trunc == 1.0):
+        zero_std, trunc, mean_r = all_sum((r.view(-1, width).std(1) == 0).float().mean() / ddp_world,
+                                          (~gen.finished).float().mean() / ddp_world, r.mean() / ddp_world)
+        if master and ((zero_std == 1.0 and mean_r < 1) or trunc == 1.0):  # every reward 1 is solved, not stuck
             print(f"WARNING: {'every group has zero reward std' if zero_std == 1 else 'every completion is truncated'}"
                   " - there is no learning signal; check max_new_tokens, the reward and the prompt format")
         dt = time.time() - t0
-        return {'reward': all_sum(r.mean())[0] / ddp_world, 'acc': all_sum((r > 0).float().mean())[0] / ddp_world,
+        return {'reward': mean_r, 'acc': all_sum((r > 0).float().mean())[0] / ddp_world,
                 'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()), 'trunc': trunc,
                 'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%",
                 **({'mem': f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"} if dev.type == 'cuda' else {})}
@@ -490,10 +508,12 @@ def evaluate(after='init'):
     for w in [int(v) for v in eval_widths.split(',')]:
         groups = max(1, eval_samples // w)
         probs = [p for p in test for _ in range(groups)]  # `groups` independent groups of w rows per problem
-        gen, texts, _ = sample_and_score(probs, w, eval_temperature, seed + w)
-        m = grpo.eval_metrics(texts, [p for p in probs for _ in range(w)], w, reward, grpo.final_answer if task == 'add' else None, gen.lengths)
+        gen, texts, _, rows = sample_and_score(probs, w, eval_temperature, seed + w)
+        m = grpo.eval_metrics(texts, rows, w, reward, grpo.final_answer if task in EMBEDDED else None, gen.lengths)
         v = all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
-        results[w] = {k: v[2 * i] / max(v[2 * i + 1], 1) for i, k in enumerate(m)}
+        results[w] = {k: v[2 * i] / v[2 * i + 1] for i, k in enumerate(m) if v[2 * i + 1]}  # none counted: '-'
+        if task == 'maxdigit':  # what a row that cannot read its siblings could reach at best
+            results[w]['chance'] = grpo.max_chance(w)
     results['bridge_norm_ratio'] = norms.ratios()
     norms.remove()
     base = results[min(k for k in results if isinstance(k, int))]['acc']

@@ -1,0 +1,22 @@
+# The positive control (issue 12): a task that only sibling reading can solve, through the whole RL path.
+# The environment writes 'd;' (d a random digit) and the stop token (generate's env hook: these tokens stay out of
+# the loss), the policy writes only F, and the reward asks for F = the largest d of the group. SFT from scratch
+# teaches the format with a self-only F (grpo.maxdigit_problems), and no row that sees only itself can beat the
+# 'chance' column of the eval table (grpo.max_chance: 0.347 at width 4), so what GRPO adds above it comes from
+# the siblings. About a minute on one core (README, Results):
+#   python train.py config/positive_control.py                                               # Bridge
+#   python train.py config/positive_control.py --bridge_mode=self --out_dir=out-posctl-self  # the self-only control
+out_dir = 'out-posctl'
+task = 'maxdigit'
+mode = 'sft,eval,grpo,eval'  # no warm-up: its groups keep only correct rows, here rows that share one digit
+n_layer, n_embd, n_head, n_kv_head, ffn = 2, 64, 4, 2, 128
+bridge_dim = 32
+bridge_heads = 2
+sft_batch = 64
+sft_target = 0.99            # greedy accuracy at width 1, where the answer is the row's own digit
+sft_eval_every = 25
+max_new_tokens = 4           # 'd;F' and the stop token (a policy that wrote ';' and the stop itself sometimes broke
+                             # the format, and groups that all get reward 0 teach nothing)
+grpo_steps = 1500            # sibling reading takes off after 100-300 steps; training reward ~0.97 by step 600
+batch_prompts = 32
+lr = 1e-3
