@@ -328,9 +328,9 @@ class Transformer(nn.Module):
         self.grad_checkpoint = False  # recompute each block (its Bridge included) in backward: store only its input
         self.head_chunk = 1024        # tokens per chunk of the vocabulary head when targets are given (0 = all)
         self.model = nn.ModuleDict(dict(
-            # _weight: no default init here (on the meta device it would import torch._dynamo, as above)
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size,
-                                      _weight=torch.empty(config.vocab_size, config.hidden_size)),
+            # on the meta device (from_pretrained) no default init: it would import torch._dynamo, as above
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(
+                config.vocab_size, config.hidden_size) if torch.empty(0).is_meta else None),
             layers=nn.ModuleList(Block(config, i, bridge) for i in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
