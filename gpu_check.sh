@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command, one GPU, ~5 minutes (not yet run: no GPU has been lent to this work).
-#   bash gpu_check.sh            # writes bench.md and r1-1.5b.log under $OUT (default /tmp/nanobridge-gpu)
+# The prepared GPU check: one command, one GPU, a few minutes (not yet run: no GPU has been lent to this work).
+#   bash gpu_check.sh            # writes bench.md, r1-1.5b.log and r1-1.5b-fsdp.log under $OUT (default /tmp/nanobridge-gpu)
 # 1. bench.py on CUDA: bf16 decode against transformers (tiny, 0.5B, 1.5B shapes), the GRPO step, and the peak
 #    memory of one GRPO update at 4,096 tokens (chunked head + checkpointing against the full-logits head).
 # 2. 2 GRPO steps of the paper's 1.5B recipe (config/r1_distill_qwen15b.py: width 4, 4,096 new tokens, bf16
 #    autocast, chunked head, grad_checkpoint, KL reference) on a random model of DeepSeek-R1-Distill-Qwen-1.5B's
 #    shape. A random model never stops early, so every row runs to 4,096 tokens: the worst case. train.py prints
 #    its memory estimate first; each GRPO log line ends with the measured peak (mem), to compare.
+# 3. The same under FSDP2 at world size 1 (bf16 gathered weights, fp32 reduce, sharded checkpoint and optimizer
+#    state): a warm-up step (base weights frozen) then 2 GRPO steps, at 1,024 new tokens.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-/tmp/nanobridge-gpu}
@@ -32,4 +34,8 @@ PY
 python3 train.py config/r1_distill_qwen15b.py --init_from="$OUT/r1-1.5b-random" --data_train="$OUT/math.jsonl" \
     --data_test="$OUT/math.jsonl" --chat_template=plain --mode=grpo --grpo_steps=2 --batch_prompts=1 \
     --out_dir="$OUT/run" --save_every=1000 2>&1 | tee "$OUT/r1-1.5b.log"
-rm -rf "$OUT/r1-1.5b-random" "$OUT/run"
+torchrun --standalone --nproc_per_node=1 train.py config/r1_distill_qwen15b.py --fsdp=True \
+    --init_from="$OUT/r1-1.5b-random" --data_train="$OUT/math.jsonl" --data_test="$OUT/math.jsonl" \
+    --chat_template=plain --mode=warmup,grpo --warmup_steps=1 --warmup_problems=1 --grpo_steps=2 --batch_prompts=1 \
+    --max_new_tokens=1024 --out_dir="$OUT/run-fsdp" --save_every=1000 2>&1 | tee "$OUT/r1-1.5b-fsdp.log"
+rm -rf "$OUT/r1-1.5b-random" "$OUT/run" "$OUT/run-fsdp"

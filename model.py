@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, fields
 
@@ -396,10 +397,10 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints in HF layout
 
-    def hf_state_dict(self, base_only=False):
-        sd = self.state_dict()
+    def hf_state_dict(self, base_only=False, sd=None):
+        sd = dict(self.state_dict() if sd is None else sd)  # sd: e.g. the full state that FSDP gathers on rank 0
         if self.config.tie_word_embeddings:
-            sd.pop('lm_head.weight')  # HF tied checkpoints store the matrix once
+            sd.pop('lm_head.weight', None)  # HF tied checkpoints store the matrix once
         return {k: v for k, v in sd.items() if not (base_only and '.bridge.' in k)}
 
     @classmethod
@@ -454,13 +455,14 @@ class Transformer(nn.Module):
             print(bridge_report(model))
         return model.eval()
 
-    def save_pretrained(self, path, base_only=False, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path, base_only=False, max_shard_bytes=5 * 2**30, state_dict=None):
         """HF layout: config.json + model.safetensors, or shards + model.safetensors.index.json. Bridge weights
         are extra tensors (model.layers.{i}.bridge.*) plus a "bridge" entry in config.json; base_only=True drops
-        both, so transformers and any HF tool can read the result. Every file is written atomically."""
+        both, so transformers and any HF tool can read the result. Every file is written atomically.
+        state_dict: write these tensors instead of the module's own (a sharded model's, gathered)."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
-        sd = {k: v.detach().contiguous() for k, v in self.hf_state_dict(base_only).items()}
+        sd = {k: v.detach().contiguous() for k, v in self.hf_state_dict(base_only, state_dict).items()}
         shards, cur, size = [], {}, 0
         for k, v in sd.items():
             n = v.numel() * v.element_size()
@@ -561,3 +563,27 @@ def atomic_write(path, data):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_dir(path, write):
+    """atomic_write for a whole directory: write(new) fills a fresh sibling path.new, which then replaces path
+    by two renames (path -> path.old, path.new -> path). A crash before them leaves the old directory whole;
+    between them path is missing, and recover_dir() completes the swap on the next start."""
+    recover_dir(path)
+    new, old = path + '.new', path + '.old'
+    os.makedirs(new)
+    write(new)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)  # absent on the first save
+
+
+def recover_dir(path):
+    """Undo what a crashed atomic_dir left: path.new is complete if path.old exists (path is renamed away only
+    after path.new is written), so it becomes path; any other leftover was never committed."""
+    new, old = path + '.new', path + '.old'
+    if not os.path.exists(path) and os.path.exists(old):
+        os.replace(new if os.path.exists(new) else old, path)
+    for d in (new, old):
+        shutil.rmtree(d, ignore_errors=True)

@@ -1512,18 +1512,74 @@ def sft_ckpt(tmp_path_factory):
     return d / 'out' / 'ckpt'
 
 
-def test_resume_is_exact(sft_ckpt, tmp_path):
-    common = [f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=6', '--batch_prompts=8', '--save_every=100',
-              '--warmup_iters=2', *TINY]
-    train_py(*common, '--out_dir=full', cwd=tmp_path)
-    train_py(*common, '--out_dir=cut', '--max_iters=3', cwd=tmp_path)
-    out = train_py(*[a for a in common if not a.startswith('--init_from')], '--init_from=resume', '--out_dir=cut',
-                   cwd=tmp_path)
+def same_weights(a, b, atol=0.0):
+    a, b = load_file(a / 'ckpt/model.safetensors'), load_file(b / 'ckpt/model.safetensors')
+    return a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= atol
+
+
+def resume_args(args):
+    return [a for a in args if not a.startswith('--init_from')] + ['--init_from=resume']
+
+
+@pytest.fixture(scope='module')
+def grpo_run(sft_ckpt, tmp_path_factory):
+    """6 GRPO steps without a break: the reference for every resume test. With the KL term, whose reference model
+    (the model as GRPO started) a resumed run must read back, not take from the resumed weights."""
+    args = [f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=6', '--batch_prompts=8', '--save_every=2',
+            '--warmup_iters=2', '--beta=0.01', *TINY]
+    d = tmp_path_factory.mktemp('grpo')
+    train_py(*args, cwd=d)
+    return args, d / 'out'
+
+
+def test_resume_is_exact(sft_ckpt, grpo_run, tmp_path):
+    args, full = grpo_run
+    train_py(*args, '--out_dir=cut', '--max_iters=3', cwd=tmp_path)
+    out = train_py(*resume_args(args), '--out_dir=cut', cwd=tmp_path)
     assert 'grpo 4/6' in out and 'grpo 1/6' not in out
-    a, b = load_file(tmp_path / 'full/ckpt/model.safetensors'), load_file(tmp_path / 'cut/ckpt/model.safetensors')
-    base = load_file(sft_ckpt / 'model.safetensors')
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(full, tmp_path / 'cut')
+    a, base = load_file(full / 'ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
     assert any(not torch.equal(a[k], base[k]) for k in base)  # GRPO really changed the weights
+
+
+CRASH = """import os, runpy, sys, torch
+# a kill (no cleanup) in the 2nd checkpoint: before its training state is written, or between its two renames
+where, saves, real_save, real_replace = sys.argv.pop(1), [], torch.save, os.replace
+def die():
+    sys.stdout.flush()
+    os._exit(9)
+def save(*a, **k):
+    saves.append(1)
+    if where == 'write' and len(saves) == 2:
+        die()
+    return real_save(*a, **k)
+def replace(src, dst):
+    if where == 'swap' and len(saves) == 2 and src.endswith('ckpt.new'):
+        die()
+    return real_replace(src, dst)
+torch.save, os.replace = save, replace
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('where,resumes_at', [('write', 3), ('swap', 5)])
+def test_checkpoint_is_atomic_as_a_whole(grpo_run, tmp_path, where, resumes_at):
+    """A run killed inside its 2nd checkpoint (step 4 of 6; saves every 2 steps) resumes from a whole checkpoint,
+    never a mix of two steps: from step 2 if the kill came while files were written, from step 4 if it came
+    between the directory renames (the new directory was complete), and ends exactly where the unbroken run does."""
+    args, full = grpo_run
+    (tmp_path / 'crash.py').write_text(CRASH)
+    p = subprocess.run([sys.executable, str(tmp_path / 'crash.py'), where, os.path.join(ROOT, 'train.py'), *args],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 9 and 'grpo 4/6' in p.stdout and 'grpo 5/6' not in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    left = sorted(os.listdir(tmp_path / 'out'))
+    assert left == (['ckpt', 'ckpt.new', 'ref'] if where == 'write' else ['ckpt.new', 'ckpt.old', 'ref'])
+    out = train_py(*resume_args(args), cwd=tmp_path)
+    assert f'grpo {resumes_at}/6' in out and f'grpo {resumes_at - 1}/6' not in out
+    assert sorted(os.listdir(tmp_path / 'out')) == ['ckpt', 'ref']
+    assert same_weights(full, tmp_path / 'out')
 
 
 def test_end_to_end_reward_rises(sft_ckpt, tmp_path):
@@ -1563,10 +1619,52 @@ def test_positive_control_through_rl(tmp_path):
     assert acc['bridge'] >= 0.8 and acc['self'] <= grpo.max_chance(4) + 0.03, acc
 
 
-def test_torchrun_gloo_two_ranks(sft_ckpt, tmp_path):
-    out = train_py(f'--init_from={sft_ckpt}', '--mode=grpo,eval', '--grpo_steps=2', '--batch_prompts=8', *TINY,
-                   cwd=tmp_path, torchrun=True)
-    assert '2 rank(s)' in out and 'grpo 2/2' in out and 'width' in out
+# FSDP2 against DDP, both on 2 gloo ranks: sft -> warm-up -> GRPO with the KL reference, grad checkpointing and the
+# chunked head, then evaluation
+FSDP_RUN = ['--mode=sft,warmup,grpo,eval', '--sft_steps=2', '--sft_batch=32', '--sft_lr=1e-4', '--warmup_steps=2',
+            '--warmup_problems=8', '--grpo_steps=4', '--batch_prompts=8', '--warmup_iters=1', '--beta=0.01',
+            '--grad_checkpoint=True', *TINY]
+
+
+def test_torchrun_fsdp_equals_ddp(sft_ckpt, tmp_path):
+    """Tied embeddings (embedding, norm and head are one FSDP unit). FSDP's reduce-scatter must SUM the ranks'
+    gradients as sync_grads does (each rank's loss is already normalised over the whole batch): its default mean
+    would halve every update."""
+    outs = [train_py(f'--init_from={sft_ckpt}', *FSDP_RUN, f'--fsdp={kind}', f'--out_dir={kind}', cwd=tmp_path,
+                     torchrun=True) for kind in (False, True)]
+    assert all('2 rank(s)' in o and 'grpo 4/4' in o and 'width' in o for o in outs)
+    assert 'rollout: weights gathered (FSDP)' in outs[1]
+    assert same_weights(tmp_path / 'False', tmp_path / 'True', atol=1e-4)
+    a, base = load_file(tmp_path / 'True/ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
+    assert any(not torch.equal(a[k], base[k]) for k in base)
+
+
+@pytest.fixture(scope='module')
+def untied_ckpt(sft_ckpt, tmp_path_factory):
+    """sft_ckpt with its own lm_head, as the paper's 7B/8B bases have: FSDP makes the embedding a unit of its own."""
+    d = tmp_path_factory.mktemp('untied')
+    m = Transformer.from_pretrained(str(sft_ckpt), verbose=False)
+    m.config.tie_word_embeddings = False
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
+    m.save_pretrained(d)
+    for f in ('qwen.tiktoken', 'tokenizer_config.json'):
+        shutil.copy(sft_ckpt / f, d)
+    return d
+
+
+def test_torchrun_fsdp_resume_is_exact(untied_ckpt, tmp_path):
+    """Untied; bf16 gathered weights with fp32 reduction (CUDA's policy); a warm-up with the base frozen, then GRPO
+    with every weight (FSDP2 fixes gradient dtypes when a unit is gathered: stale, GRPO would get bf16 gradients on
+    fp32 weights); and the KL term, whose reference (the model as GRPO started) is read back from out_dir/ref."""
+    args = [f'--init_from={untied_ckpt}', '--mode=warmup,grpo', '--warmup_steps=2', '--warmup_problems=8',
+            '--grpo_steps=4', '--batch_prompts=8', '--warmup_iters=1', '--beta=0.01', '--dtype=bfloat16',
+            '--fsdp=True', *TINY]
+    train_py(*args, '--out_dir=full', cwd=tmp_path, torchrun=True)
+    train_py(*args, '--out_dir=cut', '--max_iters=2', cwd=tmp_path, torchrun=True)
+    out = train_py(*resume_args(args), '--out_dir=cut', cwd=tmp_path, torchrun=True)
+    assert 'grpo 3/4' in out and 'grpo 2/4' not in out
+    assert same_weights(tmp_path / 'full', tmp_path / 'cut')
+    assert 'lm_head.weight' in load_file(tmp_path / 'cut/ckpt/model.safetensors')
 
 
 @pytest.mark.parametrize('args,msg', [

@@ -12,20 +12,23 @@ Examples:
   python train.py config/positive_control.py          # a task only sibling reading solves (task='maxdigit')
   python train.py config/qwen05b_gsm.py               # a real checkpoint on GSM8K-format JSONL
   torchrun --standalone --nproc_per_node=2 train.py   # DDP (gloo on CPU, NCCL on CUDA)
+  torchrun --standalone --nproc_per_node=8 train.py config/r1_distill_qwen7b.py   # FSDP2: a 7B on 8 GPUs
 """
 import base64
 import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
 
 from bridge import BridgeConfig, BridgeNormProbe, bridge_report
-from model import ModelConfig, Transformer, atomic_write
+from model import Block, Linear, ModelConfig, Transformer, atomic_dir, atomic_write, recover_dir
 from sample import Tokenizer, generate
 import grpo
 
@@ -100,6 +103,7 @@ device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' (autocast on any device) | 'float32'
 compile = False         # torch.compile the training forward and the sampler's decode step (CUDA graphs on a GPU)
 threads = 0             # CPU threads; 0 = pick from the free cores
+fsdp = False            # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2); False = DDP
 dry_run = False         # print the memory estimate, then stop
 wandb_log = False
 wandb_project = 'nanobridge'
@@ -130,6 +134,10 @@ def check_config():
         errors.append(f"device={device!r}: expected auto, cpu, cuda or cuda:N")
     elif device.startswith('cuda') and not torch.cuda.is_available():
         errors.append(f"device={device!r} but torch.cuda.is_available() is False")
+    if fsdp and 'RANK' not in os.environ:
+        errors.append("fsdp=True runs under torchrun (one GPU too: torchrun --standalone --nproc_per_node=1 train.py)")
+    if fsdp and compile:
+        errors.append("fsdp=True with compile=True is not wired up (torchtitan compiles each block, then shards)")
     if errors:
         raise ValueError("config: " + "; ".join(errors))
 
@@ -198,7 +206,7 @@ def saved_bytes_per_token(mcfg, bcfg):
     """Bytes autograd keeps per token in one block (its Bridge included). Measured, not modelled: one block runs
     on CPU on uninitialised weights under the run's autocast, and saved_tensors_hooks add up the storages it
     saves. Two sequence lengths, so that what does not grow with tokens (autocast's weight copies) cancels."""
-    from model import Block, rope, rope_inv_freq
+    from model import rope, rope_inv_freq
     from bridge import bridge_mask
     with torch.device('meta'):
         block = Block(mcfg, 0, bcfg)
@@ -222,8 +230,10 @@ def saved_bytes_per_token(mcfg, bcfg):
 
 def memory_estimate(mcfg, bcfg, n_params, n_train, prompt_len, checkpointing):
     """{item: bytes} at the run's peak on one rank: a long-trace run should stop before it starts, not after an
-    hour of rollouts. The update item is one micro-batch of whole groups (a group is never split)."""
-    L, V, cdt = mcfg.num_hidden_layers, mcfg.vocab_size, 2 if use_bf16 else 4
+    hour of rollouts. The update item is one micro-batch of whole groups (a group is never split). Under FSDP a
+    rank keeps 1/world of the weights and their state, and gathers (in the compute dtype) all weights for a
+    rollout, or two blocks (one prefetched) and the head for the update, where a block's gradients meet too."""
+    L, V, cdt, S = mcfg.num_hidden_layers, mcfg.vocab_size, 2 if use_bf16 else 4, ddp_world if fsdp else 1
     rows, T = batch_prompts // ddp_world * width, prompt_len + max_new_tokens
     mb_rows = (micro_groups or batch_prompts // ddp_world) * width
     kv_token = 2 * L * mcfg.num_key_value_heads * mcfg.head_dim * cdt  # K and V of every layer, per cached token
@@ -233,15 +243,21 @@ def memory_estimate(mcfg, bcfg, n_params, n_train, prompt_len, checkpointing):
     # through that block take about as much again (measured, bench.py's memory rows)
     acts = {c: mb_rows * T * ((L * 4 * mcfg.hidden_size if c else L * act) + 2 * act) for c in (True, False)}
     head = 4 * head_tokens * V + mb_rows * T * 4 * mcfg.hidden_size  # one chunk's fp32 logits; the normed hidden
-    m = {'weights (fp32)': 4 * n_params, 'gradients': 4 * n_train, 'AdamW state': 8 * n_train,
-         'reference model (beta > 0)': 4 * n_params if beta > 0 else 0,
-         'bf16 weight copies (autocast)': 2 * n_params if use_bf16 else 0,
+    m = {'weights (fp32)': 4 * n_params / S, 'gradients': 4 * n_train / S, 'AdamW state': 8 * n_train / S,
+         'reference model (beta > 0)': 4 * n_params / S if beta > 0 else 0,
+         'bf16 weight copies (autocast)': 2 * n_params if use_bf16 and not fsdp else 0,
          f'rollout KV cache ({kv_token:,} B/token)': kv_token * rows * T + 4 * 4 * rows * V,
          f'update activations, grad_checkpoint on': acts[True] + head,
          f'update activations, grad_checkpoint off': acts[False] + head}
+    if fsdp:
+        with torch.device('meta'):
+            block = sum(p.numel() for p in Block(mcfg, 0, bcfg).parameters())
+        m['rollout: weights gathered (FSDP)'] = cdt * n_params
+        m['update: 2 blocks + head gathered (FSDP)'] = cdt * (2 * block + V * mcfg.hidden_size) + 4 * block
     fixed = sum(v for k, v in m.items() if not k.startswith(('rollout', 'update')))
-    m['peak'] = fixed + max(m[next(k for k in m if k.startswith('rollout'))],
-                            m[f'update activations, grad_checkpoint {"on" if checkpointing else "off"}'])
+    update = m.get('update: 2 blocks + head gathered (FSDP)', 0) + m[f'update activations, grad_checkpoint '
+                                                                      f'{"on" if checkpointing else "off"}']
+    m['peak'] = fixed + max(sum(v for k, v in m.items() if k.startswith('rollout')), update)
     return m
 
 
@@ -266,6 +282,52 @@ def check_memory(m):
 
 
 # -----------------------------------------------------------------------------
+# FSDP2 (torchtitan's layout); DDP needs nothing here but sync_grads
+
+def shard(model, train=True):
+    """Each Block (its Bridge inside) is one FSDP unit, gathered for its forward and again for its backward; the
+    embedding and [norm, lm_head] are units too (tied, all three are one: a weight lives in one unit), and the
+    root holds the rest. Every rank still owns whole Bridge groups: only weights are split, never a batch."""
+    Linear.prepack = False  # FSDP refills gathered weights in place without a version bump: a packed copy goes stale
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
+    kw = dict(mesh=init_device_mesh(dev.type, (ddp_world,)), mp_policy=mp)
+    for block in model.model.layers:
+        fully_shard(block, **kw)
+    head = [model.model.norm, model.lm_head]
+    if model.config.tie_word_embeddings:
+        head.insert(0, model.model.embed_tokens)
+    else:
+        fully_shard(model.model.embed_tokens, **kw)
+    fully_shard(head, reshard_after_forward=not train, **kw)  # backward needs the head first: keep it (torchtitan)
+    fully_shard(model, **kw)
+    for m in units(model):  # every loss here is normalised over all ranks' batch, so ranks' gradients are SUMMED
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def units(model):
+    return [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+
+
+@contextmanager
+def gathered(model):
+    """One all-gather of every unit per rollout, not one per layer per decoded token; sharded again after. Ranks
+    may then decode different numbers of steps: nothing is gathered inside the loop."""
+    if not fsdp:
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:  # back to shard()'s layout, and sharded
+        model.set_reshard_after_forward(True)
+        model.lm_head.set_reshard_after_forward(False, recurse=False)
+        for m in units(model):
+            m.reshard()
+
+
+# -----------------------------------------------------------------------------
 # the shared training loop: LR schedule, grad sync across ranks, clipping, logging, checkpoints, resume
 
 def get_lr(it, base, total):
@@ -277,7 +339,7 @@ def get_lr(it, base, total):
 
 def sync_grads(params):
     """DDP by hand: every rank owns whole groups, so summing the already globally-normalised gradients is exact."""
-    if ddp_world > 1:
+    if ddp_world > 1 and not fsdp:  # FSDP's reduce-scatter sums them instead
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         dist.all_reduce(flat)
         for p, g in zip(params, flat.split([p.numel() for p in params])):
@@ -291,15 +353,34 @@ def all_sum(*xs):
     return t.tolist()
 
 
+def full_state(opt=None):
+    """The model's state_dict, or with opt the optimizer's. Under FSDP every rank takes part, and rank 0 receives
+    the whole tensors (on CPU, one at a time) keyed by parameter name."""
+    if not fsdp:
+        return raw_model.state_dict() if opt is None else opt.state_dict()
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw_model, options=full) if opt is None else \
+        get_optimizer_state_dict(raw_model, opt, options=full)
+
+
 def save_checkpoint(stage, step, opt, extra=None):
-    """Model (+ Bridge) as HF safetensors, the rest (optimizer, RNG, step, config) beside it; both atomic."""
+    """Model (+ Bridge) as HF safetensors, its tokenizer, and the rest (optimizer, RNG, step, config), written
+    into a fresh directory that then replaces out_dir/ckpt whole: a crash never leaves two steps mixed."""
+    sd, optim = full_state(), full_state(opt)
     if not master:
         return
-    path = os.path.join(out_dir, 'ckpt')
-    raw_model.save_pretrained(path)
-    state = {'stage': stage, 'step': step, 'optimizer': opt.state_dict(), 'config': config, 'extra': extra or {},
+    state = {'stage': stage, 'step': step, 'optimizer': optim, 'config': config, 'extra': extra or {},
              'rng': {'torch': torch.get_rng_state(), 'python': random.getstate()}}
-    atomic_write(os.path.join(path, 'train_state.pt'), lambda tmp: torch.save(state, tmp))
+
+    def write(path):
+        raw_model.save_pretrained(path, state_dict=sd)
+        if tok_dir is None:
+            write_byte_tokenizer(path)
+        for f in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'qwen.tiktoken'):
+            if tok_dir is not None and os.path.exists(os.path.join(tok_dir, f)):
+                shutil.copy(os.path.join(tok_dir, f), path)
+        torch.save(state, os.path.join(path, 'train_state.pt'))  # last: its presence marks a checkpoint to resume
+    atomic_dir(os.path.join(out_dir, 'ckpt'), write)
 
 
 def load_train_state(path):
@@ -323,9 +404,14 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
     for p in params:
         p.requires_grad_(True)
     raw_model.zero_grad(set_to_none=True)
+    for m in units(raw_model):  # FSDP fixes a unit's gradient dtypes from requires_grad when it gathers: do it now
+        m.unshard()
+        m.reshard()
     opt = torch.optim.AdamW(params, lr=base_lr, betas=(beta1, beta2), weight_decay=weight_decay,
                             **({'fused': True} if dev.type == 'cuda' else {}))
-    if opt_state is not None:
+    if opt_state is not None and fsdp:  # full tensors by parameter name; each rank keeps its shard
+        set_optimizer_state_dict(raw_model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
+    elif opt_state is not None:
         opt.load_state_dict(opt_state)
     t_start = time.time()
 
@@ -411,7 +497,7 @@ def sample_and_score(problems, w, temp, gen_seed, entropy=False):
             if s == 0:  # a digit the policy cannot choose
                 return digit[grpo.skewed_digits(len(pos), g).to(dev)]
             return torch.full_like(pos, fixed[s]) if s in fixed else None
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, gathered(raw_model):
         gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
                        top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy, compile=compile, env=env)
     texts = [tok.decode(c) for c in gen.completions()]
@@ -443,7 +529,7 @@ def warmup(start=0, opt_state=None):
         ok = r.view(-1, width) > 0
         keep = ok.sum(1) >= 2
         loss = torch.zeros(())
-        if keep.any():
+        if keep.any() or fsdp:  # FSDP: every rank's backward takes part in the reduce-scatter (here with 0 rows)
             rows = (ok & keep[:, None]).flatten()
             mask = gen.completion_mask & ~gen.from_env & rows[:, None].to(dev)
             x, y = gen.tokens[:, :-1], torch.where(mask[:, 1:], gen.tokens[:, 1:], -1)
@@ -459,14 +545,19 @@ def warmup(start=0, opt_state=None):
 
 def grpo_stage(start=0, opt_state=None):
     train = load_problems('train')
-    params = list(raw_model.parameters())
-    if bridge_only:
-        params = [p for b in raw_model.bridge_modules() for p in b.parameters()]
+    params = [p for b in raw_model.bridge_modules() for p in b.parameters()] if bridge_only else \
+        list(raw_model.parameters())
     ref = None
-    if beta > 0:  # the KL reference is the model as GRPO starts; kept only when the KL term is on
-        ref = Transformer(raw_model.config, raw_model.bridge_config).to(dev)
-        ref.load_state_dict(raw_model.state_dict())
-        ref.requires_grad_(False)
+    if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk so that a resumed run has it too
+        path = os.path.join(out_dir, 'ref')
+        if not start:
+            sd = full_state()
+            if master:
+                atomic_dir(path, lambda p: raw_model.save_pretrained(p, state_dict=sd))
+        if dist.is_initialized():
+            dist.barrier()
+        ref = Transformer.from_pretrained(path, device=dev, dtype=torch.float32, verbose=False).requires_grad_(False)
+        ref = shard(ref, train=False) if fsdp else ref
 
     def step_fn(step, update):
         t0 = time.time()
@@ -533,13 +624,18 @@ if __name__ == '__main__':
     ddp_rank, ddp_world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     master = ddp_rank == 0
     dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
-    if ddp_world > 1:
+    check_config()
+    if fsdp:  # imported only when used: DTensor and these add ~0.6 s to every start
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    if ddp_world > 1 or fsdp:
         local = int(os.environ.get('LOCAL_RANK', 0))
         if dev.type == 'cuda':
             dev = torch.device(f'cuda:{local}')
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    check_config()
     torch.set_num_threads(pick_threads())
     if master:
         print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ddp_world} rank(s)")
@@ -550,11 +646,17 @@ if __name__ == '__main__':
     stages, start, opt_state = mode.split(','), 0, None
     ckpt = os.path.join(out_dir, 'ckpt')
     if init_from == 'resume':
+        if master:
+            recover_dir(ckpt)  # a save killed between its two renames: complete it before any rank reads ckpt
+        if dist.is_initialized():
+            dist.barrier()
         state = load_train_state(os.path.join(ckpt, 'train_state.pt'))
         i = stages.index(state['stage'])
         done = state['extra'].get('done') or state['step'] >= {'sft': sft_steps, 'warmup': warmup_steps,
                                                                  'grpo': grpo_steps}.get(state['stage'], 0)
         stages = stages[i + 1:] if done else stages[i:]
+        if not done and state['config'].get('fsdp', False) != fsdp:  # DDP's AdamW state is by index, FSDP's by name
+            raise ValueError(f"{ckpt} was written with fsdp={not fsdp}; resume it with --fsdp={not fsdp}")
         start, opt_state = (0, None) if done else (state['step'], state['optimizer'])
         torch.set_rng_state(state['rng']['torch'])
         random.setstate(state['rng']['python'])
@@ -562,8 +664,10 @@ if __name__ == '__main__':
         model_dir = ckpt
     else:
         model_dir = None if init_from == 'scratch' else init_from
+    tok_dir = model_dir  # every checkpoint carries a copy of its tokenizer files (save_checkpoint)
     if model_dir is None:  # the embedded tiny Qwen-shaped model
-        tok = write_byte_tokenizer(ckpt)
+        with tempfile.TemporaryDirectory() as d:
+            tok = write_byte_tokenizer(d)
         mcfg = ModelConfig(vocab_size=tok.n_vocab, hidden_size=n_embd, intermediate_size=ffn, num_hidden_layers=n_layer,
                            num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=256,
                            rope_theta=10000.0, eos_token_id=tok.eos_id)
@@ -572,12 +676,6 @@ if __name__ == '__main__':
         tok = Tokenizer.from_pretrained(model_dir)  # our checkpoints always carry their tokenizer files
         raw_model = Transformer.from_pretrained(model_dir, device='meta' if dry_run else dev, dtype=torch.float32,
                                                 verbose=master)
-    if model_dir not in (None, ckpt) and master:  # keep the tokenizer beside every checkpoint we write
-        import shutil
-        os.makedirs(ckpt, exist_ok=True)
-        for f in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'qwen.tiktoken'):
-            if os.path.exists(os.path.join(model_dir, f)):
-                shutil.copy(os.path.join(model_dir, f), ckpt)
     bcfg = raw_model.bridge_config or (BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
                                        if use_bridge and {'warmup', 'grpo'} & set(stages) else None)
     with torch.device('meta'):
@@ -592,6 +690,8 @@ if __name__ == '__main__':
     check_memory(memory_estimate(raw_model.config, bcfg, n_params, n_train, prompt_len, raw_model.grad_checkpoint))
     if dry_run:
         stages = []
+    elif fsdp:
+        shard(raw_model)
     if wandb_log and master:
         import wandb  # imported only when enabled
         wandb.init(project=wandb_project, config=config)
@@ -599,11 +699,12 @@ if __name__ == '__main__':
         if stage in ('warmup', 'grpo') and use_bridge and raw_model.bridge_config is None:
             # adding Bridge to a trained model: zero W_O keeps it exactly the same model
             bcfg = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
-            sd = raw_model.state_dict()
-            old, raw_model = raw_model, Transformer(raw_model.config, bcfg).to(dev)
+            sd = {k: v.full_tensor() if fsdp else v for k, v in raw_model.state_dict().items()}  # on every rank
+            old, raw_model = raw_model, Transformer(raw_model.config, bcfg)
             raw_model.load_state_dict(sd, strict=False)
             raw_model.grad_checkpoint, raw_model.head_chunk = old.grad_checkpoint, old.head_chunk
-            del old
+            raw_model = shard(raw_model) if fsdp else raw_model.to(dev)
+            del old, sd
             if master:
                 print(bridge_report(raw_model))
         if stage == 'warmup' and raw_model.bridge_config is None:
@@ -613,6 +714,6 @@ if __name__ == '__main__':
         {'sft': sft, 'warmup': warmup, 'grpo': grpo_stage, 'eval': evaluate}[stage](
             **({'after': stages[k - 1] if k else 'init'} if stage == 'eval' else {'start': start, 'opt_state': opt_state}))
         start, opt_state = 0, None
-    if ddp_world > 1:
+    if dist.is_initialized():
         dist.barrier()  # let every rank finish before gloo tears down (else a late rank can abort)
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ bridge_heads = 2
 sft_batch = 64
 sft_target = 0.99            # greedy accuracy at width 1, where the answer is the row's own digit
 sft_eval_every = 25
+sft_steps = 3000             # the LR schedule's length: with 1,000, seed 1's GRPO never took off (README)
 max_new_tokens = 4           # 'd;F' and the stop token (a policy that wrote ';' and the stop itself sometimes broke
                              # the format, and groups that all get reward 0 teach nothing)
 grpo_steps = 1500            # sibling reading takes off after 100-300 steps; training reward ~0.97 by step 600
