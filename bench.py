@@ -33,6 +33,7 @@ quick = False           # smoke test: 8 tokens, one repeat, a 2-layer 0.5B shape
 compile = False         # also race generate(compile=True) against eager, and compile the GRPO rows' decode step
 seed = 1337
 mem_tokens = '256,1024,4096'  # completion lengths of the GRPO-update memory rows ('' = skip them)
+only = ''               # 'memory': just the memory rows
 mem_probe = ''          # internal: 'shape:tokens:new' measures one update in this (fresh) process, prints JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -338,15 +339,15 @@ def full_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     return torch.nn.functional.pad(torch.log_softmax(logits, -1).gather(-1, tokens[:, start + 1:, None])[..., 0],
                                    (start, 0))
 
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+def rss(field='VmRSS'):
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM). Not ru_maxrss: exec keeps the parent's."""
+    with open('/proc/self/status') as f:
+        return int(next(l for l in f if l.startswith(field)).split()[1]) * 1024
 
 def probe_update(spec):
     """A GRPO update (policy_update + AdamW) of one group of 4 rows in this fresh process: its peak extra memory
     (CPU: peak RSS; CUDA: max_memory_allocated), its time, and train.py's estimate of it. new = the chunked head
     with grad_checkpoint; else the full-logits head without it, as before."""
-    import resource
     shape, n, new = spec.split(':')
     n, new = int(n), new == '1'
     cfg = ModelConfig(vocab_size=151936, **(TINY if shape == 'tiny' else {}))
@@ -373,13 +374,14 @@ def probe_update(spec):
         t0 = now()
         grpo.policy_update(model, ro, update, lambda *v: [float(u) for u in v], autocast=autocast)
         dt = now() - t0
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else rss('VmHWM')
     n_params = sum(p.numel() for p in model.parameters())
     for k, v in dict(width=w, batch_prompts=1, micro_groups=1, max_new_tokens=n, logprob_chunk=1024, use_bf16=cuda,
                      ddp_world=1, beta=0.0).items():
         setattr(T, k, v)
     est = T.memory_estimate(cfg, bcfg, n_params, n_params, P, True)
-    est = est['gradients'] + est['AdamW state'] + est['update activations, grad_checkpoint on']
+    est = sum(est[k] for k in ('gradients', 'AdamW state', 'AdamW step temporaries',
+                               'update activations, grad_checkpoint on'))
     print(json.dumps({'extra': peak - before, 'seconds': dt, 'estimate': est}))
 
 def bench_memory(spec_tokens):
@@ -416,6 +418,10 @@ if __name__ == '__main__':
                f"{transformers.__version__ if transformers else 'not installed: its column is empty'}, device "
                f"{torch.cuda.get_device_name() if cuda else 'cpu'} ({str(dt)[6:]})")
     log(machine)
+    if only == 'memory':
+        bench_memory(mem_tokens or '256,1024,4096')
+        print('\n'.join(f"| {b} | {m} | {w} | {fmt(a)} | {fmt(r)} | {note} |" for b, m, w, a, r, s, bd, pct, note in rows))
+        sys.exit(0)
     bw, flops = hardware()
     ws, reps_big = [int(v) for v in widths.split(',')], max(1, repeats - 1)  # one forward of a big model = seconds
     bench_model('tiny', ModelConfig(vocab_size=tiny_vocab, **TINY), ws, bw, flops, repeats)
