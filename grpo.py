@@ -508,7 +508,7 @@ def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
     r = torch.tensor([reward_fn(t, p) for t, p in zip(texts, problems)]).view(-1, w)
     G = r.size(0)
     finals = [(draft_fn(t)[1] if draft_fn else extract_answer(t)) for t in texts]
-    m = {'acc': (r.sum().item(), r.numel()), f'pass@w': ((r.sum(1) > 0).sum().item(), G),
+    m = {'acc': (r.sum().item(), r.numel()), 'pass@w': ((r.sum(1) > 0).sum().item(), G),
          'len': (float(lengths.sum()), r.numel())}
     for tau in (0.25, 0.5, 0.75, 1.0):
         m[f'gpass@{tau}'] = ((r.sum(1) >= math.ceil(tau * w)).sum().item(), G)

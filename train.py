@@ -160,8 +160,7 @@ def free_cores(seconds=0.3):
 
 
 def pick_threads():
-    return threads or max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
-                                 free_cores()) // ddp_world)
+    return threads or max(1, free_cores() // ddp_world)
 
 
 def write_byte_tokenizer(path):
@@ -250,8 +249,8 @@ def memory_estimate(mcfg, bcfg, n_params, n_train, prompt_len, checkpointing):
          'reference model (beta > 0)': 4 * n_params / S if beta > 0 else 0,
          'bf16 weight copies (autocast)': 2 * n_params if use_bf16 and not fsdp else 0,
          f'rollout KV cache ({kv_token:,} B/token)': kv_token * rows * T + 4 * 4 * rows * V,
-         f'update activations, grad_checkpoint on': acts[True] + head,
-         f'update activations, grad_checkpoint off': acts[False] + head}
+         'update activations, grad_checkpoint on': acts[True] + head,
+         'update activations, grad_checkpoint off': acts[False] + head}
     if fsdp:
         with torch.device('meta'):
             block = sum(p.numel() for p in Block(mcfg, 0, bcfg).parameters())
