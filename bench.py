@@ -14,8 +14,8 @@ import torch
 import grpo
 import train as T  # train.py's default config (its globals); its main part only runs as a script
 from bridge import BridgeConfig
-from model import Linear, ModelConfig, Transformer
-from sample import generate
+from model import Linear, ModelConfig, Transformer, memory_estimate
+from sample import free_cores, generate
 
 # -----------------------------------------------------------------------------
 device = 'cpu'
@@ -43,10 +43,12 @@ if cuda and not torch.cuda.is_available():
     raise ValueError(f"device={device!r} but torch.cuda.is_available() is False")
 dt = torch.bfloat16 if cuda else torch.float32
 new_tokens, repeats = (8, 1) if quick else (new_tokens, repeats)
-threads = threads or T.free_cores()  # oversubscribed BLAS threads on a busy machine run many times slower
+threads = threads or free_cores()  # oversubscribed BLAS threads on a busy machine run many times slower
 torch.set_num_threads(threads)
 warnings.filterwarnings('ignore')
 try:
+    if mem_probe:  # a memory probe measures only us: transformers would cost its process ~2 s of start-up
+        raise ImportError
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
@@ -376,10 +378,7 @@ def probe_update(spec):
         dt = now() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else rss('VmHWM')
     n_params = sum(p.numel() for p in model.parameters())
-    for k, v in dict(width=w, batch_prompts=1, micro_groups=1, max_new_tokens=n, logprob_chunk=1024, use_bf16=cuda,
-                     ddp_world=1, beta=0.0).items():
-        setattr(T, k, v)
-    est = T.memory_estimate(cfg, bcfg, n_params, n_params, P, True)
+    est = memory_estimate(cfg, bcfg, n_params, n_params, w, w, P + n, n, 1024, w, cuda)
     est = sum(est[k] for k in ('gradients', 'AdamW state', 'AdamW step temporaries',
                                'update activations, grad_checkpoint on'))
     print(json.dumps({'extra': peak - before, 'seconds': dt, 'estimate': est}))

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 MODES = ('bridge', 'self', 'pmatch')
 
-
 @dataclass
 class BridgeConfig:
     dim: int = 512              # inner width d_B of Q/K/V (paper: 2.8-5.1% extra params => d_B ~ 512)
@@ -49,7 +48,6 @@ class BridgeConfig:
             raise ValueError(f"config.json 'bridge' has unknown fields {sorted(unknown)}")
         return cls(**d)
 
-
 def bridge_mask(alive, width):
     """The one place the Bridge mask is built (paper Fig. 2: "attention is masked for tokens from different
     prompts and from completed generations"). alive: (B, T) bool, False for finished or padded positions.
@@ -67,9 +65,9 @@ def bridge_mask(alive, width):
     key_mask = (a[..., None, :] | eye).reshape(-1, 1, width, width)          # query i may read key j
     return key_mask, alive[..., None]
 
-
 class Bridge(nn.Module):
     """h <- h + W_O * MHA_over_rows(RMSNorm(h)), independently for every token position."""
+    probe = None  # a BridgeProbe reads every call (set by BridgeProbe; None = the fused SDPA path)
 
     def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
         super().__init__()
@@ -92,7 +90,7 @@ class Bridge(nn.Module):
 
     def forward(self, x, width, key_mask=None, query_keep=None):
         B, T, D = x.shape
-        h = self.norm(x)
+        h, att = self.norm(x), None
         if self.cfg.mode == 'self' or width == 1:
             # softmax over a single key is 1, so attention reduces to V W_O: the "self-only" control
             y = self.o_proj(self.v_proj(h))
@@ -101,17 +99,24 @@ class Bridge(nn.Module):
             # (B, T, d_B) -> (G*T, H, W, hd): SDPA then attends over the W sibling rows of every (group, position)
             def rows(t):
                 return t.view(G, width, T, H, hd).permute(0, 2, 3, 1, 4).reshape(G * T, H, width, hd)
-            q, k, v = self.linears(h, self.q_proj, self.k_proj, self.v_proj)
-            y = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), attn_mask=key_mask)
+            q, k, v = (rows(t) for t in self.linears(h, self.q_proj, self.k_proj, self.v_proj))
+            if self.probe is None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+            else:  # the same attention unfused, so that the probe can read its weights (paper eq.: softmax(QK^T))
+                att = (q @ k.transpose(-1, -2) / hd ** 0.5).float()
+                att = att.masked_fill(~key_mask, float('-inf')).softmax(-1) if key_mask is not None else att.softmax(-1)
+                y = att.to(v.dtype) @ v
             y = self.o_proj(y.view(G, T, H, width, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd))
         if query_keep is not None:
             y = y * query_keep  # finished/padded rows neither read nor are read
+        if self.probe is not None:
+            self.probe(self, x, y, att, query_keep, width)
         return x + y
-
 
 class PMatch(nn.Module):
     """The paper's parameter-matched baseline: a zero-initialised MLP after each FFN with Bridge's parameter
     count (D -> 2 d_B -> D = 4 D d_B) and no cross-row mixing at all."""
+    probe = None
 
     def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
         super().__init__()
@@ -127,12 +132,13 @@ class PMatch(nn.Module):
 
     def forward(self, x, width, key_mask=None, query_keep=None):
         y = self.down_proj(F.silu(self.up_proj(self.norm(x))))
-        return x + (y if query_keep is None else y * query_keep)
-
+        y = y if query_keep is None else y * query_keep
+        if self.probe is not None:
+            self.probe(self, x, y, None, query_keep, width)
+        return x + y
 
 def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
     return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm, linear, linears)
-
 
 def bridge_params(model):
     """(Bridge parameters, base parameters). Base counts a tied embedding once, like HF's num_parameters()."""
@@ -147,7 +153,6 @@ def bridge_params(model):
             base += p.numel()
     return extra, base
 
-
 def bridge_report(model):
     extra, base = bridge_params(model)
     cfg = model.bridge_config
@@ -157,28 +162,46 @@ def bridge_report(model):
     return (f"{cfg.mode}: {n} blocks, d_B={cfg.dim}, {cfg.n_head} heads, {extra:,} params "
             f"= {100 * extra / base:.2f}% of the {base:,}-param base model")
 
+class BridgeProbe:
+    """What the Bridge blocks do, read while the model runs (train.py's evaluation, sample.py --show_bridge):
+      norm ratio   ||Bridge output|| / ||residual stream|| per layer (paper Fig. 7);
+      sibling share per layer, the mean share of a live row's Bridge attention that went to its siblings rather
+                   than to itself (0: it reads only itself; 1 - 1/w: uniform over w live rows; 0 for the self and
+                   P-Match controls and at width 1, which have no cross-row path).
+    Sums stay on the device: a float() per layer per decode step would be a host sync on a GPU. keep=True also keeps
+    every call's head-averaged attention (B, T, W) of each row over its group, in call order (sample.py)."""
 
-class BridgeNormProbe:
-    """Paper Fig. 7: ||Bridge output|| / ||residual stream|| per layer, averaged over the calls it sees."""
+    def __init__(self, model, keep=False):
+        self.layer = {b: i for i, l in enumerate(model.model.layers) if (b := getattr(l, 'bridge', None))}
+        self.sums, self.kept, self.keep = {}, [], keep
+        for b in self.layer:
+            b.probe = self
 
-    def __init__(self, model):
-        self.sums, self.hooks = {}, []
-        for i, layer in enumerate(model.model.layers):
-            if hasattr(layer, 'bridge'):
-                self.hooks.append(layer.bridge.register_forward_hook(self._hook(i)))
+    def __call__(self, block, x, y, att, keep, width):
+        s = self.sums.setdefault(self.layer[block], [0.0, 0, 0.0, 0.0])  # norm-ratio sum, calls, share sum, rows
+        s[0] = s[0] + y.detach().float().norm() / x.detach().float().norm().clamp(min=1e-12)
+        s[1] += 1
+        B, T = x.shape[:2]
+        live = keep[..., 0].float() if keep is not None else torch.ones(B, T, device=x.device)
+        s[3] = s[3] + live.sum()
+        if att is not None:  # (G*T, H, W, W) -> each row's attention over its group, averaged over heads: (B, T, W)
+            a = att.detach().float().mean(1).view(B // width, T, width, width).transpose(1, 2).reshape(B, T, width)
+            r = torch.arange(B, device=a.device)
+            s[2] = s[2] + ((1 - a[r, :, r % width]) * live).sum()  # 1 - the weight each row gives itself
+            if self.keep:
+                self.kept.append(a)
+        elif self.keep:
+            self.kept.append(None)
 
-    def _hook(self, i):
-        def fn(mod, args, out):
-            x, out = args[0].detach(), out.detach()
-            s = self.sums.setdefault(i, [0.0, 0])
-            # summed on the device: a float() here would be a host sync per layer per decode step on a GPU
-            s[0] = s[0] + (out - x).float().norm() / x.float().norm().clamp(min=1e-12)
-            s[1] += 1
-        return fn
+    def norm_ratios(self):
+        return {i: float(s[0]) / s[1] for i, s in sorted(self.sums.items())}
 
-    def ratios(self):
-        return {i: float(s) / n for i, (s, n) in sorted(self.sums.items())}
+    def sibling_shares(self):
+        return {i: float(s[2]) / max(float(s[3]), 1) for i, s in sorted(self.sums.items())}
+
+    def reset(self):
+        self.sums, self.kept = {}, []
 
     def remove(self):
-        for h in self.hooks:
-            h.remove()
+        for b in self.layer:
+            b.probe = None

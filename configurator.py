@@ -3,7 +3,8 @@ Poor Man's Configurator, as in nanoGPT. Run as `exec(open('configurator.py').rea
 config lives in plain globals:
     python train.py config/rlvr.py --max_steps=100 --lr=1e-4
 A bare argument is a Python config file that is exec'd; --key=value overrides one global, with the type
-checked against the default. Unknown keys are errors, so a typo never silently trains the wrong thing.
+checked against the default. Unknown keys are errors, so a typo never silently trains the wrong thing. The names
+set are kept in _overrides.
 It also makes a user's mistake (a bad value, a missing or corrupt file: ValueError or OSError) end the script with
 one line on stderr, "error: <message>", printed by the first rank only under torchrun; any other exception is a
 bug and keeps its traceback, and NANOBRIDGE_TRACEBACK=1 shows it for every error.
@@ -23,6 +24,7 @@ def _user_errors(kind, e, tb):
 
 
 sys.excepthook = _user_errors
+_overrides = set()  # the names this command set (train.py --init_from=resume reads every other one from the run)
 for arg in sys.argv[1:]:
     if '=' not in arg:
         if arg.startswith('--'):
@@ -30,7 +32,10 @@ for arg in sys.argv[1:]:
         print(f"Overriding config with {arg}:")
         with open(arg) as f:
             print(f.read())
-        exec(open(arg).read())
+        _set = {}  # what the file assigns lands here first, so that we know its names
+        exec(open(arg).read(), globals(), _set)
+        globals().update(_set)
+        _overrides |= set(_set)
     else:
         if not arg.startswith('--'):
             raise ValueError(f"expected --key=value, got {arg!r}")
@@ -49,3 +54,4 @@ for arg in sys.argv[1:]:
                 raise ValueError(f"--{key}={val!r}: expected {type(default).__name__}, got {type(attempt).__name__}")
         print(f"Overriding: {key} = {attempt}")
         globals()[key] = attempt
+        _overrides.add(key)

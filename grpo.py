@@ -3,7 +3,6 @@ GRPO for nanobridge: verifiable rewards, group-relative advantages and the clipp
 
 Everything in the first part of this file is model-independent and pure:
   - math answer extraction + Hendrycks-style grading (exact Fraction arithmetic, no sympy, no eval)
-  - a safe countdown / arithmetic-expression checker
   - group_advantages: A_i = (r_i - mean(r)) / (std(r) + eps) per group (GRPO), or r_i - mean(r) (Dr. GRPO)
   - grpo_loss: PPO-style clipped surrogate + optional k3 KL, aggregated as dapo / grpo / dr_grpo
 The Bridge paper trains with "a token-level normalized variant" of GRPO (DAPO, Yu et al. 2025),
@@ -155,92 +154,6 @@ def math_reward(text, gold, fallback=True):
         return 0.0
 
 # -----------------------------------------------------------------------------
-# countdown: safe arithmetic-expression checker (no eval, no ast of arbitrary code)
-
-MAX_EXPR_CHARS = 256
-MAX_EXPR_DEPTH = 32
-MAX_LITERAL_DIGITS = 12
-
-def eval_expression(expr):
-    """Exact value of an integer expression with + - * / ( ) and unary minus, else None.
-
-    Recursive descent over a whitelist of tokens, so '**', names, '__import__', floats... are rejected
-    before anything is computed. Length, nesting depth and literal size are bounded, which bounds the
-    size of every intermediate Fraction as well.
-        expr   := term (('+' | '-') term)*
-        term   := factor (('*' | '/') factor)*
-        factor := INT | '-' factor | '(' expr ')'
-    """
-    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
-        return None
-    toks = re.findall(r"[0-9]+|\S", expr)
-    pos = 0
-
-    def peek():
-        return toks[pos] if pos < len(toks) else None
-    def take():  # past the end -> IndexError -> None
-        nonlocal pos
-        pos += 1
-        return toks[pos - 1]
-    def parse_expr(depth):
-        v = parse_term(depth)
-        while peek() in ("+", "-"):
-            op, w = take(), parse_term(depth)
-            v = v + w if op == "+" else v - w
-        return v
-    def parse_term(depth):
-        v = parse_factor(depth)
-        while peek() in ("*", "/"):
-            op, w = take(), parse_factor(depth)
-            v = v * w if op == "*" else v / w  # x/0 raises ZeroDivisionError -> None
-        return v
-    def parse_factor(depth):
-        if depth > MAX_EXPR_DEPTH:
-            raise ValueError("expression nested too deeply")
-        t = take()
-        if t == "(":
-            v = parse_expr(depth + 1)
-            if take() != ")":
-                raise ValueError("missing ')'")
-            return v
-        if t == "-":
-            return -parse_factor(depth + 1)
-        if t.isascii() and t.isdigit() and len(t) <= MAX_LITERAL_DIGITS:
-            return Fraction(int(t))
-        raise ValueError(f"token not allowed: {t!r}")
-
-    try:
-        v = parse_expr(0)
-        return v if pos == len(toks) else None  # trailing junk like "1 2" or "3)" is invalid
-    except (ValueError, IndexError, ZeroDivisionError, RecursionError):
-        return None
-
-def countdown_reward(text, numbers, target, use_all=False):
-    """1.0 if the answer expression hits target using each given number AT MOST once, else 0.0.
-
-    The answer is the last <answer>...</answer> (TinyZero / nano-aha-moment format), else the last
-    \\boxed{}; an optional '= target' suffix is ignored. "At most once" is the rule of the Countdown
-    game (a subset of the numbers may be used); use_all=True requires every number EXACTLY once,
-    which is the stricter TinyZero / nano-aha-moment checker.
-    """
-    try:
-        text = text[-MAX_TEXT_CHARS:] if isinstance(text, str) else ""
-        tags = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
-        expr = tags[-1] if tags else _last_boxed(text)
-        if expr is None:
-            return 0.0
-        expr = expr.split("=")[0]
-        used = Counter(int(t) for t in re.findall(r"[0-9]+", expr[:MAX_EXPR_CHARS + 1]))
-        given = Counter(int(n) for n in numbers)
-        # used - given is non-empty when a number is used more often than given (or was never given)
-        if used - given or (use_all and used != given):
-            return 0.0
-        value = eval_expression(expr)
-        return 1.0 if value is not None and value == Fraction(target) else 0.0
-    except Exception:
-        return 0.0
-
-# -----------------------------------------------------------------------------
 # group-relative advantages
 
 def group_advantages(rewards, width, scale="group", eps=1e-4):
@@ -355,12 +268,10 @@ def addition_problems(split, digits=2, n_test=512):
         out = out[:n_test]
     return out
 
-
 def skewed_digits(n, generator, k=10):
     """n symbols floor(k u^4), u ~ U(0, 1): the largest of 4 is uniform over 0..k-1, so at width 4 no answer is
     likelier than another, and a row that sees only its own symbol can do no better than answer it."""
     return (k * torch.rand(n, generator=generator) ** 4).long()
-
 
 def max_chance(w, k=10):
     """The Bayes limit of a row that sees only its own symbol s (skewed_digits) when the answer is the largest of
@@ -368,7 +279,6 @@ def max_chance(w, k=10):
     F = lambda j: ((j + 1) / k) ** 0.25 if j >= 0 else 0.0  # P(symbol <= j)
     return sum((F(s) - F(s - 1)) * max(F(m) ** (w - 1) - (F(m - 1) ** (w - 1) if m > s else 0) for m in range(s, k))
                for s in range(k))
-
 
 def maxdigit_problems(split, n=4096):
     """The positive control (task='maxdigit'): every prompt is 'max?', the environment writes 'd;' (d from
@@ -382,16 +292,28 @@ def maxdigit_problems(split, n=4096):
     return [{'prompt': 'max?', 'answer': None, 'response': f"{x};{y}"}
             for x, y in zip(d.tolist(), f.tolist())]
 
+def maxdigit_env(tok, seed):
+    """The positive control's environment (generate's env hook): it writes 'd;' and the stop token, the policy only F.
+    Its digits come from a generator of their own, not the sampler's random stream."""
+    g, fixed = torch.Generator().manual_seed(seed), {1: tok.encode(';')[0], 3: tok.eos_id}
+
+    def env(s, tokens, pos):
+        if s == 0:  # a digit the policy cannot choose
+            return torch.tensor(tok.encode('0123456789'))[skewed_digits(len(pos), g)].to(pos.device)
+        return torch.full_like(pos, fixed[s]) if s in fixed else None
+    return env
+
+def maxdigit_answers(texts, w):
+    """The gold answer of every row: the largest digit the environment wrote (each text's first character) in its group."""
+    return [max(t[:1] for t in texts[i - i % w:i - i % w + w]) for i in range(len(texts))]
 
 def final_answer(text):
     """'draft;final' -> (draft, final); either may be None."""
     draft, _, final = text.partition(';')
     return draft.strip() or None, (final.strip() or None) if _ else None
 
-
 def add_reward(text, answer):
     return 1.0 if final_answer(text)[1] == answer else 0.0
-
 
 def read_jsonl(path, kind, keys=None):
     """GSM8K (question, answer '... #### n'), MATH (problem, solution with \\boxed{}), or generic (prompt, answer):
@@ -418,7 +340,6 @@ def read_jsonl(path, kind, keys=None):
 # -----------------------------------------------------------------------------
 # log-probs and the policy update
 
-
 def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     """The one function that computes log-probs (for the loss, old and reference policies): log p(tokens[t] |
     tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
@@ -429,7 +350,6 @@ def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     _, nll = model(tokens[:, :-1], tokens[:, 1:], width=width, alive=alive[:, :-1], start=start,
                    temperature=temperature, reduction='none')
     return F.pad(-nll, (start, 0))
-
 
 @dataclass
 class Rollout:
@@ -455,7 +375,6 @@ class Rollout:
         """Row slices of whole groups: Bridge couples a group's rows, so a group is never split."""
         step = (groups or self.tokens.size(0) // self.width) * self.width
         return [slice(i, i + step) for i in range(0, self.tokens.size(0), step)]
-
 
 def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperature=1.0, loss_type='dapo',
                   eps_low=0.2, eps_high=0.2, beta=0.0, num_iterations=1, max_tokens=None, autocast=None):
@@ -495,9 +414,32 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
     keys = ['clip_frac', 'kl', 'entropy']
     return {**dict(zip(keys, all_sum(*[sums[k] for k in keys]))), 'gnorm': sums['gnorm']}
 
+class Health:
+    """GRPO's warnings, each said once and in words (the log line's columns show the numbers step by step): no
+    learning signal (every group has zero reward std), every completion truncated, and a collapse: reward 0 on every
+    group for `patience` steps after it had reached `high`. No sampled answer is then right, so there is nothing to
+    learn from, and GRPO does not recover."""
+
+    def __init__(self, patience=10, high=0.2):
+        self.said, self.best, self.zeros, self.patience, self.high = set(), (0.0, 0), 0, patience, high
+
+    def __call__(self, step, reward, zero_std, trunc, max_tokens):
+        """Messages not said before, for this step's mean reward, zero-std and truncated fractions."""
+        self.best = max(self.best, (reward, -step))
+        self.zeros = self.zeros + 1 if reward == 0 else 0
+        news = {'std': zero_std == 1 and reward < 1 and f"grpo step {step}: every group has zero reward std, so "
+                "there is no learning signal: check max_new_tokens, the reward and the prompt format (zero_std column)",
+                'trunc': trunc == 1 and f"grpo step {step}: every completion hit max_new_tokens={max_tokens}",
+                'collapse': self.zeros >= self.patience and self.best[0] >= self.high and
+                f"GRPO has collapsed: reward 0 on every group for the last {self.zeros} steps, after {self.best[0]:.2f}"
+                f" at step {-self.best[1]}. No sampled answer is right any more, so there is nothing to learn from "
+                "and it will not recover: stop it, and rerun with a lower --lr or more --batch_prompts"}
+        out = [msg for k, msg in news.items() if msg and k not in self.said]
+        self.said |= {k for k, msg in news.items() if msg}
+        return out
+
 # -----------------------------------------------------------------------------
 # evaluation at every width
-
 
 def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
     """(sum, count) pairs (so ranks can add them up) for one width. Rows come in groups of w.
@@ -528,16 +470,17 @@ def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
                     fix, fix_n = fix + int(r[g, i] > 0), fix_n + 1
     return {**m, 'maj': (maj, G), 'agree': (agree, pairs), 'fix': (fix, fix_n)}  # a count of 0: undefined
 
-
 def format_table(results):
     widths = [k for k in results if isinstance(k, int)]
     cols = ['acc', 'pass@w', 'maj', 'gpass@0.25', 'gpass@0.5', 'gpass@0.75', 'gpass@1.0', 'agree', 'fix',
-            'width_gain', 'chance', 'len']
+            'width_gain', 'chance', 'sibling', 'len']
     lines = ['width ' + ' '.join(f"{c:>10}" for c in cols)]
     for w in widths:
         lines.append(f"{w:>5} " + ' '.join(f"{results[w][c]:>10.3f}" if c in results[w] else f"{'-':>10}"
                                            for c in cols))
-    ratios = results.get('bridge_norm_ratio') or {}
-    if ratios:
-        lines.append('Bridge output / residual norm per layer: ' + ' '.join(f"{v:.3g}" for v in ratios.values()))
+    for key, what in (('bridge_norm_ratio', 'Bridge output / residual norm'),
+                      ('bridge_sibling_share', "share of a row's Bridge attention on its siblings")):
+        if results.get(key):
+            lines.append(f"{what} per layer at width {results['probe_width']}: "
+                         + ' '.join(f"{v:.3g}" for v in results[key].values()))
     return '\n'.join(lines)

@@ -13,7 +13,9 @@ import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -26,7 +28,6 @@ from bridge import BridgeConfig, make_block, bridge_mask, bridge_report
 
 ARCHS = {'qwen2': 'Qwen2ForCausalLM', 'llama': 'LlamaForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
 
 @dataclass
 class ModelConfig:
@@ -92,36 +93,39 @@ class ModelConfig:
             d.pop('rope_scaling')
         return d
 
-
 # -----------------------------------------------------------------------------
 
 PACKED = WeakIdKeyDictionary()  # first weight -> (key, packed, bias), outside the modules so deepcopy works
 
-
 class Linear(nn.Linear):
-    """nn.Linear with a CPU inference fast path: MKL sgemm (torch's F.linear) reads few-row decode matmuls far
-    below memory bandwidth; oneDNN on pre-packed weights is 2-4x faster (bench.py). The packed copy is remade
-    whenever a weight's version counter moves (optimizer steps), and costs one extra copy of the weights:
-    Linear.prepack = False turns it off. Packing costs a few matmuls' time, so a weight is packed only once it has
-    been used pack_after times unchanged (one forward pass, a prefill or a one-off log-prob pass, never pays for it),
-    and a single row (width-1 decode) always takes F.linear: MKL's mat-vec is no slower there."""
+    """nn.Linear with a CPU inference fast path. From 4 rows up, MKL sgemm (torch's F.linear) reads a decode matmul's
+    weights far below memory bandwidth, and oneDNN on pre-packed weights is 1.4-2x faster (Intel Xeon, torch 2.11-2.14)
+    to 4x (AMD EPYC); below 4 rows MKL's mat-vec path is as fast or faster (`python bench.py --only=linear`). The packed
+    copy is remade whenever a weight's version counter moves (optimizer steps) and costs one extra copy of the weights:
+    Linear.prepack = False turns it off. Packing costs a few matmuls' time, so a weight is packed only once it has been
+    used pack_after times unchanged (a one-off forward pass never pays for it). The oneDNN ops are private to torch: if
+    a release drops them or changes them, the first call notices (an error, or a result unlike F.linear's) and the
+    path turns itself off for good, silently."""
     prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
                and platform.machine().lower() in ('x86_64', 'amd64'))  # measured on x86 only; elsewhere F.linear
     min_size = 2**17  # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights
-    pack_after = 1  # measured (0.5B, width 4, 64 tokens, 1 thread): packing at the 2nd use pays within the answer
+    min_rows = 4      # measured: packing loses 10-40% at 1-3 rows, wins 1.4-2x from 4 (Intel Xeon, bench.py)
+    pack_after = 1    # measured (0.5B, width 4, 64 tokens, 1 thread): packing at the 2nd use pays within the answer
+    checked = False   # the packed path's first result is compared with F.linear's, once per process
 
     def forward(self, x):
         return linears(x, self)[0]
-
 
 def linears(x, *mods):
     """[m(x) for m in mods] for Linears that share their input (Q/K/V, gate/up). On the CPU fast path they run
     as one packed matmul on the stacked weights, like nanoGPT's fused c_attn: ~8% less decode time at 0.5B."""
     ws, w = [m.weight for m in mods], mods[0].weight
+    plain = lambda: [F.linear(x, m.weight, m.bias) for m in mods]  # (autocast picks its own dtype)
     if (sum(v.numel() for v in ws) < Linear.min_size or not Linear.prepack or x.device.type != 'cpu'
             or torch.is_grad_enabled() or w.dtype not in (torch.float32, torch.bfloat16) or x.dtype != w.dtype
-            or x.numel() == x.size(-1) or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu')):
-        return [F.linear(x, m.weight, m.bias) for m in mods]  # (autocast picks its own dtype)
+            or x.numel() < Linear.min_rows * x.size(-1) or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled('cpu')):
+        return plain()
     ps = [p for m in mods for p in (m.weight, m.bias) if p is not None]
     key = tuple((p.data_ptr(), p._version) for p in ps)
     seen, uses, packed, bias = PACKED.get(w, (None, 0, None, None))
@@ -129,13 +133,23 @@ def linears(x, *mods):
         uses, packed = 0, None
     if packed is None and uses < Linear.pack_after:
         PACKED[w] = key, uses + 1, None, None
-        return [F.linear(x, m.weight, m.bias) for m in mods]
-    if packed is None:
-        bias = torch.cat([m.bias for m in mods]).detach() if mods[0].bias is not None else None
-        packed = torch.ops.mkldnn._reorder_linear_weight((ws[0] if len(ws) == 1 else torch.cat(ws)).detach())
-        PACKED[w] = key, uses, packed, bias
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '').split([v.size(0) for v in ws], -1)
-
+        return plain()
+    try:
+        if packed is None:
+            bias = torch.cat([m.bias for m in mods]).detach() if mods[0].bias is not None else None
+            packed = torch.ops.mkldnn._reorder_linear_weight((ws[0] if len(ws) == 1 else torch.cat(ws)).detach())
+            PACKED[w] = key, uses, packed, bias
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '').split([v.size(0) for v in ws], -1)
+        if not Linear.checked:
+            ref = torch.cat(plain(), -1)
+            if not (torch.cat(y, -1) - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-6:  # bf16 weights: ~1e-3
+                raise RuntimeError('the packed matmul disagrees with F.linear')
+            Linear.checked = True
+        return y
+    except Exception:  # a private op missing, renamed or changed: off for good, and the plain path answers
+        Linear.prepack = False
+        PACKED.clear()
+        return plain()
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -147,7 +161,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
 
 def rope_inv_freq(cfg: ModelConfig):
     dim = cfg.head_dim
@@ -166,25 +179,21 @@ def rope_inv_freq(cfg: ModelConfig):
         inv = torch.where(medium, smoothed, scaled)
     return inv
 
-
 def rope(pos, inv_freq, dtype):
     """cos/sin for positions pos (B, T), in fp32 like HF, as (B, 1, T, head_dim) in the model dtype."""
     freqs = pos[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
-
 def apply_rope(x, cos, sin):
     # split-halves layout (HF rotate_half): pairs are (i, i + d/2), not adjacent (i, i+1) as in Meta's code
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-
 def _chunk_logits(h, w, temperature):
     # one function for the forward pass and the backward recompute: the same ops on the same inputs, the same bits
     z = (h @ w.T).float()  # the matmul in h's dtype (bf16 under autocast), the softmax in fp32
     return z if temperature == 1 else z.div_(temperature)
-
 
 class ChunkedLogProbs(torch.autograd.Function):
     """log softmax(h W^T / T)[target] over token chunks: no (tokens x V) logits ever exist, in forward or backward.
@@ -225,14 +234,12 @@ class ChunkedLogProbs(torch.autograd.Function):
             del dz
         return gh, None if gw is None else gw.to(weight.dtype), None, None, None
 
-
 def head_logprobs(h, weight, targets, temperature=1.0, chunk=1024):
     """(N, D) normed hidden states -> (N,) fp32 log softmax(h W^T / T)[targets], 0 where a target is -1."""
     kind = h.device.type
     if torch.is_autocast_enabled(kind):  # the head's matmul runs in autocast's dtype, as lm_head's would
         h = h.to(torch.get_autocast_dtype(kind))
     return ChunkedLogProbs.apply(h, weight, targets, temperature, chunk or max(1, h.size(0)))
-
 
 class KVCache:
     """Static, pre-allocated keys/values (n_layers, B, n_kv_heads, max_len, head_dim): no reallocation while
@@ -250,7 +257,6 @@ class KVCache:
         L, P, H, T, D = other.k.shape
         self.k[:, :, :, :T].view(L, P, width, H, T, D).copy_(other.k[:, :, None])
         self.v[:, :, :, :T].view(L, P, width, H, T, D).copy_(other.v[:, :, None])
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -289,7 +295,6 @@ class Attention(nn.Module):
                                            enable_gqa=self.nh != self.nkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -300,7 +305,6 @@ class MLP(nn.Module):
     def forward(self, x):
         gate, up = linears(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
-
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, bridge: BridgeConfig | None):
@@ -321,6 +325,81 @@ class Block(nn.Module):
             x = self.bridge(x, width, *bmask)
         return x
 
+def saved_bytes_per_token(cfg: ModelConfig, bridge: BridgeConfig | None, width, bf16):
+    """Bytes autograd keeps per token in one Block (its Bridge included), for train.py's memory estimate. Measured,
+    not modelled: one Block runs on CPU on uninitialised weights under the run's autocast, and saved_tensors_hooks
+    add up the storages it saves. Two lengths, so that what does not grow with tokens (autocast's weight copies)
+    cancels."""
+    with torch.device('meta'):
+        block = Block(cfg, 0, bridge)
+    block.to_empty(device='cpu')
+    params, sizes = {p.untyped_storage().data_ptr() for p in block.parameters()}, []
+    for T in (8, 16):
+        seen = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x = torch.zeros(width, T, cfg.hidden_size, requires_grad=True)
+        cos, sin = rope(torch.arange(T).expand(width, T), rope_inv_freq(cfg), x.dtype)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast('cpu', torch.bfloat16, enabled=bf16):
+            block(x, cos, sin, width, bridge_mask(torch.ones(width, T, dtype=torch.bool), width), None, None, None)
+        sizes.append(sum(seen.values()))
+    return (sizes[1] - sizes[0]) / (8 * width)
+
+def memory_estimate(cfg: ModelConfig, bridge, n_params, n_train, rows, mb_rows, tokens, new_tokens, chunk, width,
+                    bf16, fsdp=0, beta=0.0, checkpointing=True):
+    """{item: bytes} at a GRPO run's peak on one rank (train.py prints it at start): a long-trace run should stop
+    before it starts, not after an hour of rollouts. rows: rollout rows per rank; mb_rows: rows of one gradient
+    micro-batch (whole groups: a group is never split); tokens: prompt + new_tokens. fsdp = the number of FSDP ranks
+    (0: none): a rank then keeps 1/fsdp of the weights and their state, and gathers (in the compute dtype) all
+    weights for a rollout, or two blocks (one prefetched) and the head for the update, where a block's gradients
+    meet too."""
+    L, V, cdt, S = cfg.num_hidden_layers, cfg.vocab_size, 2 if bf16 else 4, fsdp or 1
+    kv_token = 2 * L * cfg.num_key_value_heads * cfg.head_dim * cdt  # K and V of every layer, per cached token
+    act = saved_bytes_per_token(cfg, bridge, width, bf16)
+    head_tokens = min(chunk or mb_rows * new_tokens, mb_rows * new_tokens)
+    # checkpointing keeps each block's fp32 input and recomputes one block at a time; the gradients flowing back
+    # through that block take about as much again (measured, bench.py's memory rows)
+    acts = {c: mb_rows * tokens * ((L * 4 * cfg.hidden_size if c else L * act) + 2 * act) for c in (True, False)}
+    head = 4 * head_tokens * V + mb_rows * tokens * 4 * cfg.hidden_size  # one chunk's fp32 logits; the normed hidden
+    # AdamW's foreach step makes a temporary fp32 copy of its parameters (sqrt of exp_avg_sq): measured at 0.5B
+    m = {'weights (fp32)': 4 * n_params / S, 'gradients': 4 * n_train / S, 'AdamW state': 8 * n_train / S,
+         'AdamW step temporaries': 4 * n_train / S, 'reference model (beta > 0)': 4 * n_params / S if beta > 0 else 0,
+         'bf16 weight copies (autocast)': 2 * n_params if bf16 and not fsdp else 0,
+         f'rollout KV cache ({kv_token:,} B/token)': kv_token * rows * tokens + 4 * 4 * rows * V,
+         'update activations, grad_checkpoint on': acts[True] + head,
+         'update activations, grad_checkpoint off': acts[False] + head}
+    if fsdp:
+        with torch.device('meta'):
+            block = sum(p.numel() for p in Block(cfg, 0, bridge).parameters())
+        m['rollout: weights gathered (FSDP)'] = cdt * n_params
+        m['update: 2 blocks + head gathered (FSDP)'] = cdt * (2 * block + V * cfg.hidden_size) + 4 * block
+    fixed = sum(v for k, v in m.items() if not k.startswith(('rollout', 'update')))
+    update = m.get('update: 2 blocks + head gathered (FSDP)', 0) + m[f'update activations, grad_checkpoint '
+                                                                      f'{"on" if checkpointing else "off"}']
+    m['peak'] = fixed + max(sum(v for k, v in m.items() if k.startswith('rollout')), update)
+    return m
+
+def check_memory(m, device, verbose=True):
+    """Print the estimate; stop with a one-line error on CUDA if it cannot fit, warn on CPU."""
+    if verbose:
+        print('memory estimate per rank:\n' + '\n'.join(f"  {k:<48} {v / 2**30:8.2f} GiB" if v >= 2**30 else
+                                                        f"  {k:<48} {v / 2**20:8.1f} MiB" for k, v in m.items()))
+    if device.type == 'cuda':  # the weights may already be on the device
+        have = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    else:
+        with open('/proc/meminfo') as f:
+            have = int(next(l for l in f if l.startswith('MemAvailable')).split()[1]) * 1024
+    if m['peak'] > 0.95 * have:
+        msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank but {device} has {have / 2**30:.1f} GiB: lower "
+               f"width, max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set grad_checkpoint=True")
+        if device.type == 'cuda':
+            raise ValueError(msg)
+        if verbose:
+            print(f"WARNING: {msg}")
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, bridge: BridgeConfig | None = None):
@@ -388,6 +467,15 @@ class Transformer(nn.Module):
         nll = -head_logprobs(x.flatten(0, 1), self.lm_head.weight, t.reshape(-1), temperature,
                              self.head_chunk).view(t.shape)
         return None, nll if reduction == 'none' else nll.sum() / (t >= 0).sum().clamp(min=1)
+
+    def with_bridge(self, bridge: BridgeConfig):
+        """This model with zero-initialised Bridge blocks added: still exactly the same function (zero W_O). A sharded
+        model's weights are gathered whole on every rank first; the result is unsharded, on the same device."""
+        sd = {k: v.full_tensor() if hasattr(v, 'full_tensor') else v for k, v in self.state_dict().items()}
+        new = Transformer(self.config, bridge).to(sd['model.norm.weight'].device)
+        new.load_state_dict(sd, strict=False)
+        new.grad_checkpoint, new.head_chunk = self.grad_checkpoint, self.head_chunk
+        return new
 
     def make_cache(self, batch, max_len):
         # the compute dtype: under autocast (fp32 master weights, bf16 matmuls) that is autocast's, not the weights'
@@ -491,10 +579,67 @@ class Transformer(nn.Module):
             cfg['bridge'] = self.bridge_config.to_dict()
         atomic_write(os.path.join(path, 'config.json'), json.dumps(cfg, indent=2))
 
+# -----------------------------------------------------------------------------
+# FSDP2 (train.py --fsdp=True under torchrun), in torchtitan's layout
+
+def shard(model, world, bf16, train=True):
+    """Each Block (its Bridge inside) is one FSDP unit, gathered for its forward and again for its backward; the
+    embedding and [norm, lm_head] are units too (tied, all three are one: a weight lives in one unit), and the
+    root holds the rest. Every rank still owns whole Bridge groups: only weights are split, never a batch."""
+    from torch.distributed.device_mesh import init_device_mesh  # imported when used: ~0.6 s of every start
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    Linear.prepack = False  # FSDP refills gathered weights in place without a version bump: a packed copy goes stale
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    kw = dict(mesh=init_device_mesh(model.lm_head.weight.device.type, (world,)), mp_policy=mp)
+    for block in model.model.layers:
+        fully_shard(block, **kw)
+    head = [model.model.norm, model.lm_head]
+    if model.config.tie_word_embeddings:
+        head.insert(0, model.model.embed_tokens)
+    else:
+        fully_shard(model.model.embed_tokens, **kw)
+    fully_shard(head, reshard_after_forward=not train, **kw)  # backward needs the head first: keep it (torchtitan)
+    fully_shard(model, **kw)
+    for m in fsdp_units(model):  # every loss here is normalised over all ranks' batch, so ranks' gradients are SUMMED
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+def fsdp_units(model):
+    fsdp = sys.modules.get('torch.distributed.fsdp')  # imported by shard(): before it, nothing is sharded
+    return [m for m in model.modules() if fsdp and isinstance(m, fsdp.FSDPModule)]
+
+def full_state(model, opt=None, fsdp=False):
+    """The model's state_dict, or with opt the optimizer's. Under FSDP every rank takes part, and rank 0 receives
+    the whole tensors (on CPU, one at a time) keyed by parameter name: the same HF checkpoint as without FSDP."""
+    if not fsdp:
+        return model.state_dict() if opt is None else opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full) if opt is None else get_optimizer_state_dict(model, opt, options=full)
+
+def load_optimizer_state(model, opt, state, fsdp=False):
+    """The inverse of full_state(model, opt): under FSDP the full tensors by parameter name, each rank keeps its shard."""
+    if not fsdp:
+        return opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+@contextmanager
+def gathered(model, fsdp):
+    """One all-gather of every unit per rollout, not one per layer per decoded token; sharded again after. Ranks
+    may then decode different numbers of steps: nothing is gathered inside the loop."""
+    if fsdp:
+        model.set_reshard_after_forward(False)
+    yield
+    if fsdp:  # back to shard()'s layout, and sharded
+        model.set_reshard_after_forward(True)
+        model.lm_head.set_reshard_after_forward(False, recurse=False)
+        for m in fsdp_units(model):
+            m.reshard()
 
 ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
              'I64': torch.int64, 'I32': torch.int32, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
-
 
 def read_safetensors(path):
     """The one tensor loader: yields (name, shape, read) for each tensor of a .safetensors file, where read()
@@ -524,7 +669,6 @@ def read_safetensors(path):
                 return t
             yield k, shape, read
 
-
 def _weight_files(path):
     index = os.path.join(path, 'model.safetensors.index.json')
     if os.path.isfile(index):
@@ -542,10 +686,8 @@ def _weight_files(path):
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
     return [single]
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-
 
 def atomic_write(path, data):
     """Write to a temp file, then rename: a crash never leaves a half-written file under the real name.
@@ -564,7 +706,6 @@ def atomic_write(path, data):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def atomic_dir(path, write):
     """atomic_write for a whole directory: write(new) fills a fresh sibling path.new, which then replaces path
     by two renames (path -> path.old, path.new -> path). A crash before them leaves the old directory whole;
@@ -577,7 +718,6 @@ def atomic_dir(path, write):
         os.replace(path, old)
     os.replace(new, path)
     shutil.rmtree(old, ignore_errors=True)  # absent on the first save
-
 
 def recover_dir(path):
     """Undo what a crashed atomic_dir left: path.new is complete if path.old exists (path is renamed away only

@@ -124,7 +124,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path):
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
         fn = os.path.join(path, 'tokenizer.json')
         if os.path.exists(fn):
             return cls(path, *_from_tokenizer_json(fn))  # the full description, preferred
@@ -187,10 +187,33 @@ class Tokenizer:
     def encode_chat(self, user, system=None, template=None):
         return self.encode(self.render_chat(user, system, template))
 
+def write_byte_tokenizer(path):
+    """The embedded model's tokenizer (train.py): the 256 bytes plus two specials, saved like a Qwen rank file."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, 'qwen.tiktoken'), 'w') as f:
+        f.write(''.join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+        json.dump({'added_tokens_decoder': {'256': {'content': '<|endoftext|>'}, '257': {'content': '<|im_end|>'}},
+                   'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>'}, f)
+    return Tokenizer.from_pretrained(path)
+
+def free_cores(seconds=0.3):
+    """Cores idle right now, from two reads of /proc/stat. Oversubscribed BLAS threads run many times slower on a
+    busy machine; the load average would lag by a minute (right after `pip install` it still counts pip)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+    def total_idle():
+        with open('/proc/stat') as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all jiffies, idle + iowait ones
+    try:
+        (t0, i0), _, (t1, i1) = total_idle(), time.sleep(seconds), total_idle()
+    except OSError:  # no /proc (macOS): assume the machine is ours
+        return cores
+    return max(1, min(cores, round(os.cpu_count() * (i1 - i0) / max(t1 - t0, 1))))
 
 # -----------------------------------------------------------------------------
 # N-wide generation: one prefill per prompt, its KV cache copied to `width` rows, rows decode in lock-step
-
 
 @dataclass
 class Generation:
@@ -214,10 +237,8 @@ class Generation:
         n = self.lengths - (self.finished.long() if drop_stop else 0)
         return [self.tokens[b, p:p + k].tolist() for b, (p, k) in enumerate(zip(self.prompt_lens.tolist(), n.tolist()))]
 
-
 @functools.cache  # the largest divisor of V up to sqrt(V): K chunks of V // K (K = 1 for a prime V)
 def n_chunks(V): return next(d for d in range(math.isqrt(V), 0, -1) if V % d == 0)
-
 
 def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
     """logits (B, V) -> (token (B,), log-prob (B,) of that token under softmax(logits / T), entropy (B,) of that
@@ -255,7 +276,6 @@ def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
     tok = j * (V // K) + race(torch.take_along_dim(chunks, j[:, None, None], 1)[:, 0])
     return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
 
-
 @torch.no_grad()
 def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0, stop_ids=(),
              seed=None, pad_id=None, check_every=None, compile=False, entropy=False, env=None):
@@ -288,8 +308,9 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     check_every = check_every or (1 if dev.type == 'cpu' else 8)  # a host sync is free on CPU, costly on GPU
     # optional: compile the one-token decode step (static shapes, so it compiles once; 'reduce-overhead' adds CUDA
     # graphs on GPU). The prefill stays eager: its shape changes with every batch of prompts.
+    # (not while a BridgeProbe reads every Bridge call: its Python bookkeeping must run at every step)
     step = torch.compile(model, dynamic=False, mode='reduce-overhead' if dev.type == 'cuda' else None) \
-        if compile else model
+        if compile and not any(getattr(m, 'probe', None) for m in model.modules()) else model
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))  # torch.seed() would reseed the global RNG
     # 1) one prefill for all prompts (right-padded; padding sits after each prompt so causal attention ignores it)
@@ -342,9 +363,30 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     return Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], from_env[:, :n],
                       width, ents[:, :n] if entropy else None)
 
+def bridge_view(probe, gen):
+    """sample.py --show_bridge: what every row read from its siblings, per generated token. probe: a
+    BridgeProbe(keep=True) that saw generate(): one call per Bridge layer for every decode step, each row's attention
+    over its group averaged over heads; token s (s >= 1) was chosen by decode step s. Token 0 comes from the shared
+    prefill, where the siblings are identical copies ('.')."""
+    calls, L, W = [a for a in probe.kept if a is not None], len(probe.layer), gen.width
+    if not calls:
+        return ["  (no cross-row attention to show: width 1, or a self/pmatch model)"] * (gen.tokens.size(0))
+    att = torch.stack([torch.stack(calls[k:k + L]).mean(0)[:, -1] for k in range(0, len(calls), L)], 1).float().cpu()
+    names, out = '123456789abcdefghijklmnopqrstuvwxyz', []
+    for b, n in enumerate(gen.lengths.tolist()):
+        a, own = att[b, :n - 1], b % W  # (tokens after the first, W)
+        share = 1 - a[:, own]
+        top = a.index_fill(1, torch.tensor([own]), -1).argmax(1)  # the sibling it read most
+        total = a.sum(0).index_fill(0, torch.tensor([own]), -1)
+        out.append(f"  share  .{''.join(str(min(9, int(10 * v))) for v in share.tolist())}\n"
+                   f"  reads  .{''.join(names[j] if j < len(names) else '?' for j in top.tolist())}\n"
+                   f"  mean share {share.mean().item() if n > 1 else 0:.2f}; read most overall: answer "
+                   f"{int(total.argmax()) + 1}")
+    return out
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
+    from bridge import BridgeProbe
     from model import Transformer, DTYPES
     init_from = 'out/ckpt'  # an HF checkpoint directory (train.py writes out/ckpt)
     prompt = '12+34='       # "FILE:path" reads the prompt from a file
@@ -359,6 +401,8 @@ if __name__ == '__main__':
     device = 'auto'
     dtype = 'auto'          # 'auto' = bfloat16 on CUDA, float32 on CPU
     compile = False         # torch.compile the one-token decode step
+    show_bridge = False     # after each answer: per token, the share of its Bridge attention that went to siblings
+    threads = 0             # CPU threads; 0 = pick from the free cores
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     if device.split(':')[0] not in ('cpu', 'cuda') or (device.startswith('cuda') and not torch.cuda.is_available()):
@@ -368,8 +412,12 @@ if __name__ == '__main__':
     dt = DTYPES[dtype] if dtype != 'auto' else (torch.bfloat16 if device.startswith('cuda') else torch.float32)
     if prompt.startswith('FILE:'):
         prompt = _read(prompt[5:])
+    torch.set_num_threads(threads or free_cores())
     model = Transformer.from_pretrained(init_from, device=device, dtype=dt)
     tok = Tokenizer.from_pretrained(init_from)
+    if show_bridge and model.bridge_config is None:
+        raise ValueError(f"--show_bridge=True but {init_from} has no Bridge blocks (config.json has no 'bridge' entry)")
+    probe = BridgeProbe(model, keep=True) if show_bridge else None
     if chat_template == 'none' or (chat_template == 'auto' and tok.chat_template is None):
         ids = tok.encode(prompt)
     else:
@@ -378,7 +426,13 @@ if __name__ == '__main__':
     out = generate(model, [ids], width, max_new_tokens, temperature, top_k or None, top_p, tok.stop_ids, seed,
                    compile=compile)
     dt_s = time.time() - t0
+    views = bridge_view(probe, out) if probe else None
+    if views:
+        print("Bridge, per generated token: share = the tenths (0-9) of this answer's Bridge attention that went to "
+              "its siblings rather than itself, averaged over heads and layers; reads = the sibling it read most")
     for i, c in enumerate(out.completions()):
         print(f"--- answer {i + 1}/{width} ({len(c)} tokens{'' if out.finished[i] else ', truncated'})\n{tok.decode(c)}")
+        if views:
+            print(views[i])
     n = int(out.lengths.sum())
     print(f"--- {n} tokens in {dt_s:.2f}s: {n / dt_s:.1f} tokens/s (all {width} rows counted, prefill included)")

@@ -1,6 +1,13 @@
 """
-nanobridge tests. CPU only; every test builds its own tiny random checkpoint in HF layout. transformers and
-tokenizers are test-only references. Slow tests (real checkpoint via $NANOBRIDGE_REAL_CKPT) run with -m slow.
+nanobridge tests. Every test builds its own tiny random checkpoints in HF layout; transformers and tokenizers are
+test-only references.
+    python -m pytest                                   # the fast tier: CPU, fp32 (the README's command; CI runs it)
+    python -m pytest -m slow                           # the slow tier (CI runs it too; real-checkpoint tests skip
+                                                       # unless NANOBRIDGE_REAL_CKPT names a checkpoint directory)
+    NANOBRIDGE_DEVICE=cuda python -m pytest            # every test whose subject can run on a GPU runs on it
+    NANOBRIDGE_DTYPE=bfloat16 python -m pytest         # under the bf16 autocast train.py uses on CUDA (CPU too)
+Tests that cannot run on the chosen device skip with the reason: oneDNN packing, gloo ranks and RSS measurements are
+CPU-only, a CUDA memory check needs CUDA.
 """
 import base64
 import copy
@@ -13,10 +20,11 @@ import shutil
 import string
 import subprocess
 import sys
+import tempfile
 import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from fractions import Fraction
 
 import pytest
 import torch
@@ -25,15 +33,94 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           Qwen3ForCausalLM)
 
 import grpo
-from bridge import BridgeConfig, bridge_params, bridge_report
-from grpo import (countdown_reward, eval_expression, extract_answer, gold_answer, group_advantages,
-                  grpo_loss, is_equiv, math_reward, normalize_answer)
+from bridge import BridgeConfig, BridgeProbe, bridge_params, bridge_report
+from grpo import extract_answer, gold_answer, group_advantages, grpo_loss, is_equiv, math_reward, normalize_answer
 from model import ModelConfig, Transformer, rope_inv_freq
-from sample import Generation, Tokenizer, generate, sample_token
+from sample import Generation, Tokenizer, generate, sample_token, write_byte_tokenizer
+
+DEVICE, DTYPE = os.environ.get('NANOBRIDGE_DEVICE', 'cpu'), os.environ.get('NANOBRIDGE_DTYPE', 'float32')
+if DTYPE not in ('float32', 'bfloat16'):
+    raise ValueError(f"NANOBRIDGE_DTYPE={DTYPE!r}: expected float32 or bfloat16")
+DEV, BF16 = torch.device(DEVICE), DTYPE == 'bfloat16'
+CPU = DEV.type == 'cpu'
+cpu_only = lambda why: pytest.mark.skipif(not CPU, reason=f"CPU only: {why}")
+needs_cuda = pytest.mark.skipif(DEV.type != 'cuda', reason='needs NANOBRIDGE_DEVICE=cuda')
+
+
+def tol(fp32, bf16):
+    """A bound per compute dtype. fp32: two correct implementations of the same math differ by ~1e-6 relative, and the
+    fp32 bounds are 10-100x that. bf16 autocast rounds every matmul input to 8 mantissa bits (0.4% relative): the
+    bf16 bounds are ~3x the largest difference measured with NANOBRIDGE_DTYPE=bfloat16 on CPU (see each test)."""
+    return bf16 if BF16 else fp32
+
+
+@pytest.fixture(autouse=True)
+def compute_dtype(request):
+    """Every test runs under the autocast train.py uses (fp32 weights, bf16 matmuls) when NANOBRIDGE_DTYPE=bfloat16,
+    the transformers references included; a test of an fp32-only path sets the parameter None."""
+    with torch.autocast(DEV.type, torch.bfloat16, enabled=BF16 and getattr(request, 'param', True) is not None):
+        yield
+
+
+# A command line runs the way a user runs it: a fresh process executes the script as __main__ with its argv, in its
+# directory, and we read its exit code, stdout and stderr. Most of such a process's time is importing torch (1.5 s),
+# so by default it is forked from a server that has imported torch and nothing else (no project module, no thread
+# pool started); the child then runs the script from its first line and ends like an interpreter does: an
+# uncaught exception goes through sys.excepthook and exits 1, atexit handlers run. real=True (and torchrun) starts
+# a new interpreter instead, start-up included.
+CHILD = """import atexit, os, runpy, sys
+argv, cwd, env, out, err = ARGS
+os.chdir(cwd or '.')
+os.environ.update(env)
+os.dup2(os.open(out, os.O_WRONLY), 1), os.dup2(os.open(err, os.O_WRONLY), 2)
+sys.argv = argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+code = 0
+try:
+    runpy.run_path(sys.argv[0], run_name='__main__')
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+except BaseException:
+    sys.excepthook(*sys.exc_info())
+    code = 1
+atexit._run_exitfuncs()
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(code)
+"""
+FORK = None
+
+
+def run(kw, timeout):
+    global FORK
+    args, real = kw['args'], kw.get('real') or kw['args'][1] == '-m'
+    if real:
+        return subprocess.run(args, cwd=kw.get('cwd'), env={**os.environ, **kw.get('env', {})}, capture_output=True,
+                              text=True, timeout=timeout)
+    if FORK is None:
+        import multiprocessing
+        FORK = multiprocessing.get_context('forkserver')
+        FORK.set_forkserver_preload(['torch', 'numpy', 'tiktoken', 'safetensors.torch'])
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, 'out'), os.path.join(d, 'err')
+        open(out, 'w').close(), open(err, 'w').close()
+        p = FORK.Process(target=exec, args=(CHILD, {'ARGS': (args, kw.get('cwd') and str(kw['cwd']),
+                                                             kw.get('env', {}), out, err)}))
+        p.start()
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            raise subprocess.TimeoutExpired(args, timeout)
+        return subprocess.CompletedProcess(args, p.exitcode, open(out).read(), open(err).read())
+
+
+def run_all(cmds, timeout=600, workers=2):
+    """Run independent command lines concurrently, as many at once as the machine has cores (see CHILD)."""
+    with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as ex:
+        return list(ex.map(lambda kw: run(kw, timeout), cmds))
 
 
 # ====================================================================================================
-# model, checkpoints and sampler (issue: model.py / sample.py) + Bridge
+# model, checkpoints and sampler + Bridge
 # ====================================================================================================
 
 V = 97
@@ -51,10 +138,13 @@ STOP = list(range(0, V, 7))
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 
 def load(d, **kw):
-    return Transformer.from_pretrained(str(d), verbose=False, **kw)
+    return Transformer.from_pretrained(str(d), verbose=False, device=DEV, **kw)
 
 def toks(*shape, seed=0):
-    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+def ones(*shape):  # an all-alive Bridge mask on the test device
+    return torch.ones(shape, dtype=torch.bool, device=DEV)
 
 @torch.no_grad()
 def fwd(m, idx, **kw):
@@ -62,6 +152,10 @@ def fwd(m, idx, **kw):
 
 def diff(a, b):
     return (a.float() - b.float()).abs().max().item()
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits.float()
 
 def randomize(m, seed=0, std=0.1):
     """Non-zero Bridge/P-Match weights (o_proj included), as after training."""
@@ -88,7 +182,7 @@ def ckpts(tmp_path_factory):
         hf = M(C(**{**BASE, **kw})).eval()
         d = tmp_path_factory.mktemp(name)
         hf.save_pretrained(d)
-        out[name] = (d, hf)
+        out[name] = (d, hf.to(DEV))
     return out
 
 @pytest.fixture(scope='module')
@@ -100,18 +194,24 @@ def bridged(ckpts):
     return randomize(load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG)))
 
 
-# ============================================================ Issue 2: model + loader parity
+# ============================================================ model + loader parity
+
+# Logits of the same model by two implementations (ours against transformers, a cached decode against the full
+# forward, a sampler's log-probs against teacher forcing): fp32 agrees to ~1e-6; bf16 autocast to ~0.03 here
+# (measured with NANOBRIDGE_DTYPE=bfloat16 on CPU, |logits| <= ~4). A change that must show (other RoPE scaling,
+# theta, a sibling's token) moves them by more than DIFFERENT; SAME is the bound for "equal".
+SAME, DIFFERENT = tol(1e-4, 0.1), tol(1e-3, 0.3)
 
 @pytest.mark.parametrize('name', list(HF))
 def test_logits_match_transformers(ckpts, name):
     d, hf = ckpts[name]
     m = load(d)
     idx = toks(2, 64, seed=1)  # 64 >> original_max_position_embeddings=16 for llama3
-    ref = hf(idx).logits.detach()
-    assert diff(fwd(m, idx), ref) <= 1e-4
+    ref = hf_logits(hf, idx)
+    assert diff(fwd(m, idx), ref) <= SAME
     if name == 'llama3':  # the scaling is in effect: unscaled frequencies give different logits
-        m.inv_freq = rope_inv_freq(replace(m.config, rope_scaling=None))
-        assert diff(fwd(m, idx), ref) > 1e-3
+        m.inv_freq = rope_inv_freq(replace(m.config, rope_scaling=None)).to(DEV)
+        assert diff(fwd(m, idx), ref) > DIFFERENT
     if name == 'qwen3':
         assert m.config.head_dim == 16 and m.model.layers[0].self_attn.q_proj.out_features == 64
 
@@ -139,12 +239,12 @@ def test_config_styles(ckpts, tmp_path, style, name):
     d, hf = ckpts[name]
     theta = hf.config.rope_parameters['rope_theta']
     idx = toks(2, 40, seed=2)
-    ref = hf(idx).logits.detach()
+    ref = hf_logits(hf, idx)
     m = load(write_style(d, tmp_path / 'same', style))
     assert m.config.rope_theta == theta != 1e6 and (m.config.rope_scaling is not None) == (name == 'llama3')
-    assert diff(fwd(m, idx), ref) <= 1e-4
+    assert diff(fwd(m, idx), ref) <= SAME
     m = load(write_style(d, tmp_path / 'theta', style, theta=1e6))  # theta is read: other theta, other logits
-    assert m.config.rope_theta == 1e6 and diff(fwd(m, idx), ref) > 1e-3
+    assert m.config.rope_theta == 1e6 and diff(fwd(m, idx), ref) > DIFFERENT
     m = load(write_style(d, tmp_path / 'bf16', style, dtype='bfloat16'))  # the dtype field is read
     assert m.lm_head.weight.dtype == torch.bfloat16
 
@@ -164,36 +264,44 @@ def test_save_roundtrip(ckpts, tmp_path, name, shard):
     assert ('lm_head.weight' in keys) == (not m.config.tie_word_embeddings)
     idx = toks(2, 30, seed=3)
     ref = fwd(m, idx)
-    assert torch.equal(fwd(load(tmp_path), idx), ref)
-    hf2 = type(hf).from_pretrained(tmp_path).eval()
-    assert diff(hf2(idx).logits.detach(), ref) <= 1e-4 and diff(hf(idx).logits.detach(), ref) <= 1e-4
+    assert torch.equal(fwd(load(tmp_path), idx), ref)  # the same weights, the same computation: the same bits
+    hf2 = type(hf).from_pretrained(tmp_path).eval().to(DEV)
+    assert diff(hf_logits(hf2, idx), ref) <= SAME and diff(hf_logits(hf, idx), ref) <= SAME
 
 def test_base_only_export(ckpts, bridged, tmp_path):
     d, hf = ckpts['qwen2_untied']
     idx = toks(4, 20, seed=4)
-    assert diff(fwd(bridged, idx, width=4), hf(idx).logits.detach()) > 1e-3  # the Bridge is active
+    assert diff(fwd(bridged, idx, width=4), hf_logits(hf, idx)) > DIFFERENT  # the Bridge is active
     bridged.save_pretrained(tmp_path, base_only=True)
     assert 'bridge' not in json.load(open(tmp_path / 'config.json'))
     assert not any('.bridge.' in k for k in load_file(tmp_path / 'model.safetensors'))
-    hf2 = Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
-    assert diff(hf2(idx).logits.detach(), hf(idx).logits.detach()) <= 1e-4
+    hf2 = Qwen2ForCausalLM.from_pretrained(tmp_path).eval().to(DEV)
+    assert diff(hf_logits(hf2, idx), hf_logits(hf, idx)) <= SAME
     m = load(tmp_path)
     assert m.bridge_config is None and not m.bridge_modules()
 
 @pytest.mark.parametrize('name', ['qwen2_tied', 'llama3', 'qwen3'])
 def test_kv_cache_decode(ckpts, name):
     m = load(ckpts[name][0])
-    B, L, P, off = 2, 32, 10, torch.tensor([0, 3])  # row 1 re-decodes from P-3, overwriting its cache like generate
+    B, L, P, off = 2, 32, 10, torch.tensor([0, 3], device=DEV)  # row 1 re-decodes from P-3, overwriting its cache
     idx = toks(B, L, seed=5)
     full = fwd(m, idx)
     c = m.make_cache(B, L)
-    assert diff(fwd(m, idx[:, :P], cache=c), full[:, :P]) <= 1e-5
+    assert diff(fwd(m, idx[:, :P], cache=c), full[:, :P]) <= tol(1e-5, SAME)
+    rows = torch.arange(B, device=DEV)
     with torch.no_grad():
         for t in range(P, L):
             pos = t - off
             c.kv_len = t + 1
-            lg = m(idx[torch.arange(B), pos][:, None], cache=c, pos=pos)[0][:, 0]
-            assert diff(lg, full[torch.arange(B), pos]) <= 1e-5, t
+            lg = m(idx[rows, pos][:, None], cache=c, pos=pos)[0][:, 0]
+            assert diff(lg, full[rows, pos]) <= tol(1e-5, SAME), t
+
+def near_argmax(hf, tokens, plen, bound):
+    """bf16's stand-in for token-for-token greedy parity: rounding may flip a near tie, so every token we chose must
+    be within `bound` of the reference's best logit at its position (teacher-forced on our sequence)."""
+    logits = hf_logits(hf, tokens[None])[0, plen - 1:-1]
+    chosen = logits.gather(-1, tokens[plen:, None])[:, 0]
+    return bool((logits.max(-1).values - chosen <= bound).all())
 
 @pytest.mark.parametrize('name', ['qwen2_tied', 'llama3', 'qwen3'])
 def test_greedy_matches_transformers(ckpts, name):
@@ -202,14 +310,16 @@ def test_greedy_matches_transformers(ckpts, name):
     assert g.lengths.tolist() == [16] * 4 and not g.finished.any()
     comps = g.completions()
     for i, p in enumerate(PROMPTS):
-        x = torch.tensor([p])
+        assert comps[2 * i] == comps[2 * i + 1] and len(set(comps[2 * i])) > 2  # not a constant output
+        if BF16:
+            assert near_argmax(hf, g.tokens[2 * i, :len(p) + 16], len(p), 2 * SAME)
+            continue
+        x = torch.tensor([p], device=DEV)
         ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
                           pad_token_id=0)[0, len(p):].tolist()
-        assert len(ref) == 16 and len(set(ref)) > 2  # not a constant output
-        assert comps[2 * i] == comps[2 * i + 1] == ref
+        assert comps[2 * i] == ref
 
-
-# ============================================================ Issue 2: sampler
+# ============================================================ sampler
 
 def test_seeded_sampling_reproducible(base):
     kw = dict(width=3, max_new_tokens=12, temperature=1.0)
@@ -249,8 +359,8 @@ def test_top_k1_is_greedy(base):
         assert torch.equal(g.tokens, greedy.tokens)
 
 def test_sample_token_truncation():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(4000, 3)
+    gen = torch.Generator(DEV).manual_seed(0)
+    logits = torch.tensor([[0.5, 0.3, 0.2]], device=DEV).log().expand(4000, 3)
     tok, lp, _ = sample_token(logits, 1.0, None, 0.75, gen)  # smallest prefix with mass >= 0.75: {0, 1}
     assert set(tok.tolist()) == {0, 1} and torch.allclose(lp, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0])
     assert set(sample_token(logits, 1.0, None, 0.45, gen)[0].tolist()) == {0}
@@ -260,8 +370,8 @@ def test_sample_token_truncation():
 @pytest.mark.parametrize('V', [60, 61])  # 60: 6 chunks of 10; 61 (prime): one chunk of 61
 def test_sample_token_frequencies(V):
     # the two-level exponential race must sample exactly softmax(logits / T), renormalised after top-k
-    gen, n = torch.Generator().manual_seed(1), 20000
-    logits = torch.randn(V, generator=gen) * 2
+    gen, n = torch.Generator(DEV).manual_seed(1), 20000
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(1)).to(DEV) * 2
     for T, k in ((1.0, None), (0.7, None), (1.0, 5)):
         tok, lp, ent = sample_token(logits.expand(n, V), T, k, 1.0, gen, entropy=True)
         p = torch.softmax(logits / T, -1)
@@ -274,7 +384,9 @@ def test_sample_token_frequencies(V):
         assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all()  # 5 sigma per token
         assert (freq[p == 0] == 0).all()
 
-def test_prepacked_linear_matches_and_follows_updates(monkeypatch):
+@cpu_only('the oneDNN packed matmul is a CPU path')
+@pytest.mark.parametrize('compute_dtype', [None], indirect=True)  # fp32 always: autocast turns the packed path off
+def test_prepacked_linear_matches_and_follows_updates(monkeypatch, compute_dtype):
     # the CPU inference fast path (oneDNN-packed weights) must equal F.linear and repack after a weight update
     from model import Linear, PACKED
     monkeypatch.setattr(Linear, 'min_size', 0)  # pack even this small layer
@@ -282,44 +394,70 @@ def test_prepacked_linear_matches_and_follows_updates(monkeypatch):
     torch.manual_seed(0)
     lin, x = Linear(48, 40, bias=True), torch.randn(3, 5, 48)
     ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast('cpu', enabled=False):
         assert torch.allclose(lin(x), ref, atol=1e-5)
         assert not Linear.prepack or PACKED[lin.weight][2] is not None  # the fast path ran (where oneDNN exists)
     opt = torch.optim.SGD(lin.parameters(), lr=0.5)
-    lin(x).square().sum().backward()  # the grad path is plain F.linear
+    lin(x).float().square().sum().backward()  # the grad path is plain F.linear
     opt.step()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast('cpu', enabled=False):
         assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
         assert not torch.allclose(lin(x), ref, atol=1e-3)  # the update is visible, no stale packed copy
-    copy.deepcopy(lin)  # the packed copy lives outside the module, so copying a used model still works
-    # a weight is packed only on its (pack_after + 1)-th use unchanged, and never for a single row (mat-vec)
-    monkeypatch.setattr(Linear, 'pack_after', 2)
-    lazy = Linear(48, 40)
-    with torch.no_grad():
-        lazy(x[:1, :1])
+        copy.deepcopy(lin)  # the packed copy lives outside the module, so copying a used model still works
+        # a weight is packed only on its (pack_after + 1)-th use unchanged, and never for fewer than min_rows rows
+        monkeypatch.setattr(Linear, 'pack_after', 2)
+        lazy = Linear(48, 40)
+        lazy(x[:1, :3])
         assert lazy.weight not in PACKED
         for packed in (False, False, True):
             assert torch.allclose(lazy(x), torch.nn.functional.linear(x, lazy.weight, lazy.bias), atol=1e-5)
             assert (PACKED[lazy.weight][2] is not None) == (packed and Linear.prepack)
-    # Linears sharing an input run as one packed matmul; an update to any of them (here the bias of the second
-    # only) invalidates the stacked copy
-    from model import linears
-    a, b = Linear(48, 24, bias=True), Linear(48, 8, bias=True)
-    with torch.no_grad():
+        # Linears sharing an input run as one packed matmul; an update to any of them (here the bias of the second
+        # only) invalidates the stacked copy
+        from model import linears
+        a, b = Linear(48, 24, bias=True), Linear(48, 8, bias=True)
         for _ in range(2):
             ys = linears(x, a, b)
             assert all(torch.allclose(y, torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-5)
                        for y, m in zip(ys, (a, b)))
             b.bias.add_(1.0)
 
+@cpu_only('the oneDNN packed matmul is a CPU path')
+@pytest.mark.parametrize('compute_dtype', [None], indirect=True)
+@pytest.mark.parametrize('broken', ['missing', 'signature', 'wrong result'])
+def test_prepacked_linear_falls_back_when_the_private_ops_change(monkeypatch, capsys, broken, compute_dtype):
+    """torch.ops.mkldnn's packing ops are private: a release may drop them, change their arguments, or their meaning.
+    Then the layer must still answer like F.linear, turn the packed path off for good, and print nothing."""
+    from model import Linear, PACKED, linears
+    monkeypatch.setattr(Linear, 'prepack', True)
+    monkeypatch.setattr(Linear, 'checked', False)
+    monkeypatch.setattr(Linear, 'min_size', 0)
+    monkeypatch.setattr(Linear, 'pack_after', 0)
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def fake(*args):
+        if broken == 'missing':
+            raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'")
+        if broken == 'signature':
+            raise TypeError('_linear_pointwise() takes 5 positional arguments but 6 were given')
+        return real(*args) * 2  # runs, but means something else
+    monkeypatch.setattr(torch.ops.mkldnn, '_linear_pointwise', fake)
+    torch.manual_seed(0)
+    a, b, x = Linear(48, 24, bias=True), Linear(48, 8), torch.randn(6, 48)
+    with torch.no_grad(), torch.autocast('cpu', enabled=False):
+        for _ in range(2):
+            ys = linears(x, a, b)
+            assert all(torch.allclose(y, torch.nn.functional.linear(x, m.weight, m.bias), atol=1e-5)
+                       for y, m in zip(ys, (a, b)))
+    assert Linear.prepack is False and not PACKED and capsys.readouterr() == ('', '')
+
 @pytest.mark.parametrize('temperature,top_k,top_p', [(1.0, None, 1.0), (0.7, 20, 0.9), (0, None, 1.0)])
 def test_logprobs_match_teacher_forcing(base, temperature, top_k, top_p):
     g = generate(base, PROMPTS, width=1, max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p,
                  seed=5)
-    assert logprob_err(base, g, temperature) <= 1e-4
+    assert logprob_err(base, g, temperature) <= SAME
 
-
-# ============================================================ Issue 2: bad input
+# ============================================================ bad input
 
 def _edit_cfg(**kv):
     def f(d):
@@ -379,8 +517,7 @@ def test_generate_errors(base, kw, msg):
     with pytest.raises(ValueError, match=msg):
         generate(base, **{'prompts': PROMPTS, 'max_new_tokens': 4, **kw})
 
-
-# ============================================================ Issue 3: Bridge
+# ============================================================ Bridge
 
 @pytest.mark.parametrize('width', [1, 2, 8])
 def test_fresh_bridge_is_base(ckpts, base, width):
@@ -388,15 +525,15 @@ def test_fresh_bridge_is_base(ckpts, base, width):
     assert len(m.bridge_modules()) == 2 and all((b.o_proj.weight == 0).all() for b in m.bridge_modules())
     idx = toks(8, 12, seed=6)
     alive = toks(8, 12, seed=7) > V // 3
-    assert diff(fwd(m, idx, width=width), fwd(base, idx)) <= 1e-6
+    assert diff(fwd(m, idx, width=width), fwd(base, idx)) <= 1e-6  # exactly: zero W_O adds exact zeros
     assert diff(fwd(m, idx, width=width, alive=alive), fwd(base, idx)) <= 1e-6
 
 def test_bridge_permutation_equivariant(bridged):
-    idx, alive = toks(8, 10, seed=8), torch.ones(8, 10, dtype=torch.bool)
+    idx, alive = toks(8, 10, seed=8), ones(8, 10)
     alive[2, 6:] = False
-    perm = torch.tensor([2, 0, 3, 1, 4, 5, 6, 7])
+    perm = torch.tensor([2, 0, 3, 1, 4, 5, 6, 7], device=DEV)
     out = fwd(bridged, idx, width=4, alive=alive)
-    assert diff(fwd(bridged, idx[perm], width=4, alive=alive[perm]), out[perm]) <= 1e-5
+    assert diff(fwd(bridged, idx[perm], width=4, alive=alive[perm]), out[perm]) <= tol(1e-5, SAME)
 
 def test_bridge_groups_isolated(bridged):
     idx = toks(8, 10, seed=9)
@@ -404,39 +541,41 @@ def test_bridge_groups_isolated(bridged):
     other = idx.clone()
     other[4:] = toks(4, 10, seed=10)
     out2 = fwd(bridged, other, width=4)
-    assert diff(out2[:4], out[:4]) <= 1e-6 and diff(out2[4:], out[4:]) > 1e-3
+    assert diff(out2[:4], out[:4]) <= tol(1e-6, 1e-5) and diff(out2[4:], out[4:]) > DIFFERENT
     sib = idx.clone()
     sib[5] = toks(10, seed=11)  # the same change *inside* a group does reach the siblings
-    assert diff(fwd(bridged, sib, width=4)[[4, 6, 7]], out[[4, 6, 7]]) > 1e-3
+    assert diff(fwd(bridged, sib, width=4)[[4, 6, 7]], out[[4, 6, 7]]) > tol(1e-3, 1e-2)
 
 def test_finished_row_stops_influencing(bridged):
-    t, idx, alive = 5, toks(4, 12, seed=12), torch.ones(4, 12, dtype=torch.bool)
+    t, idx, alive = 5, toks(4, 12, seed=12), ones(4, 12)
     alive[1, t:] = False
     sibs = [0, 2, 3]
     out = fwd(bridged, idx, width=4, alive=alive)
     after = idx.clone()
     after[1, t:] = (idx[1, t:] + 1) % V
-    assert diff(fwd(bridged, after, width=4, alive=alive)[sibs], out[sibs]) <= 1e-6
+    assert diff(fwd(bridged, after, width=4, alive=alive)[sibs], out[sibs]) <= tol(1e-6, 1e-5)
     before = idx.clone()
     before[1, t - 1] = (idx[1, t - 1] + 1) % V
     out_b = fwd(bridged, before, width=4, alive=alive)
-    assert diff(out_b[sibs, :t - 1], out[sibs, :t - 1]) <= 1e-6 and diff(out_b[sibs, t - 1], out[sibs, t - 1]) > 1e-4
+    assert diff(out_b[sibs, :t - 1], out[sibs, :t - 1]) <= tol(1e-6, 1e-5)
+    assert diff(out_b[sibs, t - 1], out[sibs, t - 1]) > tol(1e-4, 1e-2)
 
 def test_bridge_masked_values(bridged, base):
     idx = toks(8, 10, seed=13)
-    dead = fwd(bridged, idx, width=4, alive=torch.zeros(8, 10, dtype=torch.bool))
-    assert torch.isfinite(dead).all() and diff(dead, fwd(base, idx)) <= 1e-5  # dead queries output zero
-    alone = torch.zeros(8, 10, dtype=torch.bool)
+    dead = fwd(bridged, idx, width=4, alive=torch.zeros(8, 10, dtype=torch.bool, device=DEV))
+    assert torch.isfinite(dead).all() and diff(dead, fwd(base, idx)) <= tol(1e-5, SAME)  # dead queries output zero
+    alone = torch.zeros(8, 10, dtype=torch.bool, device=DEV)
     alone[0] = True  # the only live row of its group attends to itself only = the width-1 model
-    assert diff(fwd(bridged, idx, width=4, alive=alone)[0], fwd(bridged, idx[:1])[0]) <= 1e-5
+    assert diff(fwd(bridged, idx, width=4, alive=alone)[0], fwd(bridged, idx[:1])[0]) <= tol(1e-5, SAME)
     same = idx[:1].expand(4, 10)  # identical siblings (a prompt's copies) = width 1
-    assert diff(fwd(bridged, same, width=4), fwd(bridged, idx[:1]).expand(4, -1, -1)) <= 1e-5
+    assert diff(fwd(bridged, same, width=4), fwd(bridged, idx[:1]).expand(4, -1, -1)) <= tol(1e-5, SAME)
 
-def test_bridge_generate_matches_teacher_forcing(bridged):
-    g = generate(bridged, PROMPTS, width=4, max_new_tokens=16, temperature=1.0, stop_ids=STOP, seed=2)
+def test_bridge_generate_matches_teacher_forcing(ckpts):
+    m = randomize(load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG)), std=0.3)  # siblings matter plenty
+    g = generate(m, PROMPTS, width=4, max_new_tokens=16, temperature=1.0, stop_ids=STOP, seed=2)
     assert g.finished.any() and len(set(g.lengths[g.finished].tolist())) > 1  # rows finish at different steps
-    assert logprob_err(bridged, g, 1.0) <= 1e-4
-    assert logprob_err(bridged, g, 1.0, width=1) > 1e-3  # without the siblings they differ: the check is sensitive
+    assert logprob_err(m, g, 1.0) <= SAME
+    assert logprob_err(m, g, 1.0, width=1) > DIFFERENT  # without the siblings they differ: the check is sensitive
 
 @pytest.fixture(scope='module')
 def trained_dir(bridged, tmp_path_factory):
@@ -466,7 +605,7 @@ def test_width16_after_width4(trained_dir):
     m = load(trained_dir[0])
     g = generate(m, PROMPTS[:1], width=16, max_new_tokens=8, temperature=1.0, seed=4)
     assert g.tokens.shape[0] == 16 and len({tuple(c) for c in g.completions()}) > 1
-    assert logprob_err(m, g, 1.0) <= 1e-4
+    assert logprob_err(m, g, 1.0) <= SAME
 
 def test_bridge_gradients(ckpts):
     m = load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG))
@@ -481,6 +620,7 @@ def test_bridge_gradients(ckpts):
             for lin in (b.q_proj, b.k_proj, b.v_proj):
                 assert (lin.weight.grad.abs().sum() > 0) == (step == 1)  # zero W_O blocks them at step 0
         opt.step()
+        torch.clear_autocast_cache()  # NANOBRIDGE_DTYPE=bfloat16's one autocast keeps the step-0 bf16 W_O otherwise
 
 @pytest.mark.parametrize('mode', ['bridge', 'self', 'pmatch'])
 @pytest.mark.parametrize('layers', [None, [0]])
@@ -511,21 +651,67 @@ def test_no_cross_row_modes(ckpts, base, mode):
     m = randomize(load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG, mode=mode)))
     idx = toks(4, 10, seed=18)
     out = fwd(m, idx, width=4)
-    assert diff(out, fwd(base, idx)) > 1e-3  # the block does something
+    assert diff(out, fwd(base, idx)) > DIFFERENT  # the block does something
     other = idx.clone()
     other[1:] = toks(3, 10, seed=19)
-    assert diff(fwd(m, other, width=4)[0], out[0]) <= 1e-6
-    assert diff(fwd(m, idx[:1])[0], out[0]) <= 1e-5  # = width 1
+    assert diff(fwd(m, other, width=4)[0], out[0]) <= tol(1e-6, 1e-5)
+    assert diff(fwd(m, idx[:1])[0], out[0]) <= tol(1e-5, SAME)  # = width 1
 
 def test_bridge_bad_input(bridged, tmp_path):
     with pytest.raises(ValueError, match='not divisible by width=4'):
         fwd(bridged, toks(6, 5), width=4)
     with pytest.raises(ValueError, match='alive has shape'):
-        fwd(bridged, toks(8, 5), width=4, alive=torch.ones(8, 4, dtype=torch.bool))
+        fwd(bridged, toks(8, 5), width=4, alive=ones(8, 4))
     bridged.save_pretrained(tmp_path)
     for bad in (BridgeConfig(dim=32, n_head=2), BridgeConfig(**BCFG, layers=[0])):
         with pytest.raises(ValueError, match='Bridge weights'):
             load(tmp_path, bridge=bad)
+
+def test_bridge_probe_reports_known_attention():
+    """A hand-built Bridge whose attention is known. Attention and MLP write nothing (zero o_proj, down_proj), so the
+    Bridge input of a row is its token's embedding, e_r for token r, which RMSNorm turns into sqrt(8) e_r. W_Q = W_V =
+    the first 4 dims, and W_K maps e_j to e_(j-1 mod 4): the query of the row holding token r meets the key of the row
+    holding token r+1 (mod 4) with logit 8 / sqrt(head dim 4) = 4, and every other key with 0. So that row reads its
+    next sibling with p = e^4 / (e^4 + 3) and each other row, itself included, with (1 - p) / 3."""
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=8)
+    m = Transformer(cfg, BridgeConfig(dim=4, n_head=1, layers=[1])).to(DEV)
+    with torch.no_grad():
+        for l in m.model.layers:
+            l.self_attn.o_proj.weight.zero_(), l.mlp.down_proj.weight.zero_()
+        m.model.embed_tokens.weight.copy_(torch.eye(8))
+        b = m.model.layers[1].bridge
+        b.q_proj.weight.copy_(torch.eye(4, 8))
+        b.k_proj.weight.copy_(torch.eye(4, 8).roll(-1, 0))  # row i of W_K reads dim i+1: key of token j lies on e_(j-1)
+        b.v_proj.weight.copy_(torch.eye(4, 8))
+        b.o_proj.weight.copy_(torch.eye(8, 4))
+    e4 = math.exp(4)
+    p, p3 = e4 / (e4 + 3), e4 / (e4 + 2)  # p3: the same with one key fewer
+    probe, r = BridgeProbe(m, keep=True), torch.arange(4, device=DEV)
+    idx = r.repeat(2)[:, None].expand(8, 3)  # two groups of 4 rows holding tokens 0..3, at 3 positions
+    alive = ones(8, 3)
+    alive[7, 1:] = False  # the 4th row of group 2 finishes: from position 1 it is no key, and no query
+    m(idx, width=4, alive=alive)
+    a, near = probe.kept[0], dict(atol=tol(1e-5, 2e-2), rtol=0)  # (8 rows, 3 positions, 4 rows of the group)
+    torch.testing.assert_close(a[r, 0, (r + 1) % 4], torch.full((4,), p, device=DEV), **near)
+    torch.testing.assert_close(a[r, 0, r], torch.full((4,), (1 - p) / 3, device=DEV), **near)
+    assert (a[4:7, 1:, 3] == 0).all()  # the finished row is read by no one
+    torch.testing.assert_close(a[4:6, 1, 1:3].diagonal(), torch.full((2,), p3, device=DEV), **near)
+    torch.testing.assert_close(a[6, 1, :3], torch.full((3,), 1 / 3, device=DEV), **near)  # its next sibling gone
+    # the reported share: 1 - the weight a live row gives itself, averaged over the 22 live (row, position) pairs
+    want = (8 * (1 - (1 - p) / 3) + 2 * (4 * (1 - (1 - p) / 3) + 2 * (1 - (1 - p3) / 2) + 2 / 3)) / 22
+    assert probe.sibling_shares() == {1: pytest.approx(want, abs=tol(1e-5, 1e-2))}
+    assert probe.norm_ratios()[1] > 0.5  # W_O = identity: the Bridge output is as large as the residual stream
+    # sample.py --show_bridge on the same model: the environment writes token r into row r at step 0, so at step 1
+    # every row reads its next sibling: share digit 9 (0.98), most-read sibling r+2 in 1-based answer numbers
+    from sample import bridge_view
+    probe.reset()
+    g = generate(m, [[5]], width=4, max_new_tokens=2, seed=0, env=lambda s, t, pos: r if s == 0 else None)
+    lines = bridge_view(probe, g)
+    assert [l.splitlines()[:2] for l in lines] == [['  share  .9', f'  reads  .{(i + 1) % 4 + 1}'] for i in range(4)]
+    assert all(l.endswith(f'read most overall: answer {(i + 1) % 4 + 1}') for i, l in enumerate(lines))
+    probe.remove()
+    assert all(b.probe is None for b in m.bridge_modules())
 
 # ---- the supervised positive control (issue 12): the target is a function of the whole group, its largest symbol.
 # Trained through the project's own model, Bridge learns it; the self-only control and P-Match cannot.
@@ -543,14 +729,14 @@ def max_batch(groups, width, gen):
     idx = torch.stack([torch.full_like(s, BOS), s, torch.full_like(s, SEP)], -1).view(-1, 3)
     tgt = torch.full_like(idx, -1)
     tgt[:, 2] = s.amax(1, keepdim=True).expand(-1, width).reshape(-1)
-    return idx, tgt
+    return idx.to(DEV), tgt.to(DEV)
 
 
-def max_train(mode, seed=0, steps=400, groups=16, lr=5e-3):
+def max_train(mode, seed=0, steps=200, groups=16, lr=5e-3):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=MAXK + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8)
-    m = Transformer(cfg, BridgeConfig(dim=32, n_head=2, mode=mode))  # zero W_O: starts as the base model
+    m = Transformer(cfg, BridgeConfig(dim=32, n_head=2, mode=mode)).to(DEV)  # zero W_O: starts as the base model
     # all params from scratch, nanoGPT's recipe (beta2 .95, clip 1, linear decay): without the clip, or with
     # a constant lr, one seed in five ended at 0.93
     opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95))
@@ -562,7 +748,8 @@ def max_train(mode, seed=0, steps=400, groups=16, lr=5e-3):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
-    return m
+        torch.clear_autocast_cache()  # under NANOBRIDGE_DTYPE=bfloat16: recast the updated weights (train.py's
+    return m                          # autocast is entered per step, which does this)
 
 
 @torch.no_grad()
@@ -1346,50 +1533,8 @@ def test_random_garbage_is_fast_and_zero():
     for text in (garbage, garbage + r"\boxed{", r"\boxed{" + garbage, "{" * 100_000, "#" * 100_000):
         t0 = time.perf_counter()
         assert math_reward(text, "-987654321.125") == 0.0
-        assert countdown_reward(text, [1, 2, 3], 6) == 0.0
         assert time.perf_counter() - t0 < 0.5
 
-# -----------------------------------------------------------------------------
-# countdown
-
-def test_eval_expression():
-    assert eval_expression("2+3*4") == 14
-    assert eval_expression("(2 + 3) * 4") == 20
-    assert eval_expression("10/4") == Fraction(5, 2)
-    assert eval_expression("1/3*3") == 1  # exact, no float round-off
-    assert eval_expression("8/2/2") == 2 and eval_expression("8-2-2") == 4  # left-associative
-    assert eval_expression("-(3-5)") == 2
-
-@pytest.mark.parametrize("expr", [
-    "__import__('os').system('echo hi')", "2**3", "a+b", "1.5*2", "abs(-3)", "lambda: 1", "1 2", "(1+2",
-    "1+2)", "", "+", "4/(5-5)", "1" * 13, "(" * 100 + "1" + ")" * 100, "-" * 200 + "1",
-    "(" * 5000 + "1" + ")" * 5000, "٣+1", None,
-])
-def test_eval_expression_rejects(expr):
-    assert eval_expression(expr) is None
-
-@pytest.mark.parametrize("text,numbers,target,kw,expected", [
-    ("<answer>(25 - 5) * 4</answer>", [25, 5, 4], 80, {}, 1.0),
-    ("<think>hmm</think><answer>(25-5)*4 = 80</answer>", [25, 5, 4], 80, {}, 1.0),
-    (r"so \boxed{(25-5)*4}", [25, 5, 4], 80, {}, 1.0),
-    ("<answer>(25 - 5) * 4</answer>", [25, 5, 4], 81, {}, 0.0),  # wrong target
-    ("<answer>4*4*5</answer>", [25, 5, 4], 80, {}, 0.0),  # 4 used twice
-    ("<answer>4*4*5</answer>", [4, 5, 4], 80, {}, 1.0),  # ... fine when 4 is given twice
-    ("<answer>(25-5)*4</answer>", [25, 5, 4, 7], 80, {}, 1.0),  # at most once: 7 unused is fine
-    ("<answer>(25-5)*4</answer>", [25, 5, 4, 7], 80, {"use_all": True}, 0.0),
-    ("<answer>(25-5)*4*1</answer>", [25, 5, 4, 1], 80, {"use_all": True}, 1.0),
-    ("<answer>(25-5)*4+0</answer>", [25, 5, 4], 80, {}, 0.0),  # 0 was not given
-    ("<answer>-5+85</answer>", [5, 85], 80, {}, 1.0),
-    ("<answer>4/(5-5)</answer>", [4, 5, 5], 0, {}, 0.0),  # division by zero
-    ("<answer>2**3</answer>", [2, 3], 8, {}, 0.0),
-    ("<answer>__import__('os')</answer>", [1], 1, {}, 0.0),
-    ("<answer>" + "(" * 40 + "1" + ")" * 40 + "</answer>", [1], 1, {}, 0.0),  # too deep
-    ("no answer here 80", [25, 5, 4], 80, {}, 0.0),
-    (None, [1], 1, {}, 0.0),
-    ("<answer>1</answer>", None, 1, {}, 0.0),  # bad numbers argument -> 0, not a crash
-])
-def test_countdown_reward(text, numbers, target, kw, expected):
-    assert countdown_reward(text, numbers, target, **kw) == expected
 
 
 # ====================================================================================================
@@ -1398,26 +1543,49 @@ def test_countdown_reward(text, numbers, target, kw, expected):
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--log_interval=1', '--n_layer=2', '--n_embd=64', '--n_head=2', '--n_kv_head=1', '--ffn=128', '--bridge_dim=16',
-        '--threads=1', '--digits=1', '--eval_problems=16', '--eval_samples=4', '--eval_widths=1,4']
+        '--threads=1', '--digits=1', '--eval_problems=16', '--eval_samples=4', '--eval_widths=1,4',
+        f'--device={DEVICE}', f'--dtype={DTYPE}']
+# Two training runs that must end on the same weights (resume against the unbroken run) agree bit for bit on CPU. A
+# CUDA backward is not bit-deterministic (atomic adds in SDPA and index_add): there the first resumed step's
+# rollout must still agree exactly (it reads the saved weights), and the weights after it within 3 AdamW steps of
+# lr 3e-4 each, as two correct runs do.
+RESUME_ATOL = 0.0 if CPU else 1e-3
+bitwise = cpu_only('compares two training runs bit for bit; a CUDA backward is not bit-deterministic')
+gloo = cpu_only('2 torchrun ranks on gloo; one GPU cannot host 2 NCCL ranks')
 
 
-def random_bridge_model(seed=0, width_ok=True):
+def random_bridge_model(seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    m = Transformer(cfg, BridgeConfig(dim=16, n_head=2))
+    m = Transformer(cfg, BridgeConfig(dim=16, n_head=2)).to(DEV)
     for b in m.bridge_modules():  # a "trained" Bridge: W_O no longer zero
         torch.nn.init.normal_(b.o_proj.weight, std=0.2)
     return m
 
 
-def train_py(*args, cwd, timeout=300, torchrun=False):
-    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun
-           else [sys.executable]) + [os.path.join(ROOT, 'train.py'), *args]
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+def cmd(*args, torchrun=False, script='train.py', cwd=None, real=False):
+    """`python train.py args` (or under torchrun with 2 ranks) as a user types it, for run_all."""
+    return dict(args=([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun
+                      else [sys.executable]) + [os.path.join(ROOT, script), *map(str, args)],
+                cwd=cwd, env={'OMP_NUM_THREADS': '1'}, real=real)
+
+
+def ok(p):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
+
+
+def train_py(*args, cwd, timeout=300, torchrun=False):
+    return ok(run_all([cmd(*args, torchrun=torchrun, cwd=cwd)], timeout)[0])
+
+
+def one_error_line(p, pattern):
+    """A user's mistake ends the command with exactly one 'error: ...' line on stderr and no traceback."""
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stdout[-1000:] + p.stderr[-2000:]
+    err = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+    assert len(err) == 1 and re.search(pattern, err[0]), p.stderr[-2000:]
+    return err[0]
 
 
 def test_ratio_is_exactly_one_before_first_update():
@@ -1432,12 +1600,13 @@ def test_ratio_is_exactly_one_before_first_update():
         old = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.8)
     new = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.8)
     ratio = torch.exp(new - old)[ro.mask]
-    assert torch.equal(ratio, torch.ones_like(ratio))
-    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+    assert torch.equal(ratio, torch.ones_like(ratio))  # the same computation with and without grad: the same bits
+    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=tol(1e-5, SAME), rtol=0)
     # the sampler's entropy is that of the teacher-forced distribution softmax(logits / T), 0 off the completions
     with torch.no_grad():
-        logp = torch.log_softmax(m(ro.tokens[:, :-1], width=4, alive=ro.alive[:, :-1])[0] / 0.8, -1)
-    torch.testing.assert_close(ro.entropy[ro.mask], -(logp.exp() * logp).sum(-1)[ro.mask], atol=1e-4, rtol=0)
+        logp = torch.log_softmax(m(ro.tokens[:, :-1], width=4, alive=ro.alive[:, :-1])[0].float() / 0.8, -1)
+    torch.testing.assert_close(ro.entropy[ro.mask], -(logp.exp() * logp).sum(-1)[ro.mask], atol=tol(1e-4, SAME),
+                               rtol=0)
     assert (ro.entropy[ro.mask] > 0).all() and (gen.entropy[~gen.completion_mask] == 0).all()
     # skipping the prompt's vocabulary projection (start) changes nothing where the loss reads
     k = int(ro.prompt_lens.min()) - 1
@@ -1445,7 +1614,7 @@ def test_ratio_is_exactly_one_before_first_update():
     assert torch.equal(cut[ro.mask], new[ro.mask]) and (cut[:, :k] == 0).all()
     # the mask matters: recomputing without it (all rows alive) gives different log-probs
     wrong = grpo.token_logprobs(m, ro.tokens, 4, torch.ones_like(ro.alive), 0.8)
-    assert (wrong[ro.mask] - old[ro.mask]).abs().max() > 1e-4
+    assert (wrong[ro.mask] - old[ro.mask]).abs().max() > tol(1e-4, 1e-2)
 
 
 def test_env_written_tokens():
@@ -1456,34 +1625,35 @@ def test_env_written_tokens():
     P, W, stop = [[1, 2, 3], [4, 5, 6, 7, 8]], 4, [9, 10, 11]
 
     def env(val):  # step 1: rows 0, 2 and 5 get `val`, row 6 gets a stop token (a tool may end a row); -1 = sampled
-        ids = torch.tensor([val, -1, val, -1, -1, val, 9, -1])
+        ids = torch.tensor([val, -1, val, -1, -1, val, 9, -1], device=DEV)
         return lambda s, tokens, pos: ids if s == 1 else None
     gen = generate(m, P, width=W, max_new_tokens=10, temperature=0.8, stop_ids=stop, seed=3, entropy=True, env=env(30))
     pos = gen.prompt_lens + 1
-    hit = torch.tensor([0, 2, 5, 6])
+    hit = torch.tensor([0, 2, 5, 6], device=DEV)
     assert gen.tokens[hit, pos[hit]].tolist() == [30, 30, 30, 9] and gen.lengths[6] == 2 and gen.finished[6]
     want = torch.zeros_like(gen.from_env)
     want[hit, pos[hit]] = True
     assert torch.equal(gen.from_env, want) and (gen.logprobs[want] == 0).all()
-    t = torch.arange(gen.tokens.size(1))
+    t = torch.arange(gen.tokens.size(1), device=DEV)
     assert torch.equal(gen.alive, t < (gen.prompt_lens + gen.lengths - 1)[:, None])  # env tokens are ordinary inputs
     ro = grpo.Rollout.from_generation(gen, torch.rand(8), W)
     assert torch.equal(ro.mask, (gen.completion_mask & ~want)[:, 1:]) and not ro.mask[want[:, 1:]].any()
     with torch.no_grad():
         old = grpo.token_logprobs(m, ro.tokens, W, ro.alive, 0.8)
     new = grpo.token_logprobs(m, ro.tokens, W, ro.alive, 0.8)
-    assert torch.equal(torch.exp(new - old)[ro.mask], torch.ones(int(ro.mask.sum())))
-    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+    assert torch.equal(torch.exp(new - old)[ro.mask], torch.ones(int(ro.mask.sum()), device=DEV))
+    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=tol(1e-5, SAME), rtol=0)
     # another env token in rows 0, 2 (group 0) and 5 (group 1) changes what every running sibling samples from
     # next under Bridge, and only the written rows under self-only. Same seed, so all else is equal
+    rows = torch.arange(8, device=DEV)
     for mode in ('bridge', 'self'):
         mm = m if mode == 'bridge' else copy.deepcopy(m)
         mm.bridge_config.mode = mode  # the modules read the config object they were built with
         a, b = (generate(mm, P, width=W, max_new_tokens=3, temperature=0.8, stop_ids=stop, seed=3, env=env(v))
                 for v in (30, 31))
-        step2 = lambda g: g.logprobs[torch.arange(8), g.prompt_lens + 2]
+        step2 = lambda g: g.logprobs[rows, g.prompt_lens + 2]
         changed = (step2(a) != step2(b)).nonzero()[:, 0].tolist()
-        running = a.alive[torch.arange(8), a.prompt_lens + 1].nonzero()[:, 0].tolist()  # not finished by step 2
+        running = a.alive[rows, a.prompt_lens + 1].nonzero()[:, 0].tolist()  # not finished by step 2
         assert {3, 4, 7} <= set(running) and changed == (running if mode == 'bridge' else [0, 2, 5]), (mode, changed)
 
 
@@ -1501,8 +1671,25 @@ def test_micro_batches_never_split_a_group_and_sum_to_full_batch():
         m.zero_grad()
         grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], micro_groups=groups)
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], atol=tol(1e-6, 1e-4), rtol=tol(1e-4, 1e-2))
     assert grads[0].abs().max() > 0
+
+
+def test_grpo_update_with_chunked_head_and_checkpointing():
+    """One GRPO update (the paper-scale path: the vocabulary head in chunks, every block recomputed in backward) gives
+    the gradients of the plain path (full logits, stored activations), on the test device and dtype."""
+    m0 = random_bridge_model(9)
+    gen = generate(m0, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=10, stop_ids=[9, 10], seed=4, entropy=True)
+    ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
+    grads = []
+    for chunk, ckpt in ((0, False), (3, True)):
+        m = random_bridge_model(9)
+        m.head_chunk, m.grad_checkpoint = chunk, ckpt
+        st = grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], micro_groups=1)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+        assert math.isfinite(st['entropy']) and st['entropy'] > 0
+    for n, g in grads[0].items():
+        assert g is not None and (grads[1][n] - g).norm() <= tol(1e-5, 2e-2) * g.norm() + 1e-12, n
 
 
 @pytest.fixture(scope='module')
@@ -1521,23 +1708,37 @@ def resume_args(args):
     return [a for a in args if not a.startswith('--init_from')] + ['--init_from=resume']
 
 
+def step_metrics(out, stage, step, keys=('reward', 'acc', 'zero_std', 'kl', 'entropy', 'len', 'trunc')):
+    """The numbers a log line shows for these keys (not the timings)."""
+    line = next(l for l in out.splitlines() if l.startswith(f'{stage} {step}/'))
+    return {k: v for k, v in re.findall(r'(\w+) ([-\d.e]+|nan)(?=,|$)', line.split(': ', 1)[1]) if k in keys}
+
+
+def table(out):
+    """The evaluation table a run printed last (its header line and one line per width)."""
+    lines = out.splitlines()
+    i = max(k for k, l in enumerate(lines) if l.startswith('width '))
+    return '\n'.join(lines[i:i + 1 + sum(1 for l in lines[i + 1:] if re.match(r'\s+\d+ ', l))])
+
+
 @pytest.fixture(scope='module')
 def grpo_run(sft_ckpt, tmp_path_factory):
-    """6 GRPO steps without a break: the reference for every resume test. With the KL term, whose reference model
-    (the model as GRPO started) a resumed run must read back, not take from the resumed weights."""
-    args = [f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=6', '--batch_prompts=8', '--save_every=2',
+    """6 GRPO steps without a break, then an evaluation: the reference for every resume and evaluation test. With the
+    KL term, whose reference model (the model as GRPO started) a resumed run must read back, not take from the
+    resumed weights. The same run cut after 3 steps runs beside it."""
+    args = [f'--init_from={sft_ckpt}', '--mode=grpo,eval', '--grpo_steps=6', '--batch_prompts=8', '--save_every=2',
             '--warmup_iters=2', '--beta=0.01', *TINY]
     d = tmp_path_factory.mktemp('grpo')
-    train_py(*args, cwd=d)
-    return args, d / 'out'
+    full, cut = run_all([cmd(*args, cwd=d), cmd(*args, '--out_dir=cut', '--max_iters=3', cwd=d)])
+    return args, d / 'out', ok(full), d
 
 
-def test_resume_is_exact(sft_ckpt, grpo_run, tmp_path):
-    args, full = grpo_run
-    train_py(*args, '--out_dir=cut', '--max_iters=3', cwd=tmp_path)
-    out = train_py(*resume_args(args), '--out_dir=cut', cwd=tmp_path)
-    assert 'grpo 4/6' in out and 'grpo 1/6' not in out
-    assert same_weights(full, tmp_path / 'cut')
+def test_resume_is_exact(sft_ckpt, grpo_run):
+    args, full, out, d = grpo_run
+    resumed = train_py(*resume_args(args), '--out_dir=cut', cwd=d)
+    assert 'grpo 4/6' in resumed and 'grpo 3/6' not in resumed
+    assert step_metrics(resumed, 'grpo', 4) == step_metrics(out, 'grpo', 4)  # its rollout reads the saved weights
+    assert same_weights(full, d / 'cut', RESUME_ATOL)
     a, base = load_file(full / 'ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
     assert any(not torch.equal(a[k], base[k]) for k in base)  # GRPO really changed the weights
 
@@ -1564,33 +1765,42 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
-@pytest.mark.parametrize('where,resumes_at', [('write', 3), ('swap', 5)])
-def test_checkpoint_is_atomic_as_a_whole(grpo_run, tmp_path, where, resumes_at):
+@cpu_only('checkpoint atomicity is file-system logic, the same on any device')
+def test_checkpoint_is_atomic_as_a_whole(grpo_run, tmp_path):
     """A run killed inside its 2nd checkpoint (step 4 of 6; saves every 2 steps) resumes from a whole checkpoint,
     never a mix of two steps: from step 2 if the kill came while files were written, from step 4 if it came
     between the directory renames (the new directory was complete), and ends exactly where the unbroken run does."""
-    args, full = grpo_run
+    args, full, _, _ = grpo_run
     (tmp_path / 'crash.py').write_text(CRASH)
-    p = subprocess.run([sys.executable, str(tmp_path / 'crash.py'), where, os.path.join(ROOT, 'train.py'), *args],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert p.returncode == 9 and 'grpo 4/6' in p.stdout and 'grpo 5/6' not in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
-    left = sorted(os.listdir(tmp_path / 'out'))
-    assert left == (['ckpt', 'ckpt.new', 'ref'] if where == 'write' else ['ckpt.new', 'ckpt.old', 'ref'])
-    out = train_py(*resume_args(args), cwd=tmp_path)
-    assert f'grpo {resumes_at}/6' in out and f'grpo {resumes_at - 1}/6' not in out
-    assert sorted(os.listdir(tmp_path / 'out')) == ['ckpt', 'ref']
-    assert same_weights(full, tmp_path / 'out')
+    cases = {'write': 3, 'swap': 5}  # where the kill comes -> the first step the resumed run trains
+    for where in cases:
+        (tmp_path / where).mkdir()
+    crashed = run_all([cmd(where, os.path.join(ROOT, 'train.py'), *args, script=str(tmp_path / 'crash.py'),
+                           cwd=tmp_path / where) for where in cases])
+    for (where, first), p in zip(cases.items(), crashed):
+        assert p.returncode == 9 and 'grpo 4/6' in p.stdout and 'grpo 5/6' not in p.stdout, p.stdout[-2000:]
+        left = sorted(os.listdir(tmp_path / where / 'out'))
+        assert left == (['ckpt', 'ckpt.new', 'ref'] if where == 'write' else ['ckpt.new', 'ckpt.old', 'ref'])
+    resumed = run_all([cmd(*resume_args(args), cwd=tmp_path / where) for where in cases])
+    for (where, first), p in zip(cases.items(), resumed):
+        out = ok(p)
+        assert f'grpo {first}/6' in out and f'grpo {first - 1}/6' not in out
+        assert sorted(os.listdir(tmp_path / where / 'out')) == ['ckpt', 'eval_grpo.json', 'ref']
+        assert same_weights(full, tmp_path / where / 'out')
 
 
 def test_end_to_end_reward_rises(sft_ckpt, tmp_path):
-    # measured: mean reward 0.59 over the first 30 steps -> 0.73 over the last 30 (22 s on one core)
-    out = train_py(f'--init_from={sft_ckpt}', '--mode=grpo,eval', '--grpo_steps=300', '--batch_prompts=32', *TINY,
-                   cwd=tmp_path)
-    rewards = [float(l.split('reward ')[1].split(',')[0]) for l in out.splitlines() if l.startswith('grpo ')]
-    assert len(rewards) == 300
-    first, last = sum(rewards[:30]) / 30, sum(rewards[-30:]) / 30
-    assert last > first + 0.06, (first, last)
-    assert os.path.exists(tmp_path / 'out' / 'eval_grpo.json')
+    """GRPO on the SFT model raises the training reward: the least-squares line through the 80 step rewards climbs,
+    and its slope is at least 3 standard errors above 0 (no learning gives |z| < 3 in 99.7% of runs). Measured on
+    an Intel Xeon, torch 2.13, seeds 1-3 of this run: a rise of 0.12-0.17 over the run, z = 4.4-6.1."""
+    out = train_py(f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=80', '--batch_prompts=32', '--lr=1e-3',
+                   *TINY, cwd=tmp_path)
+    r = [float(l.split('reward ')[1].split(',')[0]) for l in out.splitlines() if l.startswith('grpo ')]
+    n, mx, my = len(r), (len(r) - 1) / 2, sum(r) / len(r)
+    sxx = sum((x - mx) ** 2 for x in range(n))
+    slope = sum((x - mx) * (y - my) for x, y in enumerate(r)) / sxx
+    se = (sum((y - my - slope * (x - mx)) ** 2 for x, y in enumerate(r)) / (n - 2) / sxx) ** 0.5
+    assert n == 80 and slope * n >= 0.05 and slope / se >= 3, (slope * n, slope / se)
 
 
 POSCTL = os.path.join(ROOT, 'config', 'positive_control.py')
@@ -1598,23 +1808,25 @@ POSCTL = os.path.join(ROOT, 'config', 'positive_control.py')
 
 def test_maxdigit_task_runs(tmp_path):
     """task='maxdigit' end to end in a few seconds: SFT from scratch, GRPO on env-written digits, the eval table
-    with each width's chance level (the best a row that cannot read its siblings can do)."""
+    with each width's chance level (the best a row that cannot read its siblings can do) and the sibling share."""
     out = train_py(POSCTL, '--sft_steps=30', '--grpo_steps=4', '--eval_problems=8', '--eval_samples=4',
-                   '--eval_widths=1,4', '--threads=1', cwd=tmp_path)
-    assert 'grpo 4/4' in out and 'chance' in out
+                   '--eval_widths=1,4', '--threads=1', f'--device={DEVICE}', f'--dtype={DTYPE}', cwd=tmp_path)
+    assert 'grpo 4/4' in out and 'chance' in out and "share of a row's Bridge attention" in out
     res = json.load(open(tmp_path / 'out-posctl' / 'eval_grpo.json'))
     assert res['1']['chance'] == 1.0 and res['4']['chance'] == pytest.approx(0.3472, abs=1e-4)
+    assert res['1']['sibling'] == 0 and 0 < res['4']['sibling'] < 1 and res['probe_width'] == 4
+    assert set(res['bridge_sibling_share']) == {'0', '1'} and set(res['bridge_norm_ratio']) == {'0', '1'}
 
 
 @pytest.mark.slow
 def test_positive_control_through_rl(tmp_path):
-    """The issue's RL positive control, as in the README (2-3 minutes): GRPO through sampling with env-written
+    """The RL positive control, as in the README (about a minute per run): GRPO through sampling with env-written
     digits, group rewards and joint log-probs makes Bridge read its siblings; the self-only control stays at or
     below what a row alone can know."""
     acc = {}
     for mode in ('bridge', 'self'):
-        train_py(POSCTL, f'--bridge_mode={mode}', f'--out_dir={mode}', '--seed=1', '--threads=1', cwd=tmp_path,
-                 timeout=900)
+        train_py(POSCTL, f'--bridge_mode={mode}', f'--out_dir={mode}', '--seed=1', '--threads=1', f'--device={DEVICE}',
+                 f'--dtype={DTYPE}', cwd=tmp_path, timeout=900)
         acc[mode] = json.load(open(tmp_path / mode / 'eval_grpo.json'))['4']['acc']
     assert acc['bridge'] >= 0.8 and acc['self'] <= grpo.max_chance(4) + 0.03, acc
 
@@ -1626,6 +1838,7 @@ FSDP_RUN = ['--mode=sft,warmup,grpo,eval', '--sft_steps=2', '--sft_batch=32', '-
             '--grad_checkpoint=True', *TINY]
 
 
+@gloo
 def test_torchrun_fsdp_equals_ddp(sft_ckpt, tmp_path):
     """Tied embeddings (embedding, norm and head are one FSDP unit). FSDP's reduce-scatter must SUM the ranks'
     gradients as sync_grads does (each rank's loss is already normalised over the whole batch): its default mean
@@ -1634,7 +1847,10 @@ def test_torchrun_fsdp_equals_ddp(sft_ckpt, tmp_path):
                      torchrun=True) for kind in (False, True)]
     assert all('2 rank(s)' in o and 'grpo 4/4' in o and 'width' in o for o in outs)
     assert 'rollout: weights gathered (FSDP)' in outs[1]
-    assert same_weights(tmp_path / 'False', tmp_path / 'True', atol=1e-4)
+    # fp32: 1.9e-6 measured. bf16: FSDP computes with bf16 copies of the parameters where DDP's autocast keeps fp32
+    # ones for all but the matmuls, so they round apart, and then by at most about twice the steps' AdamW moves
+    # (2 x 1e-3 + 4 x 3e-4 for the Bridge weights: 4.8e-3 measured)
+    assert same_weights(tmp_path / 'False', tmp_path / 'True', atol=tol(1e-4, 1e-2))
     a, base = load_file(tmp_path / 'True/ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
     assert any(not torch.equal(a[k], base[k]) for k in base)
 
@@ -1647,45 +1863,34 @@ def untied_ckpt(sft_ckpt, tmp_path_factory):
     m.config.tie_word_embeddings = False
     m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
     m.save_pretrained(d)
-    for f in ('qwen.tiktoken', 'tokenizer_config.json'):
-        shutil.copy(sft_ckpt / f, d)
+    for f in ('qwen.tiktoken', 'tokenizer.json', 'tokenizer_config.json'):
+        if (sft_ckpt / f).exists():
+            shutil.copy(sft_ckpt / f, d)
     return d
 
 
+@gloo
 def test_torchrun_fsdp_resume_is_exact(untied_ckpt, tmp_path):
     """Untied; bf16 gathered weights with fp32 reduction (CUDA's policy); a warm-up with the base frozen, then GRPO
     with every weight (FSDP2 fixes gradient dtypes when a unit is gathered: stale, GRPO would get bf16 gradients on
     fp32 weights); and the KL term, whose reference (the model as GRPO started) is read back from out_dir/ref."""
     args = [f'--init_from={untied_ckpt}', '--mode=warmup,grpo', '--warmup_steps=2', '--warmup_problems=8',
-            '--grpo_steps=4', '--batch_prompts=8', '--warmup_iters=1', '--beta=0.01', '--dtype=bfloat16',
-            '--fsdp=True', *TINY]
-    train_py(*args, '--out_dir=full', cwd=tmp_path, torchrun=True)
-    train_py(*args, '--out_dir=cut', '--max_iters=2', cwd=tmp_path, torchrun=True)
+            '--grpo_steps=4', '--batch_prompts=8', '--warmup_iters=1', '--beta=0.01', *TINY, '--dtype=bfloat16',
+            '--fsdp=True']
+    for p in run_all([cmd(*args, '--out_dir=full', cwd=tmp_path, torchrun=True),
+                      cmd(*args, '--out_dir=cut', '--max_iters=2', cwd=tmp_path, torchrun=True)]):
+        ok(p)
     out = train_py(*resume_args(args), '--out_dir=cut', cwd=tmp_path, torchrun=True)
     assert 'grpo 3/4' in out and 'grpo 2/4' not in out
     assert same_weights(tmp_path / 'full', tmp_path / 'cut')
     assert 'lm_head.weight' in load_file(tmp_path / 'cut/ckpt/model.safetensors')
 
 
-@pytest.mark.parametrize('args,msg', [
-    (['--mode=grpo', '--width=1'], 'GRPO needs at least 2 rows'),
-    (['--loss_type=ppo'], "loss_type='ppo'"),
-    (['--task=gsm8k', '--data_train=/nope.jsonl'], "data file '/nope.jsonl' does not exist"),
-    (['--mode=sft,train'], 'stages must be among'),
-    (['--width=three'], 'expected int'),
-    (['--dtype=float16'], "dtype='float16'"),
-])
-def test_bad_config_is_a_clear_error(args, msg, tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode != 0 and msg in p.stdout + p.stderr, p.stderr[-2000:]
-
-
 def test_batch_not_divisible_by_width():
     with pytest.raises(ValueError, match='groups of width 4'):
         grpo.group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match='not divisible by width=4'):
-        random_bridge_model()(torch.zeros(6, 3, dtype=torch.long), width=4)
+        random_bridge_model()(torch.zeros(6, 3, dtype=torch.long, device=DEV), width=4)
 
 
 def test_jsonl_readers(tmp_path):
@@ -1715,6 +1920,95 @@ def test_embedded_task_split_and_reward():
 
 
 # ====================================================================================================
+# after a run: evaluate, continue, protect the trained model, notice a collapse (issue 17)
+# ====================================================================================================
+
+def test_eval_by_path_and_by_resume_equal_the_run(grpo_run, tmp_path):
+    """A fresh process evaluates the saved checkpoint by path and by resume (--mode=eval on a finished GRPO run), and
+    each prints the table the run printed: the same weights, the same seeded samples. Resume with the default mode
+    reruns nothing that finished; raising grpo_steps continues the schedule from the saved step."""
+    args, full, out, d = grpo_run
+    for name in ('resume', 'more'):
+        shutil.copytree(full, tmp_path / name / 'out')
+    by_path, by_resume, default, more = run_all([
+        cmd(f'--init_from={full}/ckpt', '--mode=eval', '--out_dir=eval', *TINY, cwd=tmp_path),
+        cmd('--init_from=resume', '--mode=eval', *TINY, cwd=tmp_path / 'resume'),
+        cmd('--init_from=resume', *TINY, cwd=tmp_path / 'resume'),  # the default mode: sft,eval,warmup,grpo,eval
+        cmd(*resume_args(args), '--grpo_steps=8', cwd=tmp_path / 'more')])
+    assert table(ok(by_path)) == table(ok(by_resume)) == table(out)
+    assert json.load(open(tmp_path / 'eval' / 'eval_init.json')) == json.load(open(full / 'eval_grpo.json'))
+    assert json.load(open(tmp_path / 'resume' / 'out' / 'eval_grpo.json')) == json.load(open(full / 'eval_grpo.json'))
+    out_default = ok(default)
+    assert 'finished grpo at step 6/6; raise --grpo_steps' in out_default and table(out_default) == table(out)
+    assert not re.search(r'^(sft|warmup|grpo) \d', out_default, re.M)  # nothing trained again
+    out_more = ok(more)
+    assert 'grpo 7/8' in out_more and 'grpo 6/8' not in out_more and 'width' in out_more
+
+
+def test_a_trained_model_is_never_overwritten_unasked(grpo_run, tmp_path):
+    """The first command of issue 17: continuing a trained model with --init_from=out/ckpt and the default out_dir
+    would save over the model it loaded. It stops at start, names both paths, and leaves every byte as it was; so does
+    a new run into an out_dir that holds another run's checkpoint. --overwrite=True replaces it on purpose."""
+    args, full, _, _ = grpo_run
+    for name in ('same', 'other', 'forced'):
+        shutil.copytree(full, tmp_path / name / 'out')
+    before = {f: (full / 'ckpt' / f).read_bytes() for f in os.listdir(full / 'ckpt')}
+    same, other, forced = run_all([
+        cmd('--init_from=out/ckpt', '--mode=grpo', '--batch_prompts=3', *TINY, cwd=tmp_path / 'same'),
+        cmd('--mode=sft', '--sft_steps=1', *TINY, cwd=tmp_path / 'other'),
+        cmd('--init_from=out/ckpt', '--mode=grpo', '--grpo_steps=1', '--batch_prompts=4', '--overwrite=True', *TINY,
+            cwd=tmp_path / 'forced')])
+    err = one_error_line(same, r"--init_from=out/ckpt is the checkpoint this run would overwrite \(it saves to out/ckpt\)")
+    assert '--init_from=resume' in err and '--out_dir' in err
+    err = one_error_line(other, r"out/ckpt holds another run's checkpoint, which this run \(--init_from=scratch\)")
+    assert '--init_from=resume' in err and '--overwrite=True' in err
+    for name in ('same', 'other'):
+        ckpt = tmp_path / name / 'out' / 'ckpt'
+        assert {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)} == before
+    assert 'grpo 1/1' in ok(forced)
+    assert (tmp_path / 'forced/out/ckpt/model.safetensors').read_bytes() != before['model.safetensors']
+
+
+def test_grpo_collapse_is_said_once():
+    """Reward 0 on every group for 10 steps after it had reached 0.2 is a collapse: said once, in words, with the
+    step where it was last good; a zero-std step (no signal) is said once too; nothing before it is due."""
+    h, said = grpo.Health(), []
+    for step, r in enumerate([0.5, 0.7, 0.6] + [0.0] * 25, 1):
+        said += [(step, m) for m in h(step, r, 1.0 if r == 0 else 0.5, 0.0, 16)]
+    assert [s for s, _ in said] == [4, 13] and 'zero reward std' in said[0][1]
+    assert said[1][1].startswith('GRPO has collapsed: reward 0 on every group for the last 10 steps, after 0.70 '
+                                 'at step 2')
+    quiet = grpo.Health()  # never good: no collapse, however long the zeros last
+    assert all('collapsed' not in m for s in range(1, 30) for m in quiet(s, 0.0, 1.0, 0.0, 16))
+
+
+def test_collapse_warning_in_a_real_run(sft_ckpt, tmp_path):
+    """An lr that wrecks the SFT model: its reward falls from ~0.5 to 0 on every group and stays there. The log says
+    so once, while it happens, not once per step."""
+    out = train_py(f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=16', '--batch_prompts=8', '--lr=0.3',
+                   '--warmup_iters=1', '--grad_clip=0', *TINY, cwd=tmp_path)
+    assert out.count('WARNING: GRPO has collapsed') == 1 and out.count('zero reward std') == 1, out[-3000:]
+
+
+def test_baselines_and_a_second_grpo_stage(sft_ckpt, grpo_run, tmp_path):
+    """The documented follow-ups run as a user types them: the baselines' configs on a trained model, and a second
+    GRPO stage on the trained Bridge model into a new directory (it starts its schedule at step 1)."""
+    _, full, _, _ = grpo_run
+    short = ['--mode=warmup,grpo,eval', '--warmup_steps=1', '--warmup_problems=8', '--grpo_steps=2',
+             '--batch_prompts=8', *TINY]
+    runs = run_all([cmd(os.path.join(ROOT, 'config', f'{c}.py'), f'--init_from={sft_ckpt}', *short, cwd=tmp_path)
+                    for c in ('rlvr', 'self_only', 'pmatch')] +
+                   [cmd(f'--init_from={full}/ckpt', '--mode=grpo,eval', '--grpo_steps=2', '--batch_prompts=8',
+                        '--out_dir=second', *TINY, cwd=tmp_path)])
+    rlvr, self_only, pmatch, second = map(ok, runs)
+    assert 'warmup 1/' not in rlvr and 'bridge:' not in rlvr and 'grpo 2/2' in rlvr
+    assert 'self: 2 blocks' in self_only and 'pmatch: 2 blocks' in pmatch
+    assert json.load(open(tmp_path / 'out-self' / 'eval_grpo.json'))['4']['sibling'] == 0
+    assert 'grpo 1/2' in second and 'bridge: 2 blocks' in second
+    assert json.load(open(tmp_path / 'second/ckpt/config.json'))['bridge']['dim'] == 16
+
+
+# ====================================================================================================
 # real checkpoint (slow): NANOBRIDGE_REAL_CKPT=$(../shared/assets/real-qwen.sh) python -m pytest -m slow
 # ====================================================================================================
 
@@ -1724,7 +2018,7 @@ skip_real = pytest.mark.skipif(not REAL, reason='set NANOBRIDGE_REAL_CKPT to a r
 @pytest.mark.slow
 @skip_real
 def test_real_greedy_chat_answer():
-    m = Transformer.from_pretrained(REAL, dtype=torch.float32)
+    m = Transformer.from_pretrained(REAL, dtype=torch.float32, device=DEV)
     tok = Tokenizer.from_pretrained(REAL)
     ids = tok.encode_chat("What is 12 times 7? Reply with just the number.")
     gen = generate(m, [ids], width=1, max_new_tokens=16, temperature=0, stop_ids=tok.stop_ids)
@@ -1740,20 +2034,25 @@ def test_real_grpo_two_steps(tmp_path):
                             + '\n' for a, b in [(2, 3), (10, 7), (21, 4), (8, 8)]))
     out = train_py(os.path.join(ROOT, 'config', 'qwen05b_gsm.py'), f'--init_from={REAL}', '--mode=grpo',
                    f'--data_train={data}', f'--data_test={data}', '--grpo_steps=2', '--batch_prompts=2',
-                   '--max_new_tokens=24', '--threads=2', cwd=tmp_path, timeout=1800)
+                   '--max_new_tokens=24', '--threads=2', f'--device={DEVICE}', f'--dtype={DTYPE}', cwd=tmp_path,
+                   timeout=1800)
     assert 'grpo 2/2' in out and 'bridge: 24 blocks, d_B=512' in out
     assert os.path.exists(tmp_path / 'out-qwen05b' / 'ckpt' / 'model.safetensors')
 
 
 @pytest.mark.slow
+@pytest.mark.cuda
 def test_compiled_decode_matches_eager():
-    """generate(compile=True) compiles the static-shape decode step (~20 s on CPU, hence slow) and samples the
-    same tokens as eager mode, Bridge included, with rows finishing at different steps."""
+    """generate(compile=True) compiles the static-shape decode step ('reduce-overhead': CUDA graphs on a GPU; ~20 s
+    on CPU, hence slow): its samples and their log-probs are the eager model's, Bridge included, with rows finishing
+    at different steps (the CUDA check runs it: marker `cuda`)."""
     m = random_bridge_model(3)
     eager = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=20, stop_ids=[7, 8, 9], seed=3)
     comp = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=20, stop_ids=[7, 8, 9], seed=3, compile=True)
-    assert torch.equal(eager.tokens, comp.tokens) and torch.equal(eager.alive, comp.alive)
-    torch.testing.assert_close(eager.logprobs, comp.logprobs, atol=1e-5, rtol=0)
+    assert logprob_err(m, comp, 1.0) <= SAME  # what the compiled steps sampled, they sampled from the right model
+    if CPU and not BF16:  # kernels that fuse differently may part the samples at a near tie; on CPU fp32 none does
+        assert torch.equal(eager.tokens, comp.tokens) and torch.equal(eager.alive, comp.alive)
+        torch.testing.assert_close(eager.logprobs, comp.logprobs, atol=1e-5, rtol=0)
 
 
 def test_eval_metrics_known_values():
@@ -1768,43 +2067,45 @@ def test_eval_metrics_known_values():
 
 
 def test_bridge_norm_probe():
-    """Paper Fig. 7 probe: zero for a fresh (zero W_O) Bridge, positive once W_O is trained, one value per layer."""
-    from bridge import BridgeNormProbe
+    """Paper Fig. 7 probe: zero for a fresh (zero W_O) Bridge, positive once W_O is trained, one value per layer;
+    summed on the device (a float() per layer per decode step would be a host sync on a GPU)."""
     m = random_bridge_model()
     for b in m.bridge_modules():
         torch.nn.init.zeros_(b.o_proj.weight)
-    probe = BridgeNormProbe(m)
-    m(torch.randint(0, 40, (4, 5)), width=4)
-    assert probe.ratios() == {0: 0.0, 1: 0.0}
+    probe = BridgeProbe(m)
+    m(toks(4, 5) % 40, width=4)
+    assert probe.norm_ratios() == {0: 0.0, 1: 0.0}
     m2 = random_bridge_model()
-    probe2 = BridgeNormProbe(m2)
-    m2(torch.randint(0, 40, (4, 5)), width=4)
+    probe2 = BridgeProbe(m2)
+    m2(toks(4, 5) % 40, width=4)
+    m2(toks(4, 5, seed=1) % 40, width=4)
+    assert all(isinstance(s[0], torch.Tensor) and s[1] == 2 for s in probe2.sums.values())
     probe2.remove()
-    assert all(v > 0 for v in probe2.ratios().values()) and len(probe2.ratios()) == 2
+    assert all(v > 0 for v in probe2.norm_ratios().values()) and len(probe2.norm_ratios()) == 2
 
 
 # ====================================================================================================
-# the GPU path, checked on CPU: autocast bf16, frozen stages, DDP stop agreement, stats, safe resume
+# the GPU path: bf16 autocast, frozen stages, DDP stop agreement, stats, safe resume
 # ====================================================================================================
 
 def test_autocast_bf16_end_to_end(monkeypatch):
-    """CUDA trains fp32 master weights under bf16 autocast. The same on CPU, with the plain F.linear path CUDA takes:
-    generate (KV cache in the compute dtype), the GRPO update and the warm-up loss all run and stay finite."""
+    """CUDA trains fp32 master weights under bf16 autocast: generate (KV cache in the compute dtype), the GRPO update
+    and the warm-up loss all run and stay finite, on the test device (on CPU with the plain F.linear path CUDA takes)."""
     from model import Linear
     monkeypatch.setattr(Linear, 'prepack', False)
     m = random_bridge_model(4)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    bf16 = lambda: torch.autocast(DEV.type, dtype=torch.bfloat16)
+    with bf16():
         assert m.make_cache(2, 4).k.dtype == torch.bfloat16  # the compute dtype, not the fp32 weights'
         gen = generate(m, [[1, 2, 3], [4, 5, 6, 7]], width=4, max_new_tokens=10, stop_ids=[9, 10, 11], seed=1,
                        entropy=True)
     assert len(set(gen.lengths.tolist())) > 1  # rows finish at different steps: the decode path ran
     ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
-    st = grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x],
-                            autocast=torch.autocast('cpu', dtype=torch.bfloat16))
+    st = grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], autocast=bf16())
     grads = [p.grad for p in m.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert math.isfinite(st['entropy']) and st['entropy'] > 0
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # the warm-up's teacher-forced loss on the rollout
+    with bf16():  # the warm-up's teacher-forced loss on the rollout
         y = torch.where(gen.completion_mask[:, 1:], gen.tokens[:, 1:], -1)
         _, loss = m(gen.tokens[:, :-1], y, width=4, alive=gen.alive[:, :-1])
     assert torch.isfinite(loss)
@@ -1813,9 +2114,11 @@ def test_autocast_bf16_end_to_end(monkeypatch):
 def test_sampler_entropy_is_fp32_under_autocast():
     """The entropy diagnostic sums p x over the whole vocabulary: in bf16 that is off by ~0.1 nats at V = 151,936."""
     logits = torch.randn(4, 151936, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [2], [4], [8]])
-    ref = sample_token(logits, 1.0, None, 1.0, torch.Generator().manual_seed(0), entropy=True)[2]
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        got = sample_token(logits, 1.0, None, 1.0, torch.Generator().manual_seed(0), entropy=True)[2]
+    logits = logits.to(DEV)
+    with torch.autocast(DEV.type, enabled=False):
+        ref = sample_token(logits, 1.0, None, 1.0, torch.Generator(DEV).manual_seed(0), entropy=True)[2]
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        got = sample_token(logits, 1.0, None, 1.0, torch.Generator(DEV).manual_seed(0), entropy=True)[2]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
@@ -1851,38 +2154,28 @@ def test_compiled_decode_cache_is_static(monkeypatch):
     assert torch.equal(eager.tokens, comp.tokens)
 
 
-def test_norm_probe_accumulates_on_device():
-    """The Fig. 7 probe runs inside the decode loop: it must not force a host sync (float()) per layer per step."""
-    from bridge import BridgeNormProbe
-    m = random_bridge_model()
-    probe = BridgeNormProbe(m)
-    m(torch.randint(0, 40, (4, 5)), width=4)
-    m(torch.randint(0, 40, (4, 5)), width=4)
-    assert all(isinstance(s, torch.Tensor) and n == 2 for s, n in probe.sums.values())
-    assert all(v > 0 for v in probe.ratios().values())
-    probe.remove()
-
-
+@bitwise
 def test_warmup_gradients_do_not_leak_into_grpo(sft_ckpt, tmp_path):
     """The warm-up trains Bridge weights only. Its backward must leave no gradient on the base weights, or the first
     GRPO step would add 2 warm-up steps' worth of base gradients to its own. So warm-up then GRPO in one process
     must end exactly where warm-up, a checkpoint, and a fresh process resuming into GRPO end."""
     common = [f'--init_from={sft_ckpt}', '--warmup_steps=2', '--warmup_problems=16', '--grpo_steps=1',
               '--batch_prompts=8', '--warmup_iters=1', *TINY]
-    train_py(*common, '--mode=warmup,grpo', '--out_dir=one', cwd=tmp_path)
-    train_py(*common, '--mode=warmup', '--out_dir=two', cwd=tmp_path)
-    out = train_py(*[a for a in common if not a.startswith('--init_from')], '--init_from=resume',
-                   '--mode=warmup,grpo', '--out_dir=two', cwd=tmp_path)
+    one, two = run_all([cmd(*common, '--mode=warmup,grpo', '--out_dir=one', cwd=tmp_path),
+                        cmd(*common, '--mode=warmup', '--out_dir=two', cwd=tmp_path)])
+    ok(one), ok(two)
+    out = train_py(*resume_args(common), '--mode=warmup,grpo', '--out_dir=two', cwd=tmp_path)
     assert 'warmup 1/' not in out and 'grpo 1/1' in out
     a, b = load_file(tmp_path / 'one/ckpt/model.safetensors'), load_file(tmp_path / 'two/ckpt/model.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any('.bridge.' in k for k in a)
 
 
-def test_train_bf16_autocast_on_cpu(sft_ckpt, tmp_path):
-    """--dtype=bfloat16 runs train.py's whole bf16 autocast path (CUDA's default) on CPU: warm-up, GRPO, eval."""
+def test_train_bf16_autocast(sft_ckpt, tmp_path):
+    """--dtype=bfloat16 runs train.py's whole bf16 autocast path (CUDA's default) on the test device: warm-up, GRPO,
+    eval."""
     out = train_py(f'--init_from={sft_ckpt}', '--mode=warmup,grpo,eval', '--warmup_steps=2', '--warmup_problems=8',
-                   '--grpo_steps=2', '--batch_prompts=8', '--dtype=bfloat16', *TINY, cwd=tmp_path)
+                   '--grpo_steps=2', '--batch_prompts=8', *TINY, '--dtype=bfloat16', cwd=tmp_path)
     assert 'grpo 2/2' in out and 'width' in out and 'nan' not in out.split('grpo 2/2')[1].split('\n')[0]
 
 
@@ -1896,35 +2189,16 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
+@gloo
 def test_ddp_time_limit_stops_all_ranks_together(tmp_path):
     """SFT's time limit is read on each rank's own clock. If one rank left the loop while the other still entered a
     gradient all-reduce, gloo would fail (NCCL would hang): the stop decision must be agreed across ranks."""
     (tmp_path / 'skew.py').write_text(SKEWED)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(tmp_path / 'skew.py'),
-           os.path.join(ROOT, 'train.py'), '--mode=sft', '--sft_steps=100000', '--sft_target=2', '--sft_eval_every=1000',
-           '--sft_batch=16', '--sft_max_seconds=3', '--save_every=100000', *TINY]
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    steps = [l for l in p.stdout.splitlines() if l.startswith('sft ')]
+    p = run_all([cmd(os.path.join(ROOT, 'train.py'), '--mode=sft', '--sft_steps=100000', '--sft_target=2',
+                     '--sft_eval_every=1000', '--sft_batch=16', '--sft_max_seconds=3', '--save_every=100000', *TINY,
+                     script=str(tmp_path / 'skew.py'), torchrun=True, cwd=tmp_path)], 120)[0]
+    steps = [l for l in ok(p).splitlines() if l.startswith('sft ')]
     assert steps and os.path.exists(tmp_path / 'out' / 'ckpt' / 'train_state.pt')
-
-
-def test_resume_refuses_pickled_code(sft_ckpt, tmp_path):
-    """train_state.pt is read with weights_only=True: a pickle that would run code on load is refused, in one line."""
-    import pickle
-    out = tmp_path / 'out'
-    shutil.copytree(sft_ckpt, out / 'ckpt')
-    marker = tmp_path / 'pwned'
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f'touch {marker}',))
-    (out / 'ckpt' / 'train_state.pt').write_bytes(pickle.dumps({'stage': 'sft', 'x': Evil()}))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--init_from=resume', *TINY], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and 'refusing to load' in p.stderr and 'train_state.pt' in p.stderr, p.stderr[-2000:]
-    assert 'Traceback' not in p.stderr and not marker.exists()
 
 
 # ====================================================================================================
@@ -1934,8 +2208,9 @@ def test_resume_refuses_pickled_code(sft_ckpt, tmp_path):
 @pytest.mark.parametrize('temperature', [1.0, 0.7])
 def test_chunked_head_equals_full_logits(temperature):
     """The head in token chunks of 7 (not a divisor of the 2 x 4 x 11 tokens): log-probs and every gradient equal
-    the full-logits path in fp32, ignored targets (-1) give 0 and no gradient, and the mean CE equals F.cross_entropy."""
-    idx = torch.randint(0, 40, (8, 12), generator=torch.Generator().manual_seed(0))
+    the full-logits path (fp32: to 1e-5; bf16: both round the logits' matmul alike, the rest is fp32), ignored targets
+    (-1) give 0 and no gradient, and the mean CE equals F.cross_entropy."""
+    idx = toks(8, 12) % 40
     tgt = idx[:, 1:].clone()
     tgt[::3, :4] = -1
     grads, vals = [], []
@@ -1947,18 +2222,18 @@ def test_chunked_head_equals_full_logits(temperature):
         else:  # the reference: full logits, log_softmax, gather
             logits = m(idx[:, :-1], width=4)[0].float() / temperature
             lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt >= 0)
-        (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+        (lp * torch.linspace(-1, 1, lp.numel(), device=DEV).view_as(lp)).sum().backward()
         vals.append(lp.detach())
         grads.append({n: p.grad for n, p in m.named_parameters()})
-    torch.testing.assert_close(vals[1], vals[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(vals[1], vals[0], atol=tol(1e-5, 1e-2), rtol=0)
     assert (vals[1][tgt < 0] == 0).all()
     for n, g in grads[0].items():
-        assert (grads[1][n] - g).norm() <= 1e-5 * g.norm() + 1e-12, n
+        assert (grads[1][n] - g).norm() <= tol(1e-5, 2e-2) * g.norm() + 1e-12, n
     m = random_bridge_model(6)
     m.head_chunk = 5
-    logits = m(idx[:, :-1], width=4)[0]
+    logits = m(idx[:, :-1], width=4)[0].float()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tgt.reshape(-1), ignore_index=-1)
-    torch.testing.assert_close(m(idx[:, :-1], tgt, width=4)[1], ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m(idx[:, :-1], tgt, width=4)[1], ref, atol=tol(1e-6, 1e-2), rtol=0)
 
 
 def test_chunked_head_ratio_is_exactly_one():
@@ -1970,14 +2245,14 @@ def test_chunked_head_ratio_is_exactly_one():
     with torch.no_grad():
         old = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.9)
     new = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.9)
-    assert torch.equal(torch.exp(new - old)[ro.mask], torch.ones(int(ro.mask.sum())))
-    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=1e-5, rtol=0)
+    assert torch.equal(torch.exp(new - old)[ro.mask], torch.ones(int(ro.mask.sum()), device=DEV))
+    torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=tol(1e-5, SAME), rtol=0)
 
 
 def test_grad_checkpoint_same_gradients():
     """Each block (its Bridge inside) recomputed in backward: the same loss and gradients as storing activations."""
-    idx = torch.randint(0, 40, (8, 10), generator=torch.Generator().manual_seed(1))
-    alive = torch.ones_like(idx, dtype=torch.bool)
+    idx = toks(8, 10, seed=1) % 40
+    alive = ones(8, 10)
     alive[1, 6:] = False  # a finished row: the Bridge mask is part of what is recomputed
     out = []
     for ckpt in (False, True):
@@ -1988,24 +2263,31 @@ def test_grad_checkpoint_same_gradients():
         out.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
     assert torch.equal(out[0][0], out[1][0])
     for n, g in out[0][1].items():
-        torch.testing.assert_close(out[1][1][n], g, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(out[1][1][n], g, atol=tol(1e-7, 1e-4), rtol=tol(1e-6, 1e-2))
 
 
-def bench_probe(spec):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), f'--mem_probe={spec}', '--threads=1'],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def bench_probe(spec, threads=1):
+    p = run_all([cmd(f'--mem_probe={spec}', f'--threads={threads}', f'--device={DEVICE}', script='bench.py')])[0]
+    return json.loads(ok(p).strip().splitlines()[-1])
 
 
+@cpu_only('peak RSS of a fresh process measures CPU memory')
 def test_memory_estimate_matches_measured_rss():
     """train.py's estimate of one GRPO update (gradients + AdamW state + activations and the head) is within 25% of
     the peak RSS it really adds: tiny shape, the real 151,936 vocabulary, 4 rows x 256 tokens, in a fresh process."""
-    r = bench_probe('tiny:256:1')
+    r = bench_probe('tiny:256:1', threads=2)  # nothing else runs meanwhile
     assert abs(r['estimate'] - r['extra']) <= 0.25 * r['extra'], r
 
 
+@needs_cuda
+def test_memory_estimate_matches_measured_cuda():
+    """The same on a GPU: the estimate of one bf16 update against torch.cuda.max_memory_allocated, 4 rows x 1,024."""
+    r = bench_probe('tiny:1024:1')
+    assert abs(r['estimate'] - r['extra']) <= 0.35 * r['extra'], r
+
+
 @pytest.mark.slow
+@cpu_only('peak RSS of a fresh process measures CPU memory')
 def test_memory_targets_long_traces():
     """One update of 4 rows with the 151,936 vocabulary: <= 64 KB per added completion token from 1,024 to 4,096
     tokens, <= 1.5 GiB in all at 4,096 (the full-logits head needed ~1.8 MB per token). ~1 minute."""
@@ -2014,9 +2296,10 @@ def test_memory_targets_long_traces():
     assert abs(b['estimate'] - b['extra']) <= 0.25 * b['extra'], b
 
 
+@cpu_only('a CPU run warns where a CUDA run stops; the CUDA stop is an error line (test_train_cli_user_errors)')
 def test_memory_estimate_printed_and_warns_on_cpu(tmp_path):
     """The estimate prints item by item at start; on CPU a run that cannot fit warns (CUDA would stop)."""
-    out = train_py('--dry_run=True', '--max_new_tokens=200', '--batch_prompts=4096', '--width=64', *TINY[:-3],
+    out = train_py('--dry_run=True', '--max_new_tokens=200', '--batch_prompts=4096', '--width=64', *TINY[:-5],
                    cwd=tmp_path)
     assert 'memory estimate per rank' in out and 'rollout KV cache' in out and 'AdamW state' in out
     assert 'WARNING: the run needs' in out and 'lower width, max_new_tokens' in out and 'sft 1/' not in out
@@ -2029,22 +2312,22 @@ def test_memory_estimate_printed_and_warns_on_cpu(tmp_path):
 @pytest.fixture(scope='module')
 def cli_ckpt(tmp_path_factory):
     """A tiny random checkpoint with train.py's byte tokenizer: what sample.py needs to run end to end."""
-    import train
     d = tmp_path_factory.mktemp('cli')
     torch.manual_seed(0)
     Transformer(ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(d)
-    train.write_byte_tokenizer(str(d))
+    write_byte_tokenizer(str(d))
     return d
 
 
 def _shard(d):  # re-save in shards, then lose one of them
-    m = load(d)
+    m = Transformer.from_pretrained(str(d), verbose=False)
     os.remove(d / 'model.safetensors')
     m.save_pretrained(d, max_shard_bytes=20000)
     os.remove(d / sorted(f for f in os.listdir(d) if f.startswith('model-'))[1])
 
 
+SAMPLE = [f'--device={DEVICE}', '--threads=1', '--prompt=12+34=', '--max_new_tokens=4']
 CLI_CASES = {f'load: {k}': (b, m, []) for k, (b, m) in BREAK.items()} | {
     'missing shard': (_shard, r'shard model-00002-of-\d+\.safetensors named in .* is missing', []),
     'missing tokenizer': (lambda d: os.remove(d / 'qwen.tiktoken'), 'no tokenizer.json or qwen.tiktoken', []),
@@ -2058,28 +2341,39 @@ CLI_CASES = {f'load: {k}': (b, m, []) for k, (b, m) in BREAK.items()} | {
     'unknown key': (None, 'Unknown config key: widht', ['--widht=4']),
     'wrong type': (None, "--width='four': expected int", ['--width=four']),
     'missing config file': (None, 'no/such/config.py', ['no/such/config.py']),
+    'show_bridge without Bridge': (None, r"--show_bridge=True but .* has no Bridge blocks", ['--show_bridge=True']),
 }
 
 
+@pytest.fixture(scope='module')
+def sample_cli_runs(cli_ckpt, tmp_path_factory):
+    """Every case below broken into its own copy of cli_ckpt and run as `python sample.py ...`, two at a time."""
+    d, cmds = tmp_path_factory.mktemp('cli_cases'), []
+    for i, (breaker, _, args) in enumerate(CLI_CASES.values()):
+        shutil.copytree(cli_ckpt, d / str(i))
+        if breaker:
+            breaker(d / str(i))
+        cmds.append(cmd(f'--init_from={d / str(i)}', *SAMPLE, *args, script='sample.py', real=not i))
+    return dict(zip(CLI_CASES, run_all(cmds)))
+
+
 @pytest.mark.parametrize('case', list(CLI_CASES))
-def test_sample_cli_user_errors(cli_ckpt, tmp_path, case):
-    breaker, msg, args = CLI_CASES[case]
-    d = tmp_path / 'ck'
-    shutil.copytree(cli_ckpt, d)
-    if breaker:
-        breaker(d)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={d}', '--prompt=12+34=',
-                        '--max_new_tokens=4', *args], capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
-    err = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
-    assert len(err) == 1 and re.search(msg, err[0]), p.stderr[-2000:]
+def test_sample_cli_user_errors(sample_cli_runs, case):
+    one_error_line(sample_cli_runs[case], CLI_CASES[case][1])
 
 
-def test_sample_cli_runs(cli_ckpt):
-    """The same checkpoint, unbroken, samples: the cases above fail for the reason they name."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--init_from={cli_ckpt}', '--prompt=12+34=',
-                        '--max_new_tokens=4', '--width=2'], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and '--- answer 2/2' in p.stdout, p.stderr[-2000:]
+def test_sample_cli_runs(cli_ckpt, grpo_run):
+    """The same checkpoint, unbroken, samples (the cases above fail for the reason they name); a trained Bridge
+    checkpoint shows what each answer read from its siblings, one character per token."""
+    plain, shown = run_all([cmd(f'--init_from={cli_ckpt}', *SAMPLE, '--width=2', script='sample.py', real=True),
+                            cmd(f'--init_from={grpo_run[1]}/ckpt', *SAMPLE, '--prompt=3+4=', '--width=4',
+                                '--show_bridge=True', script='sample.py')])
+    assert '--- answer 2/2' in ok(plain)
+    out = ok(shown)
+    assert out.count('  share  .') == 4 and out.count('  reads  .') == 4 and 'read most overall: answer' in out
+    for share, reads, n in zip(re.findall(r'  share  \.(\d*)\n', out), re.findall(r'  reads  \.(\w*)\n', out),
+                               map(int, re.findall(r'--- answer \d/4 \((\d+) tokens', out))):
+        assert len(share) == len(reads) >= n - 1 >= 0 and set(reads) <= set('1234')
 
 
 TRAIN_CASES = {
@@ -2091,24 +2385,66 @@ TRAIN_CASES = {
                                'refusing to load', ['--init_from=resume']),
     'bad stage': (None, "mode='sft,train'", ['--mode=sft,train']),
     'float16': (None, "dtype='float16'", ['--dtype=float16']),
+    'GRPO at width 1': (None, 'GRPO needs at least 2 rows', ['--mode=grpo', '--width=1']),
+    'loss type': (None, "loss_type='ppo'", ['--loss_type=ppo']),
+    'missing data file': (None, "data file '/nope.jsonl' does not exist", ['--task=gsm8k', '--data_train=/nope.jsonl']),
+    'wrong type': (None, 'expected int', ['--width=three']),
+    'no such checkpoint': (None, "checkpoint directory 'no/such/dir' does not exist", ['--init_from=no/such/dir']),
 }
 
 
+@pytest.fixture(scope='module')
+def train_cli_runs(tmp_path_factory):
+    d, cmds = tmp_path_factory.mktemp('train_cases'), []
+    for i, (breaker, _, args) in enumerate(TRAIN_CASES.values()):
+        (d / str(i)).mkdir()
+        if breaker:
+            breaker(d / str(i))
+        cmds.append(cmd(*TINY, *args, cwd=d / str(i), real=not i))  # one in a new interpreter, start-up included
+    return dict(zip(TRAIN_CASES, run_all(cmds, timeout=120)))
+
+
 @pytest.mark.parametrize('case', list(TRAIN_CASES))
-def test_train_cli_user_errors(tmp_path, case):
-    breaker, msg, args = TRAIN_CASES[case]
-    if breaker:
-        breaker(tmp_path)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args, *TINY], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
-    err = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
-    assert len(err) == 1 and re.search(msg, err[0]), p.stderr[-2000:]
+def test_train_cli_user_errors(train_cli_runs, case):
+    one_error_line(train_cli_runs[case], TRAIN_CASES[case][1])
 
 
+def test_resume_refuses_pickled_code(sft_ckpt, tmp_path):
+    """train_state.pt is read with weights_only=True: a pickle that would run code on load is refused, in one line."""
+    import pickle
+    out = tmp_path / 'out'
+    shutil.copytree(sft_ckpt, out / 'ckpt')
+    marker = tmp_path / 'pwned'
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+    (out / 'ckpt' / 'train_state.pt').write_bytes(pickle.dumps({'stage': 'sft', 'x': Evil()}))
+    p = run_all([cmd('--init_from=resume', *TINY, cwd=tmp_path)])[0]
+    one_error_line(p, r'train_state\.pt is not a readable training state, refusing to load it')
+    assert not marker.exists()
+
+
+@gloo
 def test_torchrun_user_error_printed_once(tmp_path):
     """Under torchrun every rank meets the bad value; the message is printed once and no rank waits forever."""
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        os.path.join(ROOT, 'train.py'), '--loss_type=ppo', *TINY], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    p = run_all([cmd('--loss_type=ppo', *TINY, torchrun=True, cwd=tmp_path)], 120)[0]
     assert p.returncode != 0 and (p.stdout + p.stderr).count("error: config: loss_type='ppo'") == 1, p.stderr[-2000:]
+
+
+# ====================================================================================================
+# the README's paper-to-code map cannot go stale
+# ====================================================================================================
+
+def test_readme_paper_map():
+    """Every `file.py:name` in the README's table "The paper, mapped to its code" exists in that file."""
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    section = readme.split('## The paper, mapped to its code')[1].split('\n## ')[0]
+    refs = re.findall(r'`(\w+)\.py:([\w.]+)`', section)
+    assert len(refs) >= 10 and {f for f, _ in refs} >= {'bridge', 'model', 'sample', 'grpo', 'train'}
+    for f, name in refs:
+        src = open(os.path.join(ROOT, f + '.py'), encoding='utf-8').read()
+        first, *rest = name.split('.')
+        assert re.search(rf'^(def|class) {first}\b', src, re.M), f'{f}.py:{name}'
+        for attr in rest:
+            assert re.search(rf'^\s+(def|class) {attr}\b', src, re.M), f'{f}.py:{name}'
