@@ -33,7 +33,7 @@ quick = False           # smoke test: 8 tokens, one repeat, a 2-layer 0.5B shape
 compile = False         # also race generate(compile=True) against eager, and compile the GRPO rows' decode step
 seed = 1337
 mem_tokens = '256,1024,4096'  # completion lengths of the GRPO-update memory rows ('' = skip them)
-only = ''               # 'memory': just the memory rows
+only = ''               # 'memory': just the memory rows | 'linear': just model.Linear against F.linear (CPU)
 mem_probe = ''          # internal: 'shape:tokens:new' measures one update in this (fresh) process, prints JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -109,6 +109,32 @@ def hardware():
     add('8-row matmul, weight GB/s: model.Linear vs F.linear', 'V151936 x d896 head', 8, gb / t['ours'],
         gb / t['F.linear'])
     return max(gbs.values()) * 1e9, flops  # the bound takes the best: the machine streams at least that fast
+
+def bench_linear():
+    """model.Linear's packed oneDNN path against plain F.linear, at decode's row counts, on the matmuls of the 0.5B
+    shape (CPU, fp32): where Linear.min_rows comes from. Each row times the real path (packed from the first use)."""
+    inner = 4 * (10 if quick else 50)  # matmuls per timed repeat: one small matmul is a few microseconds
+    for name, (o, i) in {'q+k+v 896->1152': (1152, 896), 'gate+up 896->9728': (9728, 896),
+                         'down 4864->896': (896, 4864), 'head 896->151936': (151936, 896)}.items():
+        lin, n = Linear(i, o, bias=False), max(2, inner * 1152 * 896 // (o * i))
+        for r in (1, 2, 3, 4, 8, 16):
+            x = torch.randn(r, i)
+            with torch.no_grad(), patched(Linear, min_rows=0, pack_after=0, min_size=0):
+                t = race({'packed': lambda: [lin(x) for _ in range(n)],
+                          'F.linear': lambda: [torch.nn.functional.linear(x, lin.weight) for _ in range(n)]}, repeats)
+            add('Linear: packed vs F.linear, matmuls/s', name, r, n / t['packed'], n / t['F.linear'],
+                note='model.Linear packs from here' if r == Linear.min_rows else '')
+
+@contextlib.contextmanager
+def patched(obj, **kw):
+    old = {k: getattr(obj, k) for k in kw}
+    for k, v in kw.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
 
 def weight_bytes(m):  # every weight once per decode step; an untied embedding only for the rows looked up (~0)
     ps = {id(p): p for k, p in m.named_parameters() if m.config.tie_word_embeddings or 'embed_tokens' not in k}
@@ -417,11 +443,14 @@ if __name__ == '__main__':
                f"{transformers.__version__ if transformers else 'not installed: its column is empty'}, device "
                f"{torch.cuda.get_device_name() if cuda else 'cpu'} ({str(dt)[6:]})")
     log(machine)
-    if only == 'memory':
-        bench_memory(mem_tokens or '256,1024,4096')
-        print('\n'.join(f"| {b} | {m} | {w} | {fmt(a)} | {fmt(r)} | {note} |" for b, m, w, a, r, s, bd, pct, note in rows))
+    if only in ('memory', 'linear'):
+        bench_memory(mem_tokens or '256,1024,4096') if only == 'memory' else bench_linear()
+        print(f"{machine}\n" + '\n'.join(f"| {b} | {m} | {w} | {fmt(a)} | {fmt(r)} | {fmt(s, 'x')} | {note} |"
+                                          for b, m, w, a, r, s, bd, pct, note in rows))
         sys.exit(0)
     bw, flops = hardware()
+    if not cuda:
+        bench_linear()
     ws, reps_big = [int(v) for v in widths.split(',')], max(1, repeats - 1)  # one forward of a big model = seconds
     bench_model('tiny', ModelConfig(vocab_size=tiny_vocab, **TINY), ws, bw, flops, repeats)
     bench_model('real' if real else '0.5B', ModelConfig(num_hidden_layers=2 if quick else 24), ws, bw, flops, reps_big)

@@ -49,12 +49,10 @@ class BridgeConfig:
         return cls(**d)
 
 def bridge_mask(alive, width):
-    """The one place the Bridge mask is built (paper Fig. 2: "attention is masked for tokens from different
-    prompts and from completed generations"). alive: (B, T) bool, False for finished or padded positions.
-    Returns (key_mask, query_keep): key_mask (G*T, 1, W, W) bool for SDPA, query_keep (B, T, 1).
-    Grouping is by construction (we reshape contiguous rows into groups), so only the finished rule is a mask.
-    The diagonal is always allowed so that no softmax row is empty (no NaN); a dead query is then zeroed by
-    query_keep, which gives 'a query with no valid key outputs zero' without a special case."""
+    """The one place the Bridge mask is built (paper Fig. 2: "attention is masked for tokens from different prompts
+    and from completed generations"). alive (B, T): False at finished or padded positions. -> (key_mask (G*T, 1, W, W)
+    for SDPA, query_keep (B, T, 1)). Groups are contiguous rows by construction, so only the finished rule is a mask.
+    The diagonal is always allowed, so no softmax row is empty (no NaN); query_keep then zeroes a dead query."""
     if alive is None:
         return None, None
     B, T = alive.shape
@@ -141,17 +139,11 @@ def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears)
     return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm, linear, linears)
 
 def bridge_params(model):
-    """(Bridge parameters, base parameters). Base counts a tied embedding once, like HF's num_parameters()."""
-    seen, extra, base = set(), 0, 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if '.bridge.' in name:
-            extra += p.numel()
-        else:
-            base += p.numel()
-    return extra, base
+    """(Bridge parameters, base parameters); a tied embedding counts once (named_parameters lists shared weights
+    once), like HF's num_parameters()."""
+    ps = list(model.named_parameters())
+    extra = sum(p.numel() for n, p in ps if '.bridge.' in n)
+    return extra, sum(p.numel() for _, p in ps) - extra
 
 def bridge_report(model):
     extra, base = bridge_params(model)
@@ -179,24 +171,22 @@ class BridgeProbe:
 
     def __call__(self, block, x, y, att, keep, width):
         s = self.sums.setdefault(self.layer[block], [0.0, 0, 0.0, 0.0])  # norm-ratio sum, calls, share sum, rows
-        s[0] = s[0] + y.detach().float().norm() / x.detach().float().norm().clamp(min=1e-12)
-        s[1] += 1
         B, T = x.shape[:2]
         live = keep[..., 0].float() if keep is not None else torch.ones(B, T, device=x.device)
-        s[3] = s[3] + live.sum()
+        s[0], s[1], s[3] = s[0] + y.detach().float().norm() / x.detach().float().norm().clamp(min=1e-12), s[1] + 1, \
+            s[3] + live.sum()
+        a = None
         if att is not None:  # (G*T, H, W, W) -> each row's attention over its group, averaged over heads: (B, T, W)
             a = att.detach().float().mean(1).view(B // width, T, width, width).transpose(1, 2).reshape(B, T, width)
             r = torch.arange(B, device=a.device)
             s[2] = s[2] + ((1 - a[r, :, r % width]) * live).sum()  # 1 - the weight each row gives itself
-            if self.keep:
-                self.kept.append(a)
-        elif self.keep:
-            self.kept.append(None)
+        if self.keep:
+            self.kept.append(a)
 
-    def norm_ratios(self):
+    def norm_ratios(self):  # {layer: mean ratio}
         return {i: float(s[0]) / s[1] for i, s in sorted(self.sums.items())}
 
-    def sibling_shares(self):
+    def sibling_shares(self):  # {layer: mean share over live rows}
         return {i: float(s[2]) / max(float(s[3]), 1) for i, s in sorted(self.sums.items())}
 
     def reset(self):

@@ -1,41 +1,101 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command, one GPU, a few minutes (not yet run: no GPU has been lent to this work).
-#   bash gpu_check.sh            # writes bench.md, r1-1.5b.log and r1-1.5b-fsdp.log under $OUT (default /tmp/nanobridge-gpu)
-# 1. bench.py on CUDA: bf16 decode against transformers (tiny, 0.5B, 1.5B shapes), the GRPO step, and the peak
-#    memory of one GRPO update at 4,096 tokens (chunked head + checkpointing against the full-logits head).
-# 2. 2 GRPO steps of the paper's 1.5B recipe (config/r1_distill_qwen15b.py: width 4, 4,096 new tokens, bf16
-#    autocast, chunked head, grad_checkpoint, KL reference) on a random model of DeepSeek-R1-Distill-Qwen-1.5B's
-#    shape. A random model never stops early, so every row runs to 4,096 tokens: the worst case. train.py prints
-#    its memory estimate first; each GRPO log line ends with the measured peak (mem), to compare.
-# 3. The same under FSDP2 at world size 1 (bf16 gathered weights, fp32 reduce, sharded checkpoint and optimizer
-#    state): a warm-up step (base weights frozen) then 2 GRPO steps, at 1,024 new tokens.
-set -euo pipefail
+# The GPU check: one command on one lent GPU, at most 9 minutes of wall time, using only what that machine has (torch
+# 2.11, transformers 5.17, no network, no pip). It writes $OUT/summary.txt, one line per part, PASS or FAIL with its
+# figure, each part's log beside it, and exits non-zero if any part failed.
+#   bash gpu_check.sh                                  # on the GPU: OUT defaults to /tmp/nanobridge-gpu
+#   DEVICE=cpu OUT=/tmp/check bash gpu_check.sh        # its dry run on CPU: the same parts at small shapes
+# The parts, in this order, each with its own time limit (they add up to 530 s):
+#   suite  the test suite on the device under bf16 autocast (NANOBRIDGE_DEVICE/DTYPE): the fast tier plus the slow
+#          tests marked `cuda` (the compiled decode). It leaves out, with their reason printed as skips: oneDNN
+#          packing, RSS measurements and the gloo-rank (torchrun) tests, which are CPU-only, and the bit-exact
+#          comparisons of two training runs (a CUDA backward is not bit-deterministic; resume runs with a bound).
+#   bench  bench.py on the device in its quick form: decode against transformers, the GRPO step, one update's memory
+#   setup  a random model of DeepSeek-R1-Distill-Qwen-1.5B's shape, saved in bf16, and a few math problems
+#   grpo   one GRPO step of the paper's 1.5B recipe (config/r1_distill_qwen15b.py: width 4, 4,096 new tokens, bf16
+#          autocast, chunked head, grad_checkpoint, KL reference) on a random model of DeepSeek-R1-Distill-Qwen-1.5B's
+#          shape. A random model never stops early: every row runs to 4,096 tokens, the worst case. Its figure is
+#          the memory train.py estimated at start against the peak it measured (the log line's mem).
+#   fsdp   the same recipe under FSDP2 at world size 1 (bf16 gathered weights, fp32 reduction, full-state checkpoint):
+#          a warm-up step (base weights frozen) then a GRPO step, at 1,024 new tokens.
+set -uo pipefail
 cd "$(dirname "$0")"
+DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/nanobridge-gpu}
 mkdir -p "$OUT"
+: > "$OUT/summary.txt"
 export PYTHONUNBUFFERED=1
-python3 bench.py --device=cuda --repeats=2 --trl=False --mem_tokens=4096 2>&1 | tee "$OUT/bench.md"
-python3 - "$OUT" <<'PY'
+PY=${PYTHON:-python3}
+failed=0
+
+part() {  # part NAME SECONDS COMMAND...: run it with a time limit into $OUT/NAME.log; fig_NAME gives its figure
+  local name=$1 limit=$2 t0=$SECONDS rc fig
+  shift 2
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  fig=$("fig_$name" "$OUT/$name.log" 2>/dev/null | tr '\n' ' ' | head -c 300)
+  if [ $rc -eq 0 ]; then
+    echo "PASS $name ($((SECONDS - t0)) s): $fig" | tee -a "$OUT/summary.txt"
+  else
+    failed=1
+    [ $rc -eq 124 ] && fig="timed out after $limit s; $fig"
+    echo "FAIL $name ($((SECONDS - t0)) s, exit $rc): $fig; log: $OUT/$name.log" | tee -a "$OUT/summary.txt"
+  fi
+}
+fig_suite() { tail -n 1 "$1"; }
+fig_bench() {  # the decode rows against transformers and the GRPO step's time, as "model width: ours vs HF"
+  grep -E '^\| (decode tok/s \(prefill-free\)|GRPO step, train)' "$1" | awk -F'|' '{printf "%s w%s: %s vs %s;", $3, $4, $5, $6}'
+}
+fig_setup() { grep -E 'params|saved' "$1" | tail -n 1; }
+fig_grpo() {  # the estimate printed at start against the peak measured in the step
+  echo "estimated peak $(grep -E '^  peak' "$1" | awk '{print $2, $3}'), measured $(grep -oE 'mem [0-9.]+G' "$1" | tail -n 1)"
+  grep -E '^grpo 1/1' "$1" | grep -oE 'tok/s [0-9.e+]+'
+}
+fig_fsdp() { grep -E '^(warmup|grpo) 1/1' "$1" | grep -oE '^(warmup|grpo) 1/1|mem [0-9.]+G'; }
+
+if [ "$DEVICE" = cpu ]; then  # the dry run: small shapes, the same code paths
+  SHAPE="hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+         vocab_size=512"
+  NEW=64 FSDP_NEW=32 SUITE_TIER='not slow' BENCH=(--quick=True --trl=False --mem_tokens=)
+else  # DeepSeek-R1-Distill-Qwen-1.5B's config.json
+  SHAPE="hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+         num_key_value_heads=2, vocab_size=151936"
+  NEW=4096 FSDP_NEW=1024 SUITE_TIER='not slow or cuda' BENCH=(--quick=True --trl=False --mem_tokens=4096)
+fi
+
+# 1. the suite on the device, bf16
+part suite 190 env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
+    $PY -m pytest -m "$SUITE_TIER" -q -p no:cacheprovider -rs --junitxml="$OUT/suite.xml"
+
+# 2. the bench
+part bench 80 $PY bench.py --device="$DEVICE" "${BENCH[@]}"
+
+# 3. the 1.5B recipe's GRPO step on a random model of its shape
+part setup 40 $PY - "$OUT" "$SHAPE" <<'PY'
 import json, os, sys, torch
 from model import ModelConfig, Transformer
-import train
-out = sys.argv[1]
-ckpt = os.path.join(out, 'r1-1.5b-random')
-cfg = ModelConfig(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=False, rope_theta=10000.0,
-                  max_position_embeddings=131072, eos_token_id=151643)  # DeepSeek-R1-Distill-Qwen-1.5B's config.json
-with torch.device('cuda'):
-    Transformer(cfg).to(torch.bfloat16).cpu().save_pretrained(ckpt)  # random weights, bf16 on disk as the real one
-train.write_byte_tokenizer(ckpt)  # any tokenizer will do: rewards are 0 for a random model anyway
+from sample import write_byte_tokenizer
+out, shape = sys.argv[1], eval(f"dict({sys.argv[2]})")
+cfg = ModelConfig(**shape, tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=131072,
+                  eos_token_id=256)
+torch.manual_seed(0)
+with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):
+    m = Transformer(cfg).to(torch.bfloat16)
+m.cpu().save_pretrained(os.path.join(out, 'random'))  # bf16 on disk, like the real checkpoint
+write_byte_tokenizer(os.path.join(out, 'random'))  # any tokenizer will do: a random model's rewards are 0 anyway
 with open(os.path.join(out, 'math.jsonl'), 'w') as f:
     for a in range(8):
         f.write(json.dumps({'problem': f'What is {a} + {a}?', 'solution': f'\\boxed{{{2 * a}}}'}) + '\n')
+print(f"{sum(p.numel() for p in m.parameters()):,} params saved")
 PY
-python3 train.py config/r1_distill_qwen15b.py --init_from="$OUT/r1-1.5b-random" --data_train="$OUT/math.jsonl" \
-    --data_test="$OUT/math.jsonl" --chat_template=plain --mode=grpo --grpo_steps=2 --batch_prompts=1 \
-    --out_dir="$OUT/run" --save_every=1000 2>&1 | tee "$OUT/r1-1.5b.log"
-torchrun --standalone --nproc_per_node=1 train.py config/r1_distill_qwen15b.py --fsdp=True \
-    --init_from="$OUT/r1-1.5b-random" --data_train="$OUT/math.jsonl" --data_test="$OUT/math.jsonl" \
-    --chat_template=plain --mode=warmup,grpo --warmup_steps=1 --warmup_problems=1 --grpo_steps=2 --batch_prompts=1 \
-    --max_new_tokens=1024 --out_dir="$OUT/run-fsdp" --save_every=1000 2>&1 | tee "$OUT/r1-1.5b-fsdp.log"
-rm -rf "$OUT/r1-1.5b-random" "$OUT/run" "$OUT/run-fsdp"
+RECIPE=(config/r1_distill_qwen15b.py --init_from="$OUT/random" --data_train="$OUT/math.jsonl"
+        --data_test="$OUT/math.jsonl" --chat_template=plain --batch_prompts=1 --save_every=1000 --device="$DEVICE")
+part grpo 150 $PY train.py "${RECIPE[@]}" --mode=grpo --grpo_steps=1 --max_new_tokens=$NEW --out_dir="$OUT/run"
+
+# 4. FSDP2 at world size 1
+part fsdp 70 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${RECIPE[@]}" --fsdp=True \
+    --mode=warmup,grpo --warmup_steps=1 --warmup_problems=1 --grpo_steps=1 --max_new_tokens=$FSDP_NEW \
+    --out_dir="$OUT/run-fsdp"
+
+rm -rf "$OUT/random" "$OUT/run" "$OUT/run-fsdp"
+echo "summary: $OUT/summary.txt"
+exit $failed

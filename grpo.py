@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # answer extraction and grading
-
 # Rewards run on untrusted model output, so every input is bounded: we only look at the tail of a
 # completion, answers longer than MAX_ANSWER_CHARS are "no answer", and numbers with more than
 # MAX_NUM_DIGITS digits are compared as strings (int() of a huge string is slow and, since
@@ -155,17 +154,12 @@ def math_reward(text, gold, fallback=True):
 
 # -----------------------------------------------------------------------------
 # group-relative advantages
-
 def group_advantages(rewards, width, scale="group", eps=1e-4):
-    """Advantage of each completion relative to its group of `width` contiguous rows.
-
-    GRPO (DeepSeekMath): A_i = (r_i - mean_g(r)) / (std_g(r) + eps), the same A for every token of o_i.
-    Dr. GRPO (scale='none'): A_i = r_i - mean_g(r); dividing by std up-weights questions that are
-    nearly always (or never) solved, a difficulty bias.
-    std is the unbiased (Bessel, ddof=1) estimate, like TRL and torch.std. A group of width 1 has
-    mean = r, so A = 0 (we define its std as 0 rather than NaN). A group with equal rewards gets A = 0:
-    it carries no learning signal (DAPO's dynamic sampling drops such groups).
-    """
+    """Advantage of each completion relative to its group of `width` contiguous rows. GRPO (DeepSeekMath):
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps), the same A for every token of o_i. Dr. GRPO (scale='none'):
+    A_i = r_i - mean_g(r); dividing by std up-weights questions that are nearly always (or never) solved, a difficulty
+    bias. std is unbiased (ddof=1) like TRL's and torch.std; a group of width 1 gets std 0, not NaN, so A = 0. A group
+    of equal rewards gets A = 0: it carries no learning signal (DAPO's dynamic sampling drops such groups)."""
     if rewards.ndim != 1 or width < 1 or rewards.numel() % width != 0:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of width {width}")
     if scale not in ("group", "none"):
@@ -179,13 +173,11 @@ def group_advantages(rewards, width, scale="group", eps=1e-4):
 
 # -----------------------------------------------------------------------------
 # the GRPO / DAPO / Dr. GRPO policy loss
-
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
 def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="dapo", max_tokens=None, normalizer=None):
     """Clipped GRPO surrogate. logp, old_logp, ref_logp, mask: (B, T) per completion token; adv: (B,).
-
     Per token (PPO clip, DAPO clip-higher when eps_high > eps_low):
         r_t = exp(logp - old_logp)
         L_t = -min(r_t * A, clip(r_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
@@ -200,8 +192,7 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
     Returns (loss, stats); stats are python floats: clip_frac (= low + high), clip_low_frac,
     clip_high_frac, kl (mean k3, 0 when off) and ratio_mean, all over the masked tokens.
     Note: on-policy (old_logp = logp.detach()) r_t = 1 and the loss VALUE is ~0 (the advantages are
-    centred), but its gradient -A/N * grad(logp) is not: watch the reward, not the loss.
-    """
+    centred), but its gradient -A/N * grad(logp) is not: watch the reward, not the loss."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if loss_type == "dr_grpo" and not max_tokens:
@@ -244,7 +235,6 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
 
 # -----------------------------------------------------------------------------
 # data: the embedded procedural task and JSONL readers
-
 def addition_problems(split, digits=2, n_test=512):
     """Embedded task: 'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum (zero-padded so every row of a group
     writes its final digits at the same timesteps, where Bridge can compare them). Reward is on the final only,
@@ -296,7 +286,6 @@ def maxdigit_env(tok, seed):
     """The positive control's environment (generate's env hook): it writes 'd;' and the stop token, the policy only F.
     Its digits come from a generator of their own, not the sampler's random stream."""
     g, fixed = torch.Generator().manual_seed(seed), {1: tok.encode(';')[0], 3: tok.eos_id}
-
     def env(s, tokens, pos):
         if s == 0:  # a digit the policy cannot choose
             return torch.tensor(tok.encode('0123456789'))[skewed_digits(len(pos), g)].to(pos.device)
@@ -339,7 +328,6 @@ def read_jsonl(path, kind, keys=None):
 
 # -----------------------------------------------------------------------------
 # log-probs and the policy update
-
 def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     """The one function that computes log-probs (for the loss, old and reference policies): log p(tokens[t] |
     tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
@@ -415,32 +403,29 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
     return {**dict(zip(keys, all_sum(*[sums[k] for k in keys]))), 'gnorm': sums['gnorm']}
 
 class Health:
-    """GRPO's warnings, each said once and in words (the log line's columns show the numbers step by step): no
-    learning signal (every group has zero reward std), every completion truncated, and a collapse: reward 0 on every
-    group for `patience` steps after it had reached `high`. No sampled answer is then right, so there is nothing to
-    learn from, and GRPO does not recover."""
+    """GRPO's warnings, each said once, in words (the log line's columns show the numbers step by step): no learning
+    signal (every group has zero reward std), every completion truncated, and a collapse: reward 0 on every group for
+    10 steps after it had reached 0.2, from which GRPO does not recover (no right answer is left to learn from)."""
 
-    def __init__(self, patience=10, high=0.2):
-        self.said, self.best, self.zeros, self.patience, self.high = set(), (0.0, 0), 0, patience, high
+    def __init__(self):
+        self.said, self.best, self.zeros = set(), (0.0, 0), 0
 
     def __call__(self, step, reward, zero_std, trunc, max_tokens):
-        """Messages not said before, for this step's mean reward, zero-std and truncated fractions."""
-        self.best = max(self.best, (reward, -step))
-        self.zeros = self.zeros + 1 if reward == 0 else 0
+        """The messages not said before, for this step's mean reward and its zero-std and truncated fractions."""
+        self.best, self.zeros = max(self.best, (reward, -step)), self.zeros + 1 if reward == 0 else 0
         news = {'std': zero_std == 1 and reward < 1 and f"grpo step {step}: every group has zero reward std, so "
                 "there is no learning signal: check max_new_tokens, the reward and the prompt format (zero_std column)",
                 'trunc': trunc == 1 and f"grpo step {step}: every completion hit max_new_tokens={max_tokens}",
-                'collapse': self.zeros >= self.patience and self.best[0] >= self.high and
-                f"GRPO has collapsed: reward 0 on every group for the last {self.zeros} steps, after {self.best[0]:.2f}"
-                f" at step {-self.best[1]}. No sampled answer is right any more, so there is nothing to learn from "
-                "and it will not recover: stop it, and rerun with a lower --lr or more --batch_prompts"}
+                'collapse': self.zeros >= 10 and self.best[0] >= 0.2 and f"GRPO has collapsed: reward 0 on every group "
+                f"for the last {self.zeros} steps, after {self.best[0]:.2f} at step {-self.best[1]}. No sampled answer "
+                "is right any more, so there is nothing to learn from: stop it, and rerun with a lower --lr or more "
+                "--batch_prompts"}
         out = [msg for k, msg in news.items() if msg and k not in self.said]
         self.said |= {k for k, msg in news.items() if msg}
         return out
 
 # -----------------------------------------------------------------------------
 # evaluation at every width
-
 def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
     """(sum, count) pairs (so ranks can add them up) for one width. Rows come in groups of w.
     acc: mean per-response accuracy; pass@w: >= 1 correct in the group; maj: the group's plurality answer is right;

@@ -98,14 +98,12 @@ class ModelConfig:
 PACKED = WeakIdKeyDictionary()  # first weight -> (key, packed, bias), outside the modules so deepcopy works
 
 class Linear(nn.Linear):
-    """nn.Linear with a CPU inference fast path. From 4 rows up, MKL sgemm (torch's F.linear) reads a decode matmul's
-    weights far below memory bandwidth, and oneDNN on pre-packed weights is 1.4-2x faster (Intel Xeon, torch 2.11-2.14)
-    to 4x (AMD EPYC); below 4 rows MKL's mat-vec path is as fast or faster (`python bench.py --only=linear`). The packed
-    copy is remade whenever a weight's version counter moves (optimizer steps) and costs one extra copy of the weights:
-    Linear.prepack = False turns it off. Packing costs a few matmuls' time, so a weight is packed only once it has been
-    used pack_after times unchanged (a one-off forward pass never pays for it). The oneDNN ops are private to torch: if
-    a release drops them or changes them, the first call notices (an error, or a result unlike F.linear's) and the
-    path turns itself off for good, silently."""
+    """nn.Linear with a CPU inference fast path: from 4 rows up, oneDNN on pre-packed weights beats MKL's sgemm
+    (torch's F.linear) 1.4-2x on Intel Xeon and ~4x on AMD EPYC; below, MKL's mat-vec path is as fast or faster
+    (`python bench.py --only=linear`). The packed copy costs one more copy of the weights (Linear.prepack = False:
+    off), is made once a weight was used pack_after times unchanged (a one-off pass never pays for it) and remade when
+    its version counter moves. The oneDNN ops are private to torch: if a release drops or changes them, the first
+    call notices (an error, or a result unlike F.linear's) and the path turns itself off for good, silently."""
     prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
                and platform.machine().lower() in ('x86_64', 'amd64'))  # measured on x86 only; elsewhere F.linear
     min_size = 2**17  # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights
@@ -326,17 +324,15 @@ class Block(nn.Module):
         return x
 
 def saved_bytes_per_token(cfg: ModelConfig, bridge: BridgeConfig | None, width, bf16):
-    """Bytes autograd keeps per token in one Block (its Bridge included), for train.py's memory estimate. Measured,
-    not modelled: one Block runs on CPU on uninitialised weights under the run's autocast, and saved_tensors_hooks
-    add up the storages it saves. Two lengths, so that what does not grow with tokens (autocast's weight copies)
-    cancels."""
+    """Bytes autograd keeps per token in one Block (its Bridge included), measured: one Block runs on CPU on
+    uninitialised weights under the run's autocast, and saved_tensors_hooks add up the storages it saves. Two
+    lengths, so that what does not grow with tokens (autocast's weight copies) cancels."""
     with torch.device('meta'):
         block = Block(cfg, 0, bridge)
     block.to_empty(device='cpu')
     params, sizes = {p.untyped_storage().data_ptr() for p in block.parameters()}, []
     for T in (8, 16):
         seen = {}
-
         def pack(t):
             if t.untyped_storage().data_ptr() not in params:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -351,12 +347,10 @@ def saved_bytes_per_token(cfg: ModelConfig, bridge: BridgeConfig | None, width, 
 
 def memory_estimate(cfg: ModelConfig, bridge, n_params, n_train, rows, mb_rows, tokens, new_tokens, chunk, width,
                     bf16, fsdp=0, beta=0.0, checkpointing=True):
-    """{item: bytes} at a GRPO run's peak on one rank (train.py prints it at start): a long-trace run should stop
-    before it starts, not after an hour of rollouts. rows: rollout rows per rank; mb_rows: rows of one gradient
-    micro-batch (whole groups: a group is never split); tokens: prompt + new_tokens. fsdp = the number of FSDP ranks
-    (0: none): a rank then keeps 1/fsdp of the weights and their state, and gathers (in the compute dtype) all
-    weights for a rollout, or two blocks (one prefetched) and the head for the update, where a block's gradients
-    meet too."""
+    """{item: bytes} at a GRPO run's peak on one rank, which train.py prints at start. rows: rollout rows per rank;
+    mb_rows: rows of one gradient micro-batch (whole groups); tokens: prompt + new_tokens; fsdp: the FSDP ranks (0:
+    none), of which each keeps 1/fsdp of the weights and their state, and gathers in the compute dtype all weights for
+    a rollout, or two blocks (one prefetched) and the head for the update, where a block's gradients meet too."""
     L, V, cdt, S = cfg.num_hidden_layers, cfg.vocab_size, 2 if bf16 else 4, fsdp or 1
     kv_token = 2 * L * cfg.num_key_value_heads * cfg.head_dim * cdt  # K and V of every layer, per cached token
     act = saved_bytes_per_token(cfg, bridge, width, bf16)
@@ -393,13 +387,12 @@ def check_memory(m, device, verbose=True):
     else:
         with open('/proc/meminfo') as f:
             have = int(next(l for l in f if l.startswith('MemAvailable')).split()[1]) * 1024
-    if m['peak'] > 0.95 * have:
-        msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank but {device} has {have / 2**30:.1f} GiB: lower "
-               f"width, max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set grad_checkpoint=True")
-        if device.type == 'cuda':
-            raise ValueError(msg)
-        if verbose:
-            print(f"WARNING: {msg}")
+    msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank but {device} has {have / 2**30:.1f} GiB: lower width, "
+           "max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set grad_checkpoint=True")
+    if m['peak'] > 0.95 * have and device.type == 'cuda':
+        raise ValueError(msg)
+    if m['peak'] > 0.95 * have and verbose:
+        print(f"WARNING: {msg}")
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, bridge: BridgeConfig | None = None):
@@ -431,15 +424,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, width=1, alive=None, cache=None, pos=None, last=None, start=0,
                 temperature=1.0, reduction='mean'):
-        """idx (B, T) -> (logits (B, T, V), loss). Rows are grouped into contiguous blocks of `width` siblings
-        for Bridge; alive (B, T) marks positions that are not finished/padded (None = all alive).
-        With a cache: pos=None prefills from position 0; pos (B,) decodes one token per row at its position.
-        last (B,) returns logits only at those positions (prefill needs just each prompt's last one); start > 0
-        only for positions >= start (the log-prob pass needs none for the prompt). The vocabulary projection is
-        the biggest matmul of a small model, so skipping it where nobody reads it matters.
-        With targets (-1 = no loss) the logits are never built: the head runs in token chunks (head_logprobs) and
-        logits is None; loss is the mean cross-entropy of softmax(logits / temperature), or with reduction='none'
-        the per-token negative log-probs (B, T - start), which is what GRPO needs."""
+        """idx (B, T) -> (logits (B, T, V), loss). Rows are grouped into contiguous blocks of `width` siblings for
+        Bridge; alive (B, T) marks positions that are not finished/padded (None = all alive). With a cache: pos=None
+        prefills from position 0; pos (B,) decodes one token per row at its position. last (B,) returns logits only
+        there (a prefill needs each prompt's last), start > 0 only from there (the log-prob pass needs no prompt):
+        the vocabulary head is a small model's biggest matmul. With targets (-1 = no loss) no logits are built: the
+        head runs in token chunks (head_logprobs); loss is the mean cross-entropy of softmax(logits / temperature),
+        or with reduction='none' the per-token negative log-probs (B, T - start) that GRPO needs."""
         B, T = idx.shape
         if B % width:
             raise ValueError(f"batch of {B} rows is not divisible by width={width}")
@@ -566,8 +557,7 @@ class Transformer(nn.Module):
         if len(shards) > 1:
             index = {'metadata': {'total_size': sum(v.numel() * v.element_size() for v in sd.values())},
                      'weight_map': {k: n for n, s in zip(names, shards) for k in s}}
-            atomic_write(os.path.join(path, 'model.safetensors.index.json'),
-                         json.dumps(index, indent=2))
+            atomic_write(os.path.join(path, 'model.safetensors.index.json'), json.dumps(index, indent=2))
         keep = set(names) | ({'model.safetensors.index.json'} if len(shards) > 1 else set())
         for f in os.listdir(path):  # weights of an earlier save with another shard layout would be read instead
             if f not in keep and (f in ('model.safetensors', 'model.safetensors.index.json')
@@ -581,7 +571,6 @@ class Transformer(nn.Module):
 
 # -----------------------------------------------------------------------------
 # FSDP2 (train.py --fsdp=True under torchrun), in torchtitan's layout
-
 def shard(model, world, bf16, train=True):
     """Each Block (its Bridge inside) is one FSDP unit, gathered for its forward and again for its backward; the
     embedding and [norm, lm_head] are units too (tied, all three are one: a weight lives in one unit), and the
@@ -609,21 +598,16 @@ def fsdp_units(model):
     fsdp = sys.modules.get('torch.distributed.fsdp')  # imported by shard(): before it, nothing is sharded
     return [m for m in model.modules() if fsdp and isinstance(m, fsdp.FSDPModule)]
 
-def full_state(model, opt=None, fsdp=False):
-    """The model's state_dict, or with opt the optimizer's. Under FSDP every rank takes part, and rank 0 receives
-    the whole tensors (on CPU, one at a time) keyed by parameter name: the same HF checkpoint as without FSDP."""
+def full_state(model, opt=None, fsdp=False, load=None):
+    """The model's state_dict, or with opt the optimizer's, or with load set the optimizer's to it. Under FSDP every
+    rank takes part, and rank 0 receives the whole tensors (on CPU, one at a time) keyed by parameter name (the same
+    HF checkpoint as without FSDP); loaded, each rank keeps its shard."""
     if not fsdp:
-        return model.state_dict() if opt is None else opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=full) if opt is None else get_optimizer_state_dict(model, opt, options=full)
-
-def load_optimizer_state(model, opt, state, fsdp=False):
-    """The inverse of full_state(model, opt): under FSDP the full tensors by parameter name, each rank keeps its shard."""
-    if not fsdp:
-        return opt.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+        return model.state_dict() if opt is None else opt.state_dict() if load is None else opt.load_state_dict(load)
+    from torch.distributed.checkpoint import state_dict as dcp
+    full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=load is None)
+    return dcp.get_model_state_dict(model, options=full) if opt is None else dcp.get_optimizer_state_dict(
+        model, opt, options=full) if load is None else dcp.set_optimizer_state_dict(model, opt, load, options=full)
 
 @contextmanager
 def gathered(model, fsdp):
@@ -632,11 +616,9 @@ def gathered(model, fsdp):
     if fsdp:
         model.set_reshard_after_forward(False)
     yield
-    if fsdp:  # back to shard()'s layout, and sharded
-        model.set_reshard_after_forward(True)
-        model.lm_head.set_reshard_after_forward(False, recurse=False)
-        for m in fsdp_units(model):
-            m.reshard()
+    for m in fsdp_units(model) if fsdp else []:  # back to shard()'s layout (the head kept after forward), sharded
+        m.set_reshard_after_forward(m is not model.lm_head, recurse=False)
+        m.reshard()
 
 ST_DTYPES = {'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'F64': torch.float64,
              'I64': torch.int64, 'I32': torch.int32, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
@@ -686,8 +668,7 @@ def _weight_files(path):
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
     return [single]
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+os.umask(_UMASK := os.umask(0o022))  # the process's umask: reading it means setting it, so put it back at once
 
 def atomic_write(path, data):
     """Write to a temp file, then rename: a crash never leaves a half-written file under the real name.

@@ -20,11 +20,6 @@ import torch
 # ByteLevel(use_regex=true) in a tokenizer.json means GPT-2's split pattern
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN2_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-# the 22 Qwen2.5 special tokens, ids 151643.. (used only for a bare qwen.tiktoken without tokenizer_config.json)
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
 # GPT-2's bytes_to_unicode, inverted: HF byte-level vocab strings spell each byte as one printable char
 _bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
 _extra = [b for b in range(256) if b not in _bs]
@@ -132,9 +127,8 @@ class Tokenizer:
         if not os.path.exists(fn):
             raise FileNotFoundError(f"{path}: no tokenizer.json or qwen.tiktoken in the checkpoint directory")
         ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in _read(fn, 'rb').splitlines() if l)}
-        dec = _read_json(path, 'tokenizer_config.json').get('added_tokens_decoder')  # {"id": {content, ...}}
-        added = ({v['content']: int(k) for k, v in dec.items()} if dec else
-                 {s: 151643 + i for i, s in enumerate(QWEN_SPECIALS)})
+        dec = _read_json(path, 'tokenizer_config.json').get('added_tokens_decoder') or {}  # {"id": {content, ...}}
+        added = {v['content']: int(k) for k, v in dec.items()}  # (a bare rank file has no special tokens)
         return cls(path, ranks, added, {}, QWEN2_PAT, True)  # Qwen2's tokenizer.json normalises NFC
 
     def encode(self, text):
@@ -214,7 +208,6 @@ def free_cores(seconds=0.3):
 
 # -----------------------------------------------------------------------------
 # N-wide generation: one prefill per prompt, its KV cache copied to `width` rows, rows decode in lock-step
-
 @dataclass
 class Generation:
     tokens: torch.Tensor       # (B, T) prompt + completion per row, right-padded with pad_id; row b = prompt b // width
@@ -286,16 +279,12 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     step s with the (B, T) tokens so far and the (B,) positions about to be written; it returns None or (B,) ids,
     where an id >= 0 replaces that row's sampled token. Rows and siblings read it like any token, but it is marked
     in from_env and gets log-prob 0: the policy did not choose it, so GRPO leaves it out of the loss."""
-    if width < 1:
-        raise ValueError(f"width={width} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+    for bad, msg in ((width < 1, f"width={width} must be >= 1"), (temperature < 0, f"temperature={temperature} must "
+                      "be >= 0 (0 = greedy)"), (max_new_tokens < 1, f"max_new_tokens={max_new_tokens} must be >= 1"),
+                     (not 0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
+                     (not prompts or any(len(p) == 0 for p in prompts), "every prompt needs at least one token")):
+        if bad:
+            raise ValueError(msg)
     ctx = model.config.max_position_embeddings
     P, B, dev = len(prompts), len(prompts) * width, model.lm_head.weight.device
     lens = torch.tensor([len(p) for p in prompts], device=dev)
@@ -375,13 +364,11 @@ def bridge_view(probe, gen):
     names, out = '123456789abcdefghijklmnopqrstuvwxyz', []
     for b, n in enumerate(gen.lengths.tolist()):
         a, own = att[b, :n - 1], b % W  # (tokens after the first, W)
-        share = 1 - a[:, own]
-        top = a.index_fill(1, torch.tensor([own]), -1).argmax(1)  # the sibling it read most
-        total = a.sum(0).index_fill(0, torch.tensor([own]), -1)
+        share, sib = 1 - a[:, own], a.index_fill(1, torch.tensor([own]), -1)  # sib: its own column out of the race
         out.append(f"  share  .{''.join(str(min(9, int(10 * v))) for v in share.tolist())}\n"
-                   f"  reads  .{''.join(names[j] if j < len(names) else '?' for j in top.tolist())}\n"
+                   f"  reads  .{''.join(names[j] if j < len(names) else '?' for j in sib.argmax(1).tolist())}\n"
                    f"  mean share {share.mean().item() if n > 1 else 0:.2f}; read most overall: answer "
-                   f"{int(total.argmax()) + 1}")
+                   f"{int(sib.sum(0).argmax()) + 1}")
     return out
 
 # -----------------------------------------------------------------------------
@@ -418,10 +405,8 @@ if __name__ == '__main__':
     if show_bridge and model.bridge_config is None:
         raise ValueError(f"--show_bridge=True but {init_from} has no Bridge blocks (config.json has no 'bridge' entry)")
     probe = BridgeProbe(model, keep=True) if show_bridge else None
-    if chat_template == 'none' or (chat_template == 'auto' and tok.chat_template is None):
-        ids = tok.encode(prompt)
-    else:
-        ids = tok.encode_chat(prompt, system or None, 'plain' if chat_template == 'plain' else None)
+    raw = chat_template == 'none' or (chat_template == 'auto' and tok.chat_template is None)
+    ids = tok.encode(prompt) if raw else tok.encode_chat(prompt, system or None, 'plain' if chat_template == 'plain' else None)
     t0 = time.time()
     out = generate(model, [ids], width, max_new_tokens, temperature, top_k or None, top_p, tok.stop_ids, seed,
                    compile=compile)

@@ -1117,14 +1117,12 @@ def test_qwen_tiktoken_rank_file(tmp, tmp_path):
     tok = Tokenizer.from_pretrained(str(d))
     assert tok.stop_ids == [tmp['ids']['<|im_end|>']]
     _check_parity(tok, hf, TEXTS + _random_texts(100))
-    # bare rank file: the 22 standard Qwen2.5 specials from id 151643
+    # a bare rank file: byte-level BPE with no special tokens, so '<|im_end|>' is plain text
     bare = tmp_path / 'bare'
     bare.mkdir()
     shutil.copy(d / 'qwen.tiktoken', bare / 'qwen.tiktoken')
     tok = Tokenizer.from_pretrained(str(bare))
-    assert len(tok.special_ids) == 22 and tok.n_vocab == 151665
-    assert tok.encode('<|endoftext|><|im_start|><|im_end|>') == [151643, 151644, 151645]
-    assert tok.encode('hi <|file_sep|>') == hf.encode('hi ').ids + [151664]
+    assert tok.special_ids == {} and len(tok.encode('<|im_end|>')) > 1 and tok.encode('hi') == hf.encode('hi').ids
     assert tok.stop_ids == [] and tok.eos_id is None and tok.chat_template is None
 
 # ---- config: stop / pad / bos / template ------------------------------------------------------------

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import sys
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from bridge import BridgeConfig, BridgeProbe, bridge_params, bridge_report
 from model import (ModelConfig, Transformer, atomic_dir, atomic_write, check_memory, fsdp_units, full_state, gathered,
-                   load_optimizer_state, memory_estimate, recover_dir, shard)
+                   memory_estimate, recover_dir, shard)
 from sample import Tokenizer, free_cores, generate, write_byte_tokenizer
 import grpo
 
@@ -58,8 +57,7 @@ sft_steps = 1000        # step cap (the embedded task's seeds reach the target i
 sft_target = 0.55       # stop once greedy held-out accuracy reaches this
 sft_eval_every = 50
 sft_max_seconds = 0     # also stop after this long (0 = never: a clock makes the run depend on the machine's load)
-# Bridge warm-up (paper): `width` samples per problem from the base model, keep the correct ones, drop problems
-# with <= 1 correct, train Bridge weights only, one problem's correct answers = one Bridge group
+# Bridge warm-up (paper): the base model's own correct answers, >= 2 per problem, train Bridge weights only
 warmup_steps, warmup_lr = 100, 1e-3
 warmup_problems = 32    # problems sampled per warm-up step
 # GRPO
@@ -98,8 +96,6 @@ dry_run = False         # print the memory estimate, then stop
 wandb_log, wandb_project = False, 'nanobridge'
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 # -----------------------------------------------------------------------------
-STEPS = {'sft': 'sft_steps', 'warmup': 'warmup_steps', 'grpo': 'grpo_steps'}  # each training stage's length
-
 def check_config():
     bad = [msg for wrong, msg in [
         (not set(mode.split(',')) <= {'sft', 'warmup', 'grpo', 'eval'}, f"mode={mode!r}: stages must be among sft, "
@@ -129,17 +125,15 @@ def check_overwrite(model_dir, stages, ckpt):
     checkpoint of another run. --init_from=resume writes where it reads on purpose; --overwrite=True allows it."""
     if init_from == 'resume' or overwrite or dry_run or not {'sft', 'warmup', 'grpo'} & set(stages):
         return
-    if model_dir and os.path.realpath(model_dir) == os.path.realpath(ckpt):
-        raise ValueError(f"--init_from={init_from} is the checkpoint this run would overwrite (it saves to {ckpt}): "
-                         "continue that run with --init_from=resume, or write to another --out_dir")
-    if any(os.path.exists(ckpt + s) for s in ('', '.new', '.old')):
-        raise ValueError(f"{ckpt} holds another run's checkpoint, which this run (--init_from={init_from}) would "
-                         "replace: continue it with --init_from=resume, write to another --out_dir, or pass "
-                         "--overwrite=True to replace it")
+    same = model_dir and os.path.realpath(model_dir) == os.path.realpath(ckpt)
+    if same or any(os.path.exists(ckpt + s) for s in ('', '.new', '.old')):
+        raise ValueError((f"--init_from={init_from} is the checkpoint this run would overwrite (it saves to {ckpt})" if
+                          same else f"{ckpt} holds another run's checkpoint, which this run (--init_from={init_from}) "
+                          "would replace") + ": continue that run with --init_from=resume, write to another --out_dir, "
+                         "or pass --overwrite=True to replace it")
 
 # -----------------------------------------------------------------------------
 # data: a problem is a dict with prompt text, gold answer, and the reference response used for SFT
-
 EMBEDDED = ('add', 'maxdigit')  # procedural tasks in the 'draft;final' format, for the byte-level tiny model
 
 def load_problems(split):
@@ -160,7 +154,6 @@ def reward(text, problem):
 
 # -----------------------------------------------------------------------------
 # the shared training loop: LR schedule, grad sync across ranks, clipping, logging, checkpoints, resume
-
 def get_lr(it, base, total):
     if it < warmup_iters:  # linear warm-up, then cosine down to min_lr (nanoGPT)
         return base * (it + 1) / warmup_iters
@@ -201,17 +194,17 @@ def save_checkpoint(stage, step, opt, extra=None):
     atomic_dir(os.path.join(out_dir, 'ckpt'), write)
 
 def resume_plan(stages, state, path):
-    """(stages still to run, first step, optimizer state) for --init_from=resume. The checkpoint's own stage goes on
-    from its saved step, or is skipped once finished (unless its step count was raised), stages listed before it
-    are skipped; a --mode without that stage runs all its stages from step 0 on the checkpoint's weights."""
+    """(stages left, first step, optimizer state) for --init_from=resume: the checkpoint's stage goes on from its step,
+    or is skipped once finished (unless its step count was raised), and the stages listed before it are skipped; a
+    --mode without that stage runs all its stages from step 0 on the checkpoint's weights."""
     s, step = state['stage'], state['step']
     if s not in stages:
         return stages, 0, None
-    i, total = stages.index(s), globals()[STEPS[s]]
+    i, total = stages.index(s), globals()[f'{s}_steps']
     if state['extra'].get('done') or step >= total:
         if master:
             print(f"resume: {path} finished {s} at step {step}/{total}" + ("" if state['extra'].get('done') else
-                  f"; raise --{STEPS[s]} to train it further"))
+                  f"; raise --{s}_steps to train it further"))
         return stages[i + 1:], 0, None
     if state['config'].get('fsdp', False) != fsdp:  # DDP's AdamW state is by index, FSDP's by name
         raise ValueError(f"{path} was written with fsdp={not fsdp}; resume it with --fsdp={not fsdp}")
@@ -232,7 +225,7 @@ def run_stage(stage, params, base_lr, step_fn, start=0, opt_state=None, should_s
     opt = torch.optim.AdamW(params, lr=base_lr, betas=(beta1, beta2), weight_decay=weight_decay,
                             **({'fused': True} if dev.type == 'cuda' else {}))
     if opt_state is not None:
-        load_optimizer_state(raw_model, opt, opt_state, fsdp)
+        full_state(raw_model, opt, fsdp, load=opt_state)
 
     def update():  # one optimizer step: sync, clip, step, zero
         sync_grads(params)
@@ -241,7 +234,7 @@ def run_stage(stage, params, base_lr, step_fn, start=0, opt_state=None, should_s
         opt.zero_grad(set_to_none=True)
         return float(norm)
 
-    total, t_start = globals()[STEPS[stage]], time.time()
+    total, t_start = globals()[f'{stage}_steps'], time.time()  # sft_steps, warmup_steps, grpo_steps
     stop_at = min(total, max_iters) if stage == 'grpo' and max_iters else total
     for step in range(start, stop_at):
         for g in opt.param_groups:
@@ -265,7 +258,6 @@ def run_stage(stage, params, base_lr, step_fn, start=0, opt_state=None, should_s
 
 # -----------------------------------------------------------------------------
 # stages
-
 def sft(start=0, opt_state=None):
     """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted)."""
     train, test = load_problems('train'), load_problems('test')[:eval_problems][ddp_rank::ddp_world]
@@ -295,8 +287,7 @@ def sft(start=0, opt_state=None):
     run_stage('sft', list(model.parameters()), sft_lr, step_fn, start, opt_state, should_stop)
 
 def sample_and_score(problems, w, temp, gen_seed, entropy=False):
-    """The one place that samples: `w` rows per problem, decoded and scored -> (Generation, texts, rewards, the
-    problem of every row)."""
+    """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's problem)."""
     env = grpo.maxdigit_env(tok, gen_seed + 7919 * (ddp_rank + 1)) if task == 'maxdigit' else None
     with torch.no_grad(), autocast, gathered(raw_model, fsdp):
         gen = generate(raw_model, [encode_prompt(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
@@ -308,8 +299,8 @@ def sample_and_score(problems, w, temp, gen_seed, entropy=False):
     return gen, texts, torch.tensor([reward(t, p) for t, p in zip(texts, rows)]), rows
 
 def rollout(train, n_prompts, step, salt):
-    """`width` sampled answers to each of this rank's share of n_prompts training problems, and their rewards.
-    Everything random is derived from (seed, stage, step, rank), which is what makes resume exact."""
+    """`width` answers to each of this rank's share of n_prompts training problems, and their rewards. Everything
+    random comes from (seed, stage, step, rank): that is what makes resume exact."""
     rng = random.Random(seed * 1000 + salt * 100 + step * ddp_world + ddp_rank)
     probs = [rng.choice(train) for _ in range(n_prompts // ddp_world)]
     gen, _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
@@ -382,7 +373,7 @@ def evaluate(after='init'):
     width gain, and the probe's norm ratio and sibling share per layer (at width 4, the paper's training width).
     Written to out_dir/eval_{after}.json, `after` being the stage that preceded it (sft, warmup, grpo)."""
     test = load_problems('test')[:eval_problems][ddp_rank::ddp_world]
-    widths, results, probe = [int(v) for v in eval_widths.split(',')], {}, BridgeProbe(raw_model)
+    widths, results, probe = sorted(int(v) for v in eval_widths.split(',')), {}, BridgeProbe(raw_model)
     for w in widths:
         groups = max(1, eval_samples // w)
         probs = [p for p in test for _ in range(groups)]  # `groups` independent groups of w rows per problem
@@ -391,6 +382,7 @@ def evaluate(after='init'):
         m = grpo.eval_metrics(texts, rows, w, reward, grpo.final_answer if task in EMBEDDED else None, gen.lengths)
         v = all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
         results[w] = {k: v[2 * i] / v[2 * i + 1] for i, k in enumerate(m) if v[2 * i + 1]}  # none counted: '-'
+        results[w]['width_gain'] = results[w]['acc'] - results[widths[0]]['acc']
         if task == 'maxdigit':  # what a row that cannot read its siblings could reach at best
             results[w]['chance'] = grpo.max_chance(w)
         shares = probe.sibling_shares()  # {} without Bridge blocks
@@ -398,8 +390,6 @@ def evaluate(after='init'):
         if shares and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
             results |= {'bridge_norm_ratio': probe.norm_ratios(), 'bridge_sibling_share': shares, 'probe_width': w}
     probe.remove()
-    for w in widths:
-        results[w]['width_gain'] = results[w]['acc'] - results[min(widths)]['acc']
     if master:
         print(grpo.format_table(results))
         atomic_write(os.path.join(out_dir, f'eval_{after}.json'),
@@ -423,6 +413,10 @@ if __name__ == '__main__':
             dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
             torch.cuda.set_device(dev)
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    torch.set_num_threads(threads or max(1, free_cores() // ddp_world))
+    if master:
+        print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ddp_world} rank(s)")
+    torch.manual_seed(seed)
     if init_from == 'resume':
         if master:
             recover_dir(ckpt)  # a save killed between its two renames: complete it before any rank reads ckpt
@@ -445,11 +439,6 @@ if __name__ == '__main__':
         check_config()
         stages, start, opt_state = resume_plan(stages, state, ckpt)
         after = state['stage']
-    torch.set_num_threads(threads or max(1, free_cores() // ddp_world))
-    if master:
-        print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ddp_world} rank(s)")
-    torch.manual_seed(seed)
-    if init_from == 'resume':
         torch.set_rng_state(state['rng']['torch'])
         random.setstate(state['rng']['python'])
         del state  # the optimizer state lives on in opt_state only until its stage has loaded it
@@ -506,6 +495,5 @@ if __name__ == '__main__':
         dist.destroy_process_group()
         # gloo's worker threads may still hold tensors while Python finalises, which can abort a rank at exit
         # (pytorch#179291, seen here under FSDP): everything is written, so leave without finalising
-        sys.stdout.flush()
-        sys.stderr.flush()
+        print(end='', flush=True)  # (stderr is line-buffered)
         os._exit(0)
