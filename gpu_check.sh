@@ -42,8 +42,9 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit into $OUT/NAM
   fi
 }
 fig_suite() { tail -n 1 "$1"; }
-fig_bench() {  # the decode rows against transformers and the GRPO step's time, as "model width: ours vs HF"
-  grep -E '^\| (decode tok/s \(prefill-free\)|GRPO step, train)' "$1" | awk -F'|' '{printf "%s w%s: %s vs %s;", $3, $4, $5, $6}'
+fig_bench() {  # decode speed against transformers per model and width, and the default GRPO step's time
+  grep -E '^\| decode tok/s \(prefill-free\)' "$1" | awk -F'|' '{split($3, m, " "); printf "%s w%s %s,", m[1], $4+0, $7}'
+  grep -E '^\| GRPO step, train' "$1" | awk -F'|' '{s += $5} END {printf " GRPO step %.0f ms", s}'
 }
 fig_setup() { grep -E 'params|saved' "$1" | tail -n 1; }
 fig_grpo() {  # the estimate printed at start against the peak measured in the step
@@ -64,7 +65,7 @@ fi
 
 # 1. the suite on the device, bf16
 part suite 190 env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
-    $PY -m pytest -m "$SUITE_TIER" -q -p no:cacheprovider -rs --junitxml="$OUT/suite.xml"
+    $PY -m pytest -m "$SUITE_TIER" -p no:cacheprovider -rs --junitxml="$OUT/suite.xml"  # (-q is in pytest.ini)
 
 # 2. the bench
 part bench 80 $PY bench.py --device="$DEVICE" "${BENCH[@]}"

@@ -260,10 +260,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
-        self.k_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
-        self.v_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
         self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         if cfg.model_type == 'qwen3':  # Qwen3 normalises q and k per head, before RoPE
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)

@@ -195,7 +195,6 @@ def free_cores(seconds=0.3):
     """Cores idle right now, from two reads of /proc/stat. Oversubscribed BLAS threads run many times slower on a
     busy machine; the load average would lag by a minute (right after `pip install` it still counts pip)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
     def total_idle():
         with open('/proc/stat') as f:
             v = [int(x) for x in f.readline().split()[1:]]
@@ -361,14 +360,15 @@ def bridge_view(probe, gen):
     if not calls:
         return ["  (no cross-row attention to show: width 1, or a self/pmatch model)"] * (gen.tokens.size(0))
     att = torch.stack([torch.stack(calls[k:k + L]).mean(0)[:, -1] for k in range(0, len(calls), L)], 1).float().cpu()
-    names, out = '123456789abcdefghijklmnopqrstuvwxyz', []
+    most = lambda w, who: '=' if len(w) > 1 and w.max() - w.min() <= 0.01 * w.max() else who[int(w.argmax())]
+    out = []
     for b, n in enumerate(gen.lengths.tolist()):
-        a, own = att[b, :n - 1], b % W  # (tokens after the first, W)
-        share, sib = 1 - a[:, own], a.index_fill(1, torch.tensor([own]), -1)  # sib: its own column out of the race
-        out.append(f"  share  .{''.join(str(min(9, int(10 * v))) for v in share.tolist())}\n"
-                   f"  reads  .{''.join(names[j] if j < len(names) else '?' for j in sib.argmax(1).tolist())}\n"
-                   f"  mean share {share.mean().item() if n > 1 else 0:.2f}; read most overall: answer "
-                   f"{int(sib.sum(0).argmax()) + 1}")
+        sibs = [j for j in range(W) if j != b % W]
+        who, s = ['123456789abcdefghijklmnopqrstuvwxyz?'[min(j, 35)] for j in sibs], att[b, :n - 1, sibs]
+        m = most(s.sum(0), who)  # s: its siblings' weights at every token after the first; their sum is its share
+        out.append(f"  share  .{''.join(str(min(9, int(10 * v))) for v in s.sum(1).tolist())}\n"
+                   f"  reads  .{''.join(most(w, who) for w in s)}\n  mean share {s.sum(1).mean() if n > 1 else 0:.2f}; "
+                   f"read most overall: {'no sibling more than another' if m == '=' else 'answer ' + m}")
     return out
 
 # -----------------------------------------------------------------------------
@@ -414,7 +414,8 @@ if __name__ == '__main__':
     views = bridge_view(probe, out) if probe else None
     if views:
         print("Bridge, per generated token: share = the tenths (0-9) of this answer's Bridge attention that went to "
-              "its siblings rather than itself, averaged over heads and layers; reads = the sibling it read most")
+              "its siblings rather than itself, averaged over heads and layers; reads = the sibling it read most "
+              "('=': none by 1% more than another)")
     for i, c in enumerate(out.completions()):
         print(f"--- answer {i + 1}/{width} ({len(c)} tokens{'' if out.finished[i] else ', truncated'})\n{tok.decode(c)}")
         if views:

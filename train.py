@@ -96,6 +96,7 @@ dry_run = False         # print the memory estimate, then stop
 wandb_log, wandb_project = False, 'nanobridge'
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 # -----------------------------------------------------------------------------
+
 def check_config():
     bad = [msg for wrong, msg in [
         (not set(mode.split(',')) <= {'sft', 'warmup', 'grpo', 'eval'}, f"mode={mode!r}: stages must be among sft, "
@@ -182,7 +183,6 @@ def save_checkpoint(stage, step, opt, extra=None):
         return
     state = {'stage': stage, 'step': step, 'optimizer': optim, 'config': config, 'extra': extra or {},
              'rng': {'torch': torch.get_rng_state(), 'python': random.getstate()}}
-
     def write(path):  # every checkpoint carries its tokenizer files
         raw_model.save_pretrained(path, state_dict=sd)
         if model_dir is None:
@@ -356,13 +356,13 @@ def grpo_stage(start=0, opt_state=None):
                                    temperature=temperature or 1.0, loss_type=loss_type, eps_low=eps_low,
                                    eps_high=eps_high, beta=beta, num_iterations=num_iterations,
                                    max_tokens=max_new_tokens, autocast=autocast)
-        n_tok = all_sum(gen.lengths.sum())[0]
-        zero_std, trunc, mean_r = all_sum((r.view(-1, width).std(1) == 0).float().mean() / ddp_world,
-                                          (~gen.finished).float().mean() / ddp_world, r.mean() / ddp_world)
+        zero_std, trunc, mean_r, acc, n_tok = all_sum(  # one all-reduce for the step's statistics
+            (r.view(-1, width).std(1) == 0).float().mean() / ddp_world, (~gen.finished).float().mean() / ddp_world,
+            r.mean() / ddp_world, (r > 0).float().mean() / ddp_world, gen.lengths.sum())
         for msg in health(step + 1, mean_r, zero_std, trunc, max_new_tokens) if master else []:
             print(f"WARNING: {msg}")
         dt = time.time() - t0
-        return {'reward': mean_r, 'acc': all_sum((r > 0).float().mean())[0] / ddp_world,
+        return {'reward': mean_r, 'acc': acc,
                 'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()), 'trunc': trunc,
                 'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%",
                 **({'mem': f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"} if dev.type == 'cuda' else {})}
