@@ -16,11 +16,12 @@
 #          shape. A random model never stops early: every row runs to 4,096 tokens, the worst case. Its figure is
 #          the memory train.py estimated at start against the peak it measured (the log line's mem).
 #   fsdp   the same recipe under FSDP2 at world size 1 (bf16 gathered weights, fp32 reduction, full-state checkpoint):
-#          a warm-up step (base weights frozen) then a GRPO step, at 1,024 new tokens.
+#          a warm-up step (base weights frozen) then a GRPO step, at 512 new tokens.
 set -uo pipefail
 cd "$(dirname "$0")"
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/nanobridge-gpu}
+WORK=$(mktemp -d)  # the random model and the runs' checkpoints (tens of GB): not beside the logs
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 export PYTHONUNBUFFERED=1
@@ -60,18 +61,18 @@ if [ "$DEVICE" = cpu ]; then  # the dry run: small shapes, the same code paths
 else  # DeepSeek-R1-Distill-Qwen-1.5B's config.json
   SHAPE="hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
          num_key_value_heads=2, vocab_size=151936"
-  NEW=4096 FSDP_NEW=1024 SUITE_TIER='not slow or cuda' BENCH=(--quick=True --trl=False --mem_tokens=4096)
+  NEW=4096 FSDP_NEW=512 SUITE_TIER='not slow or cuda' BENCH=(--quick=True --trl=False --mem_tokens=4096)
 fi
 
 # 1. the suite on the device, bf16
-part suite 190 env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
+part suite 180 env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
     $PY -m pytest -m "$SUITE_TIER" -p no:cacheprovider -rs --junitxml="$OUT/suite.xml"  # (-q is in pytest.ini)
 
 # 2. the bench
-part bench 80 $PY bench.py --device="$DEVICE" "${BENCH[@]}"
+part bench 70 $PY bench.py --device="$DEVICE" "${BENCH[@]}"
 
 # 3. the 1.5B recipe's GRPO step on a random model of its shape
-part setup 40 $PY - "$OUT" "$SHAPE" <<'PY'
+part setup 40 $PY - "$WORK" "$SHAPE" <<'PY'
 import json, os, sys, torch
 from model import ModelConfig, Transformer
 from sample import write_byte_tokenizer
@@ -88,15 +89,16 @@ with open(os.path.join(out, 'math.jsonl'), 'w') as f:
         f.write(json.dumps({'problem': f'What is {a} + {a}?', 'solution': f'\\boxed{{{2 * a}}}'}) + '\n')
 print(f"{sum(p.numel() for p in m.parameters()):,} params saved")
 PY
-RECIPE=(config/r1_distill_qwen15b.py --init_from="$OUT/random" --data_train="$OUT/math.jsonl"
-        --data_test="$OUT/math.jsonl" --chat_template=plain --batch_prompts=1 --save_every=1000 --device="$DEVICE")
-part grpo 150 $PY train.py "${RECIPE[@]}" --mode=grpo --grpo_steps=1 --max_new_tokens=$NEW --out_dir="$OUT/run"
+RECIPE=(config/r1_distill_qwen15b.py --init_from="$WORK/random" --data_train="$WORK/math.jsonl"
+        --data_test="$WORK/math.jsonl" --chat_template=plain --batch_prompts=1 --save_every=1000 --device="$DEVICE")
+part grpo 180 $PY train.py "${RECIPE[@]}" --mode=grpo --grpo_steps=1 --max_new_tokens=$NEW --out_dir="$WORK/run"
+rm -rf "$WORK/run"  # its checkpoint (fp32 weights + AdamW state, ~21 GB) and KL reference (~7 GB): the disk is 64 GB
 
 # 4. FSDP2 at world size 1
-part fsdp 70 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${RECIPE[@]}" --fsdp=True \
+part fsdp 60 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${RECIPE[@]}" --fsdp=True \
     --mode=warmup,grpo --warmup_steps=1 --warmup_problems=1 --grpo_steps=1 --max_new_tokens=$FSDP_NEW \
-    --out_dir="$OUT/run-fsdp"
+    --out_dir="$WORK/run-fsdp"
 
-rm -rf "$OUT/random" "$OUT/run" "$OUT/run-fsdp"
+rm -rf "$WORK"
 echo "summary: $OUT/summary.txt"
 exit $failed

@@ -245,8 +245,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in 'kv')
         self.kv_len = max_len  # how much of the cache attention reads; decode loops shrink it to what is filled
         self.rows = torch.arange(batch, device=device)  # row index for per-row writes, made once, not per step
 
@@ -357,7 +356,8 @@ def memory_estimate(cfg: ModelConfig, bridge, n_params, n_train, rows, mb_rows, 
     # checkpointing keeps each block's fp32 input and recomputes one block at a time; the gradients flowing back
     # through that block take about as much again (measured, bench.py's memory rows)
     acts = {c: mb_rows * tokens * ((L * 4 * cfg.hidden_size if c else L * act) + 2 * act) for c in (True, False)}
-    head = 4 * head_tokens * V + mb_rows * tokens * 4 * cfg.hidden_size  # one chunk's fp32 logits; the normed hidden
+    # one chunk's fp32 logits (under bf16 also the bf16 product they are cast from: measured); the normed hidden
+    head = (6 if bf16 else 4) * head_tokens * V + mb_rows * tokens * 4 * cfg.hidden_size
     # AdamW's foreach step makes a temporary fp32 copy of its parameters (sqrt of exp_avg_sq): measured at 0.5B
     m = {'weights (fp32)': 4 * n_params / S, 'gradients': 4 * n_train / S, 'AdamW state': 8 * n_train / S,
          'AdamW step temporaries': 4 * n_train / S, 'reference model (beta > 0)': 4 * n_params / S if beta > 0 else 0,
