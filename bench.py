@@ -7,7 +7,7 @@ on a shared machine hits every side alike. Prints one markdown table (progress g
     python bench.py --real=DIR       # a real HF checkpoint instead of the random Qwen2.5-0.5B-shaped model
     python bench.py --device=cuda    # bf16, adds a Qwen2.5-1.5B-shaped model at widths 1, 16, 64
 """
-import contextlib, json, os, random, statistics, sys, tempfile, time, warnings
+import atexit, contextlib, json, os, random, shutil, statistics, sys, tempfile, time, warnings
 
 import torch
 
@@ -60,6 +60,7 @@ TINY = dict(hidden_size=T.n_embd, intermediate_size=T.ffn, num_hidden_layers=T.n
 QWEN15 = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
               num_key_value_heads=2)  # Qwen2.5-1.5B's shape (tied, like 0.5B)
 rows, tmp, med = [], tempfile.mkdtemp(prefix='nanobridge-bench-'), statistics.median
+atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the saved models (GBs at 1.5B) go when the bench does
 OPT = 'optimizer (clip + AdamW)'
 
 def log(msg):  # progress goes to stderr, the table to stdout
@@ -145,7 +146,8 @@ def bench_model(name, cfg, ws, bw, flops, reps):
     path = real if name == 'real' else os.path.join(tmp, name)
     if name != 'real':
         torch.manual_seed(seed)
-        Transformer(cfg).to(dt).save_pretrained(path)  # in the bench dtype: half the bytes to write on the GPU run
+        with dev:  # random init where it runs: a 1.5B model's init on the CPU alone would take ~15 s of the GPU check
+            Transformer(cfg).to(dt).save_pretrained(path)  # in the bench dtype: half the bytes to write on the GPU run
     ours = Transformer.from_pretrained(path, device=dev, dtype=dt, verbose=False)
     c = ours.config  # BridgeConfig() (d_B 512, 4 heads) at 0.5B scale and up; tiny gets train.py's d_B (~512/896 d)
     bcfg = BridgeConfig() if c.hidden_size >= 896 else BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads)

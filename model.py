@@ -438,9 +438,8 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         positions = pos[:, None] if pos is not None else torch.arange(T, device=idx.device).expand(B, T)
         cos, sin = rope(positions, self.inv_freq, x.dtype)
-        attn_mask = None
-        if pos is not None:  # decode: row b sees cache positions 0..pos[b]
-            attn_mask = (torch.arange(cache.kv_len, device=idx.device) <= pos[:, None])[:, None, None, :]
+        # decode: row b sees cache positions 0..pos[b]
+        attn_mask = None if pos is None else (torch.arange(cache.kv_len, device=idx.device) <= pos[:, None])[:, None, None]
         bmask = bridge_mask(alive, width) if self.bridge_config is not None else (None, None)
         for block in self.model.layers:
             if self.grad_checkpoint and torch.is_grad_enabled():  # whole groups stay together inside the block
@@ -462,7 +461,8 @@ class Transformer(nn.Module):
         """This model with zero-initialised Bridge blocks added: still exactly the same function (zero W_O). A sharded
         model's weights are gathered whole on every rank first; the result is unsharded, on the same device."""
         sd = {k: v.full_tensor() if hasattr(v, 'full_tensor') else v for k, v in self.state_dict().items()}
-        new = Transformer(self.config, bridge).to(sd['model.norm.weight'].device)
+        with sd['model.norm.weight'].device:  # built where the weights are: a 1.5B init on the CPU takes ~15 s
+            new = Transformer(self.config, bridge)
         new.load_state_dict(sd, strict=False)
         new.grad_checkpoint, new.head_chunk = self.grad_checkpoint, self.head_chunk
         return new

@@ -166,6 +166,14 @@ def randomize(m, seed=0, std=0.1):
                 p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if 'norm' in n else 0.0))
     return m
 
+def seeded(sample, precondition, tries=200):
+    """The first seed whose sample meets the test's precondition (rows finishing at different steps, say): a device's
+    random stream is its own, so the same fixed seed that meets it on the CPU would be a coin flip on a GPU."""
+    for s in range(tries):
+        if precondition(g := sample(s)):
+            return s, g
+    raise AssertionError(f"no seed in {tries} meets the precondition")
+
 def logprob_err(m, g, temperature, width=None):
     """Max |sampler log-prob - teacher-forced log-prob| over completion tokens, with the sampler's Bridge mask."""
     logits = fwd(m, g.tokens[:, :-1], width=width or g.width, alive=g.alive[:, :-1])
@@ -338,9 +346,9 @@ def test_unseeded_generate_keeps_global_rng_deterministic(base):
     assert torch.equal(*after), "generate(seed=None) re-seeded torch's global RNG non-deterministically"
 
 def test_stop_ids(base):
-    g = generate(base, PROMPTS, width=4, max_new_tokens=5, temperature=1.5, stop_ids=STOP, seed=3)
+    _, g = seeded(lambda s: generate(base, PROMPTS, width=4, max_new_tokens=5, temperature=1.5, stop_ids=STOP, seed=s),
+                  lambda g: g.finished.any() and not g.finished.all() and len(set(g.lengths.tolist())) > 2)
     pad = min(STOP)
-    assert g.finished.any() and not g.finished.all() and len(set(g.lengths.tolist())) > 2
     assert g.tokens.shape[1] == int((g.prompt_lens + g.lengths).max())
     for b in range(8):
         p, n = int(g.prompt_lens[b]), int(g.lengths[b])
@@ -352,7 +360,8 @@ def test_stop_ids(base):
         assert g.alive[b].tolist() == [t < p + n - 1 for t in range(g.tokens.shape[1])]  # dead from its stop token
     assert torch.equal(g.logprobs != 0, g.completion_mask)
 
-def test_top_k1_is_greedy(base):
+@pytest.mark.parametrize('compute_dtype', [None], indirect=True)  # bf16 rounding makes exact ties, which
+def test_top_k1_is_greedy(base, compute_dtype):                       # argmax and top-k break differently
     greedy = generate(base, PROMPTS, width=2, max_new_tokens=12, temperature=0)
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
         g = generate(base, PROMPTS, width=2, max_new_tokens=12, temperature=0.8, seed=1, **kw)
@@ -572,8 +581,8 @@ def test_bridge_masked_values(bridged, base):
 
 def test_bridge_generate_matches_teacher_forcing(ckpts):
     m = randomize(load(ckpts['qwen2_untied'][0], bridge=BridgeConfig(**BCFG)), std=0.3)  # siblings matter plenty
-    g = generate(m, PROMPTS, width=4, max_new_tokens=16, temperature=1.0, stop_ids=STOP, seed=2)
-    assert g.finished.any() and len(set(g.lengths[g.finished].tolist())) > 1  # rows finish at different steps
+    _, g = seeded(lambda s: generate(m, PROMPTS, width=4, max_new_tokens=16, temperature=1.0, stop_ids=STOP, seed=s),
+                  lambda g: g.finished.any() and len(set(g.lengths[g.finished].tolist())) > 1)  # rows end apart
     assert logprob_err(m, g, 1.0) <= SAME
     assert logprob_err(m, g, 1.0, width=1) > DIFFERENT  # without the siblings they differ: the check is sensitive
 
@@ -797,8 +806,8 @@ def test_resave_into_same_dir(ckpts, base, tmp_path, first, second):
     idx = toks(2, 20, seed=20)
     ref = fwd(new, idx)
     assert torch.equal(fwd(load(tmp_path), idx), ref), "our loader read the stale checkpoint"
-    hf2 = Qwen2ForCausalLM.from_pretrained(tmp_path).eval()
-    assert diff(hf2(idx).logits.detach(), ref) <= 1e-4, "transformers read the stale checkpoint"
+    hf2 = Qwen2ForCausalLM.from_pretrained(tmp_path).eval().to(DEV)
+    assert diff(hf_logits(hf2, idx), ref) <= SAME, "transformers read the stale checkpoint"
 
 def test_saved_files_have_default_permissions(base, tmp_path):
     """Files must come out like any other file the process creates (umask), not 0600 from mkstemp."""
@@ -1544,10 +1553,10 @@ TINY = ['--log_interval=1', '--n_layer=2', '--n_embd=64', '--n_head=2', '--n_kv_
         '--threads=1', '--digits=1', '--eval_problems=16', '--eval_samples=4', '--eval_widths=1,4',
         f'--device={DEVICE}', f'--dtype={DTYPE}']
 # Two training runs that must end on the same weights (resume against the unbroken run) agree bit for bit on CPU. A
-# CUDA backward is not bit-deterministic (atomic adds in SDPA and index_add): there the first resumed step's
-# rollout must still agree exactly (it reads the saved weights), and the weights after it within 3 AdamW steps of
-# lr 3e-4 each, as two correct runs do.
-RESUME_ATOL = 0.0 if CPU else 1e-3
+# CUDA backward need not be bit-deterministic (atomic adds in SDPA and index_add), so two runs may part from the first
+# step: there the weights must agree within what 6 AdamW steps of lr 3e-4 can move them apart (up to ~3 lr a step).
+# The CPU run is the exact check; on CUDA this one catches a resume that fails outright.
+RESUME_ATOL = 0.0 if CPU else 6e-3
 bitwise = cpu_only('compares two training runs bit for bit; a CUDA backward is not bit-deterministic')
 gloo = cpu_only('2 torchrun ranks on gloo; one GPU cannot host 2 NCCL ranks')
 
@@ -1590,9 +1599,9 @@ def test_ratio_is_exactly_one_before_first_update():
     """Joint recomputation of each group under the sampler's alive mask reproduces the sampling log-probs, and
     the first update's ratio is exactly 1, for a Bridge model at width 4 with rows finishing at different steps."""
     m = random_bridge_model()
-    gen = generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], width=4, max_new_tokens=12, temperature=0.8,
-                   stop_ids=[9, 10, 11, 12, 13, 14], seed=2, entropy=True)
-    assert len(set(gen.lengths.tolist())) > 2 and gen.finished.any() and not gen.finished.all()
+    _, gen = seeded(lambda s: generate(m, [[1, 2, 3], [4, 5, 6, 7, 8]], width=4, max_new_tokens=12, temperature=0.8,
+                                       stop_ids=[9, 10, 11, 12, 13, 14], seed=s, entropy=True),
+                    lambda g: len(set(g.lengths.tolist())) > 2 and g.finished.any() and not g.finished.all())
     ro = grpo.Rollout.from_generation(gen, torch.rand(8), 4)
     with torch.no_grad():
         old = grpo.token_logprobs(m, ro.tokens, 4, ro.alive, 0.8)
@@ -1625,7 +1634,11 @@ def test_env_written_tokens():
     def env(val):  # step 1: rows 0, 2 and 5 get `val`, row 6 gets a stop token (a tool may end a row); -1 = sampled
         ids = torch.tensor([val, -1, val, -1, -1, val, 9, -1], device=DEV)
         return lambda s, tokens, pos: ids if s == 1 else None
-    gen = generate(m, P, width=W, max_new_tokens=10, temperature=0.8, stop_ids=stop, seed=3, entropy=True, env=env(30))
+    rows = torch.arange(8, device=DEV)
+    # a seed where the written rows have not ended at step 0 and rows 3, 4, 7 still run at step 2
+    seed, gen = seeded(lambda s: generate(m, P, width=W, max_new_tokens=10, temperature=0.8, stop_ids=stop, seed=s,
+                                          entropy=True, env=env(30)),
+                       lambda g: (g.lengths[[0, 2, 5, 6]] >= 2).all() and (g.lengths[[3, 4, 7]] > 2).all())
     pos = gen.prompt_lens + 1
     hit = torch.tensor([0, 2, 5, 6], device=DEV)
     assert gen.tokens[hit, pos[hit]].tolist() == [30, 30, 30, 9] and gen.lengths[6] == 2 and gen.finished[6]
@@ -1643,11 +1656,10 @@ def test_env_written_tokens():
     torch.testing.assert_close(new[ro.mask], gen.logprobs[:, 1:][ro.mask], atol=tol(1e-5, SAME), rtol=0)
     # another env token in rows 0, 2 (group 0) and 5 (group 1) changes what every running sibling samples from
     # next under Bridge, and only the written rows under self-only. Same seed, so all else is equal
-    rows = torch.arange(8, device=DEV)
     for mode in ('bridge', 'self'):
         mm = m if mode == 'bridge' else copy.deepcopy(m)
         mm.bridge_config.mode = mode  # the modules read the config object they were built with
-        a, b = (generate(mm, P, width=W, max_new_tokens=3, temperature=0.8, stop_ids=stop, seed=3, env=env(v))
+        a, b = (generate(mm, P, width=W, max_new_tokens=3, temperature=0.8, stop_ids=stop, seed=seed, env=env(v))
                 for v in (30, 31))
         step2 = lambda g: g.logprobs[rows, g.prompt_lens + 2]
         changed = (step2(a) != step2(b)).nonzero()[:, 0].tolist()
@@ -1735,7 +1747,8 @@ def test_resume_is_exact(sft_ckpt, grpo_run):
     args, full, out, d = grpo_run
     resumed = train_py(*resume_args(args), '--out_dir=cut', cwd=d)
     assert 'grpo 4/6' in resumed and 'grpo 3/6' not in resumed
-    assert step_metrics(resumed, 'grpo', 4) == step_metrics(out, 'grpo', 4)  # its rollout reads the saved weights
+    if CPU:  # its rollout reads the saved weights, which on CPU are the unbroken run's to the bit
+        assert step_metrics(resumed, 'grpo', 4) == step_metrics(out, 'grpo', 4)
     assert same_weights(full, d / 'cut', RESUME_ATOL)
     a, base = load_file(full / 'ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
     assert any(not torch.equal(a[k], base[k]) for k in base)  # GRPO really changed the weights
@@ -2095,9 +2108,9 @@ def test_autocast_bf16_end_to_end(monkeypatch):
     bf16 = lambda: torch.autocast(DEV.type, dtype=torch.bfloat16)
     with bf16():
         assert m.make_cache(2, 4).k.dtype == torch.bfloat16  # the compute dtype, not the fp32 weights'
-        gen = generate(m, [[1, 2, 3], [4, 5, 6, 7]], width=4, max_new_tokens=10, stop_ids=[9, 10, 11], seed=1,
-                       entropy=True)
-    assert len(set(gen.lengths.tolist())) > 1  # rows finish at different steps: the decode path ran
+        _, gen = seeded(lambda s: generate(m, [[1, 2, 3], [4, 5, 6, 7]], width=4, max_new_tokens=10,
+                                           stop_ids=[9, 10, 11], seed=s, entropy=True),
+                        lambda g: len(set(g.lengths.tolist())) > 1)  # rows finish apart: the decode path ran
     ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
     st = grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], autocast=bf16())
     grads = [p.grad for p in m.parameters() if p.grad is not None]
