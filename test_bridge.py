@@ -2049,6 +2049,11 @@ def test_real_grpo_two_steps(tmp_path):
                    timeout=1800)
     assert 'grpo 2/2' in out and 'bridge: 24 blocks, d_B=512' in out
     assert os.path.exists(tmp_path / 'out-qwen05b' / 'ckpt' / 'model.safetensors')
+    # sample.py --show_bridge on the real Bridge checkpoint: BPE tokens, its chat template, one character per token
+    out = ok(run_all([cmd(f'--init_from={tmp_path}/out-qwen05b/ckpt', '--prompt=What is 2 + 3?', '--width=4',
+                          '--max_new_tokens=12', '--show_bridge=True', '--threads=2', f'--device={DEVICE}',
+                          script='sample.py', real=True)], 900)[0])
+    assert out.count('  share  .') == 4 and len(re.findall(r'  share  \.(\d+)\n', out)) == 4
 
 
 @pytest.mark.slow
