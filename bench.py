@@ -37,6 +37,8 @@ only = ''               # 'memory': just the memory rows | 'linear': just model.
 mem_probe = ''          # internal: 'shape:tokens:new' measures one update in this (fresh) process, prints JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
+if only not in ('', 'memory', 'linear'):
+    raise ValueError(f"only={only!r}: expected '', 'memory' or 'linear'")
 dev = torch.device(device)
 cuda = dev.type == 'cuda'
 if cuda and not torch.cuda.is_available():
