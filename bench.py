@@ -14,8 +14,14 @@ import torch
 import grpo
 import train as T  # train.py's default config (its globals); its main part only runs as a script
 from bridge import BridgeConfig
-from model import Linear, ModelConfig, Transformer, memory_estimate
-from sample import free_cores, generate
+from checkpoint import load_model, save_model
+from distributed import free_cores
+from fastpath import Linear, fuse
+from memory import memory_estimate
+from model import ModelConfig, Transformer
+from sample import generate
+from tasks import Addition
+from tokenizer import write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
 device = 'cpu'
@@ -149,11 +155,11 @@ def bench_model(name, cfg, ws, bw, flops, reps):
     if name != 'real':
         torch.manual_seed(seed)
         with dev:  # random init where it runs: a 1.5B model's init on the CPU alone would take ~15 s of the GPU check
-            Transformer(cfg).to(dt).save_pretrained(path)  # in the bench dtype: half the bytes to write on the GPU run
-    ours = Transformer.from_pretrained(path, device=dev, dtype=dt, verbose=False)
+            save_model(Transformer(cfg).to(dt), path)  # in the bench dtype: half the bytes to write on the GPU run
+    ours = fuse(load_model(path, device=dev, dtype=dt, verbose=False))  # the fast path train.py and sample.py use
     c = ours.config  # BridgeConfig() (d_B 512, 4 heads) at 0.5B scale and up; tiny gets train.py's d_B (~512/896 d)
     bcfg = BridgeConfig() if c.hidden_size >= 896 else BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads)
-    bri = Transformer.from_pretrained(path, device=dev, dtype=dt, bridge=bcfg, verbose=False)
+    bri = fuse(load_model(path, device=dev, dtype=dt, bridge=bcfg, verbose=False))
     # the Bridge model reuses the base model's modules (the same tensors at the same addresses; only the Bridge
     # blocks are its own), so the race measures the blocks, not where two copies of the weights happen to sit
     bri.model.embed_tokens, bri.model.norm, bri.lm_head = ours.model.embed_tokens, ours.model.norm, ours.lm_head
@@ -266,13 +272,13 @@ def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
 
 def bench_grpo_default(reps):
     """train.py's embedded default: its tiny model and byte tokenizer, Bridge, batch_prompts x width rows."""
-    tok = T.write_byte_tokenizer(os.path.join(tmp, 'bytes'))
+    tok, task = write_byte_tokenizer(os.path.join(tmp, 'bytes')), Addition(T.digits)
     cfg = ModelConfig(vocab_size=tok.n_vocab, max_position_embeddings=256, eos_token_id=tok.eos_id, **TINY)
     torch.manual_seed(seed)
-    model = Transformer(cfg, BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads)).to(dev).train()
-    probs = random.Random(seed).sample(grpo.addition_problems('train', T.digits), T.batch_prompts)
-    prompts, w, n = [T.encode_prompt(tok, p['prompt']) for p in probs], T.width, T.max_new_tokens
-    rewards = lambda g: torch.tensor([T.reward(tok.decode(c), probs[i // w]) for i, c in enumerate(g.completions())])
+    model = fuse(Transformer(cfg, BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads)).to(dev).train())
+    probs = random.Random(seed).sample(task.train(), T.batch_prompts)
+    prompts, w, n = [task.encode(tok, p['prompt']) for p in probs], T.width, T.max_new_tokens
+    rewards = lambda g: torch.tensor([task.reward(tok.decode(c), probs[i // w]) for i, c in enumerate(g.completions())])
     log("GRPO step of train.py's default")
     p = grpo_step(model, prompts, w, n, rewards, reps, tok.stop_ids)
     for k in ('sampling (generate)', 'log-probs (forward)', 'backward', OPT, 'rewards + rollout'):
@@ -286,8 +292,8 @@ def bench_trl(reps):
     gets it (its defaults: bf16 autocast, gradient checkpointing, fused AdamW)."""
     cfg, path, n, w = ModelConfig(vocab_size=151936, **TINY), os.path.join(tmp, 'trl-tiny'), 8 if quick else 32, 4
     torch.manual_seed(seed)
-    Transformer(cfg).save_pretrained(path)
-    ours = Transformer.from_pretrained(path, device=dev, dtype=torch.float32, verbose=False).train()
+    save_model(Transformer(cfg), path)
+    ours = fuse(load_model(path, device=dev, dtype=torch.float32, verbose=False)).train()
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(2, cfg.vocab_size, (grpo_prompt_len,), generator=g).tolist() for _ in range(8)]
     log(f"GRPO step: ours vs TRL ({len(prompts)} x {w}, {n} new tokens)")
@@ -385,7 +391,7 @@ def probe_update(spec):
     cfg = ModelConfig(vocab_size=151936, **(TINY if shape == 'tiny' else {}))
     bcfg = BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads) if shape == 'tiny' else BridgeConfig()
     torch.manual_seed(seed)
-    model = Transformer(cfg, bcfg).to(dev).train()
+    model = fuse(Transformer(cfg, bcfg).to(dev).train())
     model.grad_checkpoint, model.head_chunk, w, P = new, 1024, 4, grpo_prompt_len
     if not new:
         grpo.token_logprobs = full_logprobs
@@ -408,7 +414,8 @@ def probe_update(spec):
         dt = now() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else rss('VmHWM')
     n_params = sum(p.numel() for p in model.parameters())
-    est = memory_estimate(cfg, bcfg, n_params, n_params, w, w, P + n, n, 1024, w, cuda)
+    est = memory_estimate(cfg, bcfg, n_params=n_params, n_train=n_params, rows=w, mb_rows=w, tokens=P + n,
+                          new_tokens=n, chunk=1024, width=w, bf16=cuda)
     est = sum(est[k] for k in ('gradients', 'AdamW state', 'AdamW step temporaries',
                                'update activations, grad_checkpoint on'))
     print(json.dumps({'extra': peak - before, 'seconds': dt, 'estimate': est}))

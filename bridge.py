@@ -52,7 +52,9 @@ def bridge_mask(alive, width):
     """The one place the Bridge mask is built (paper Fig. 2: "attention is masked for tokens from different prompts
     and from completed generations"). alive (B, T): False at finished or padded positions. -> (key_mask (G*T, 1, W, W)
     for SDPA, query_keep (B, T, 1)). Groups are contiguous rows by construction, so only the finished rule is a mask.
-    The diagonal is always allowed, so no softmax row is empty (no NaN); query_keep then zeroes a dead query."""
+    The diagonal is always allowed: a row always reads at least itself, so no softmax row is empty (no NaN), and a
+    finished row's own output is zeroed by query_keep instead. Which positions are finished is the sampler's rule
+    (sample.generate: from the position whose input is a row's stop token), replayed here from `alive`."""
     if alive is None:
         return None, None
     B, T = alive.shape
@@ -64,19 +66,16 @@ def bridge_mask(alive, width):
     return key_mask, alive[..., None]
 
 class Bridge(nn.Module):
-    """h <- h + W_O * MHA_over_rows(RMSNorm(h)), independently for every token position."""
-    probe = None  # a BridgeProbe reads every call (set by BridgeProbe; None = the fused SDPA path)
+    """h <- h + W_O MHA_over_rows(RMSNorm(h)), independently for every token position (paper Fig. 2)."""
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module):
         super().__init__()
         self.cfg, self.n_head, self.head_dim = cfg, cfg.n_head, cfg.dim // cfg.n_head
-        # the host's RMSNorm module, Linear class and linears(x, *mods) (Linears sharing an input, run as one
-        # matmul where that is faster) are passed in, so bridge.py does not import model.py
-        self.norm, self.linears = norm, linears
-        self.q_proj = linear(hidden_size, cfg.dim, bias=False)
-        self.k_proj = linear(hidden_size, cfg.dim, bias=False)
-        self.v_proj = linear(hidden_size, cfg.dim, bias=False)
-        self.o_proj = linear(cfg.dim, hidden_size, bias=False)
+        self.norm = norm  # the host's RMSNorm, passed in: model.py imports this file, not the other way round
+        self.q_proj = nn.Linear(hidden_size, cfg.dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, cfg.dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(cfg.dim, hidden_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -86,41 +85,40 @@ class Bridge(nn.Module):
         nn.init.zeros_(self.o_proj.weight)
         nn.init.ones_(self.norm.weight)
 
+    def qkv(self, h):  # three projections of one input (fastpath.fuse runs them as one matmul on a CPU)
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+    def attend(self, q, k, v, key_mask):
+        """Softmax(Mask_Bridge(Q_s K_s^T) / sqrt(d)) V_s, for every (group, position) s at once (the paper's Bridge
+        equation), fused. BridgeProbe swaps in the same attention unfused, to read its weights."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
     def forward(self, x, width, key_mask=None, query_keep=None):
-        B, T, D = x.shape
-        h, att = self.norm(x), None
-        if self.cfg.mode == 'self' or width == 1:
-            # softmax over a single key is 1, so attention reduces to V W_O: the "self-only" control
-            y = self.o_proj(self.v_proj(h))
+        B, T, _ = x.shape
+        h = self.norm(x)                             # the Bridge block's input normalisation
+        if self.cfg.mode == 'self' or width == 1:    # softmax over one key is 1: attention is V (the self-only control)
+            y = self.v_proj(h)
         else:
-            G, H, hd = B // width, self.n_head, self.head_dim
-            # (B, T, d_B) -> (G*T, H, W, hd): SDPA then attends over the W sibling rows of every (group, position)
-            def rows(t):
-                return t.view(G, width, T, H, hd).permute(0, 2, 3, 1, 4).reshape(G * T, H, width, hd)
-            q, k, v = (rows(t) for t in self.linears(h, self.q_proj, self.k_proj, self.v_proj))
-            if self.probe is None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-            else:  # the same attention unfused, so that the probe can read its weights (paper eq.: softmax(QK^T))
-                att = (q @ k.transpose(-1, -2) / hd ** 0.5).float()
-                att = att.masked_fill(~key_mask, float('-inf')).softmax(-1) if key_mask is not None else att.softmax(-1)
-                y = att.to(v.dtype) @ v
-            y = self.o_proj(y.view(G, T, H, width, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd))
+            G, H, d = B // width, self.n_head, self.head_dim
+            # (B, T, d_B) -> (G*T, H, W, d): the W sibling rows of each (group, position) become one attention's keys
+            rows = lambda t: t.view(G, width, T, H, d).permute(0, 2, 3, 1, 4).reshape(G * T, H, width, d)
+            q, k, v = map(rows, self.qkv(h))         # Q_s = X_s W_Q, K_s = X_s W_K, V_s = X_s W_V
+            y = self.attend(q, k, v, key_mask)
+            y = y.view(G, T, H, width, d).permute(0, 3, 1, 2, 4).reshape(B, T, H * d)
+        y = self.o_proj(y)                           # W_O, zero at init
         if query_keep is not None:
-            y = y * query_keep  # finished/padded rows neither read nor are read
-        if self.probe is not None:
-            self.probe(self, x, y, att, query_keep, width)
-        return x + y
+            y = y * query_keep                       # a finished or padded row writes nothing
+        return x + y                                 # the residual stream
 
 class PMatch(nn.Module):
     """The paper's parameter-matched baseline: a zero-initialised MLP after each FFN with Bridge's parameter
     count (D -> 2 d_B -> D = 4 D d_B) and no cross-row mixing at all."""
-    probe = None
 
-    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
+    def __init__(self, hidden_size, cfg: BridgeConfig, norm: nn.Module):
         super().__init__()
         self.cfg, self.norm = cfg, norm
-        self.up_proj = linear(hidden_size, 2 * cfg.dim, bias=False)
-        self.down_proj = linear(2 * cfg.dim, hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, 2 * cfg.dim, bias=False)
+        self.down_proj = nn.Linear(2 * cfg.dim, hidden_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -130,13 +128,10 @@ class PMatch(nn.Module):
 
     def forward(self, x, width, key_mask=None, query_keep=None):
         y = self.down_proj(F.silu(self.up_proj(self.norm(x))))
-        y = y if query_keep is None else y * query_keep
-        if self.probe is not None:
-            self.probe(self, x, y, None, query_keep, width)
-        return x + y
+        return x + (y if query_keep is None else y * query_keep)
 
-def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module, linear, linears):
-    return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm, linear, linears)
+def make_block(hidden_size, cfg: BridgeConfig, norm: nn.Module):
+    return (PMatch if cfg.mode == 'pmatch' else Bridge)(hidden_size, cfg, norm)
 
 def bridge_params(model):
     """(Bridge parameters, base parameters); a tied embedding counts once (named_parameters lists shared weights
@@ -154,44 +149,77 @@ def bridge_report(model):
     return (f"{cfg.mode}: {n} blocks, d_B={cfg.dim}, {cfg.n_head} heads, {extra:,} params "
             f"= {100 * extra / base:.2f}% of the {base:,}-param base model")
 
+# -----------------------------------------------------------------------------
+# the probe: what the Bridge blocks do while the model runs
+
+@dataclass
+class ProbeSums:
+    """One layer's running sums. They stay on the device: a float() per layer per decode step is a host sync."""
+    ratio: torch.Tensor | float = 0.0   # sum over live tokens of ||Bridge output|| / ||residual stream||
+    tokens: torch.Tensor | float = 0.0  # the live tokens summed in `ratio`
+    share: torch.Tensor | float = 0.0   # sum of 1 - (a row's attention weight on itself), where >= 2 rows were live
+    reads: torch.Tensor | float = 0.0   # the (row, position) pairs summed in `share`
+
 class BridgeProbe:
     """What the Bridge blocks do, read while the model runs (train.py's evaluation, sample.py --show_bridge):
-      norm ratio   ||Bridge output|| / ||residual stream|| per layer (paper Fig. 7);
-      sibling share per layer, the mean share of a live row's Bridge attention that went to its siblings rather
-                   than to itself (0: it reads only itself; 1 - 1/w: uniform over w live rows; 0 for the self and
-                   P-Match controls and at width 1, which have no cross-row path).
-    Sums stay on the device: a float() per layer per decode step would be a host sync on a GPU. keep=True also keeps
-    every call's head-averaged attention (B, T, W) of each row over its group, in call order (sample.py)."""
+      norm ratio     ||Bridge output|| / ||residual stream|| per token, averaged over live tokens (paper Fig. 7);
+      sibling share  1 - the attention weight a row gives itself, averaged over the (row, position) pairs where
+                     attention ran over 2 or more live rows: 1 - 1/n for uniform attention over n live rows.
+    Only calls at width >= 2 count: sample.generate's shared prefill runs every prompt once, at width 1, where
+    siblings do not exist yet. Finished and padded positions count for neither (their output is zeroed). The self
+    and P-Match controls have no cross-row attention: their share stays 0. keep=True also keeps every counted call's
+    head-averaged attention of each row over its group, (B, T, W), in call order (sample.bridge_view)."""
 
     def __init__(self, model, keep=False):
         self.layer = {b: i for i, l in enumerate(model.model.layers) if (b := getattr(l, 'bridge', None))}
-        self.sums, self.kept, self.keep = {}, [], keep
+        self.sums, self.kept, self.keep, self.att = {}, [], keep, None
+        self.hooks = [b.register_forward_hook(self.read) for b in self.layer]
         for b in self.layer:
-            b.probe = self
+            if isinstance(b, Bridge):
+                b.attend = self.attend  # an instance attribute shadows the fused method until remove()
 
-    def __call__(self, block, x, y, att, keep, width):
-        s = self.sums.setdefault(self.layer[block], [0.0, 0, 0.0, 0.0])  # norm-ratio sum, calls, share sum, rows
+    def attend(self, q, k, v, key_mask):
+        """Bridge.attend unfused, keeping its weights: softmax(Q K^T / sqrt(d)), masked keys at -inf."""
+        att = (q @ k.transpose(-1, -2) / q.size(-1) ** 0.5).float()
+        self.att = (att.masked_fill(~key_mask, float('-inf')) if key_mask is not None else att).softmax(-1)
+        return self.att.to(v.dtype) @ v
+
+    def read(self, block, args, out):
+        x, width, keep = args[0], args[1], args[3] if len(args) > 3 else None
+        att, self.att = self.att, None
+        if width == 1:
+            return
         B, T = x.shape[:2]
-        live = keep[..., 0].float() if keep is not None else torch.ones(B, T, device=x.device)
-        s[0], s[1], s[3] = s[0] + y.detach().float().norm() / x.detach().float().norm().clamp(min=1e-12), s[1] + 1, \
-            s[3] + live.sum()
-        a = None
-        if att is not None:  # (G*T, H, W, W) -> each row's attention over its group, averaged over heads: (B, T, W)
-            a = att.detach().float().mean(1).view(B // width, T, width, width).transpose(1, 2).reshape(B, T, width)
-            r = torch.arange(B, device=a.device)
-            s[2] = s[2] + ((1 - a[r, :, r % width]) * live).sum()  # 1 - the weight each row gives itself
+        live = keep[..., 0] if keep is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        x, y = x.detach().float(), (out - x).detach().float()  # y: what the block added to the residual stream
+        s = self.sums.setdefault(self.layer[block], ProbeSums())
+        s.ratio = s.ratio + (y.norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12) * live).sum()
+        s.tokens = s.tokens + live.sum()
+        if att is None:
+            return
+        # (G*T, H, W, W) -> each row's attention over its group, averaged over heads: (B, T, W)
+        a = att.detach().mean(1).view(B // width, T, width, width).transpose(1, 2).reshape(B, T, width)
+        n = live.view(B // width, width, T).sum(1, keepdim=True).expand(-1, width, -1).reshape(B, T)
+        counted, r = live & (n >= 2), torch.arange(B, device=x.device)
+        s.share = s.share + ((1 - a[r, :, r % width]) * counted).sum()
+        s.reads = s.reads + counted.sum()
         if self.keep:
             self.kept.append(a)
 
-    def norm_ratios(self):  # {layer: mean ratio}
-        return {i: float(s[0]) / s[1] for i, s in sorted(self.sums.items())}
+    def layers(self):  # (layer, its sums) for every Bridge layer, counted or not, in layer order
+        return [(i, self.sums.get(i, ProbeSums())) for i in sorted(self.layer.values())]
 
-    def sibling_shares(self):  # {layer: mean share over live rows}
-        return {i: float(s[2]) / max(float(s[3]), 1) for i, s in sorted(self.sums.items())}
+    def norm_ratios(self):  # {layer: mean ratio over live tokens}; 0 where nothing was counted
+        return {i: float(s.ratio) / max(float(s.tokens), 1) for i, s in self.layers()}
+
+    def sibling_shares(self):  # {layer: mean share}; 0 where no attention ran over 2 or more live rows
+        return {i: float(s.share) / max(float(s.reads), 1) for i, s in self.layers()}
 
     def reset(self):
         self.sums, self.kept = {}, []
 
     def remove(self):
+        for h in self.hooks:
+            h.remove()
         for b in self.layer:
-            b.probe = None
+            b.__dict__.pop('attend', None)

@@ -82,8 +82,9 @@ part bench 80 $PY bench.py --device="$DEVICE" --quick=True --trl=False --mem_tok
 # 3. random models of the 1.5B's shape, and the recipe's GRPO step on the whole one
 part setup 45 $PY - "$WORK" "$SHAPE" <<'PY'
 import json, os, sys, torch
+from checkpoint import save_model
 from model import ModelConfig, Transformer
-from sample import write_byte_tokenizer
+from tokenizer import write_byte_tokenizer
 out, shape = sys.argv[1], eval(f"dict({sys.argv[2]})")
 for name, layers in (('random', shape['num_hidden_layers']), ('random4', min(4, shape['num_hidden_layers']))):
     cfg = ModelConfig(**{**shape, 'num_hidden_layers': layers}, tie_word_embeddings=False, rope_theta=10000.0,
@@ -91,7 +92,7 @@ for name, layers in (('random', shape['num_hidden_layers']), ('random4', min(4, 
     torch.manual_seed(0)
     with torch.device('cuda' if torch.cuda.is_available() else 'cpu'):
         m = Transformer(cfg).to(torch.bfloat16)
-    m.save_pretrained(os.path.join(out, name))  # bf16 on disk, like the real checkpoint
+    save_model(m, os.path.join(out, name))  # bf16 on disk, like the real checkpoint
     write_byte_tokenizer(os.path.join(out, name))  # any tokenizer will do: a random model's rewards are 0 anyway
     print(f"{name}: {sum(p.numel() for p in m.parameters()):,} params saved")
 with open(os.path.join(out, 'math.jsonl'), 'w') as f:

@@ -1,156 +1,19 @@
 """
-GRPO for nanobridge: verifiable rewards, group-relative advantages and the clipped policy loss.
-
-Everything in the first part of this file is model-independent and pure:
-  - math answer extraction + Hendrycks-style grading (exact Fraction arithmetic, no sympy, no eval)
+GRPO for nanobridge: group-relative advantages, the clipped policy loss, each group's log-probs computed jointly,
+the update, its health warnings, and the evaluation metrics at every width.
   - group_advantages: A_i = (r_i - mean(r)) / (std(r) + eps) per group (GRPO), or r_i - mean(r) (Dr. GRPO)
   - grpo_loss: PPO-style clipped surrogate + optional k3 KL, aggregated as dapo / grpo / dr_grpo
-The Bridge paper trains with "a token-level normalized variant" of GRPO (DAPO, Yu et al. 2025),
-hence loss_type='dapo' is the default. Formulas follow TRL's GRPOTrainer._compute_loss.
+The Bridge paper trains with "a token-level normalized variant" of GRPO (DAPO, Yu et al. 2025), hence
+loss_type='dapo' is the default. Formulas follow TRL's GRPOTrainer._compute_loss. The rewards are the task's
+(tasks.py; grading.py for math).
 """
-import json
 import math
-import random
-import re
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
-
-# -----------------------------------------------------------------------------
-# answer extraction and grading
-# Rewards run on untrusted model output, so every input is bounded: we only look at the tail of a
-# completion, answers longer than MAX_ANSWER_CHARS are "no answer", and numbers with more than
-# MAX_NUM_DIGITS digits are compared as strings (int() of a huge string is slow and, since
-# Python 3.11, raises beyond 4300 digits).
-MAX_TEXT_CHARS = 10_000
-MAX_ANSWER_CHARS = 2_000
-MAX_NUM_DIGITS = 100
-
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)")
-_GSM_RE = re.compile(r"####[ \t]*([^\n]*)")
-# last-number fallback: "1,234.5", "-3", "2/3", ".5"; a '-' counts only if it is not a binary minus
-_NUM_RE = re.compile(r"(?:(?<![0-9a-zA-Z)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)")
-
-def _closing_brace(s, i=0):
-    """Index of the '}' that closes the '{' at s[i], or None if it never closes."""
-    depth = 0
-    for j in range(i, len(s)):
-        depth += {"{": 1, "}": -1}.get(s[j], 0)
-        if depth == 0:
-            return j
-    return None
-
-def _last_boxed(text):
-    """Content of the last \\boxed{...} / \\fbox{...} / '\\boxed 5'. None if absent or malformed."""
-    boxes = list(_BOX_RE.finditer(text))
-    if not boxes:
-        return None
-    i = boxes[-1].end()
-    if text[i:i + 1] == "{":
-        # match braces by depth so that \boxed{\frac{1}{2}} returns \frac{1}{2}
-        j = _closing_brace(text, i)
-        return None if j is None else text[i + 1:j]  # unbalanced: a box that never closes -> no answer
-    bare = re.match(r"[ \t]+([^\s$]+)", text[i:])  # Hendrycks also accepts "\boxed 5"
-    # the last box decides; a malformed last box is "no answer", we do not go back to earlier boxes
-    return bare.group(1) if bare else None
-
-def extract_answer(text, fallback=True):
-    """Final answer of a completion: last \\boxed{}, else GSM8K '#### n', else (fallback) the last number."""
-    if not isinstance(text, str):
-        return None
-    text = text[-MAX_TEXT_CHARS:]
-    if _BOX_RE.search(text):  # a box is an explicit final answer: no fallback past it, even if malformed
-        return _last_boxed(text)
-    gsm = [g.strip() for g in _GSM_RE.findall(text) if g.strip()]
-    if gsm:
-        return gsm[-1]
-    if fallback:
-        nums = _NUM_RE.findall(text)
-        return nums[-1] if nums else None
-    return None
-
-def normalize_answer(s):
-    """Hendrycks MATH `_strip_string`, extended: canonical string form of an answer ('' = no answer)."""
-    s = "" if s is None else str(s).strip()
-    if len(s) > MAX_ANSWER_CHARS:
-        return ""
-    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("\\displaystyle", "")
-    s = re.sub(r"\\[td]frac", r"\\frac", s)
-    s = s.replace("\\left", "").replace("\\right", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "")
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    # LaTeX spacing; "1\,234" and "1{,}234" are thousands separators
-    s = s.replace("{,}", ",").replace("\\,", "").replace("\\;", "").replace("\\:", "").replace("\\ ", "")
-    # trailing units: "5\text{ cm}", "5 \mbox{cm}^2" -> "5" (only after a number or a closing brace)
-    s = re.sub(r"(?<=[0-9}.])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?\s*$", "", s)
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)  # unwrap \text{Evelyn} -> Evelyn
-    # plain-word units after a bare number: "12 dollars", "5 cm" -> "12", "5"
-    s = re.sub(r"^(-?[\d.,]+(?:/\d+)?)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*\.?$", r"\1", s)
-    # short "x = 5" / "k=5" prefixes (Hendrycks keeps the rhs when the lhs has <= 2 chars)
-    parts = s.split("=")
-    if len(parts) == 2 and len(parts[0].strip()) <= 2:
-        s = parts[1]
-    while s.startswith("{") and _closing_brace(s) == len(s) - 1:  # \boxed{{5}}: redundant grouping braces
-        s = s[1:-1].strip()
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = s.replace(" ", "")
-    # \frac12 -> \frac{1}{2}, \frac1{2} -> \frac{1}{2}, \frac{1}2 -> \frac{1}{2}
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
-    return s.rstrip(".")
-
-_DEC = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
-
-def _to_fraction(s):
-    """Exact value of a normalised numeric answer (int, decimal, 1,234, a/b, \\frac{a}{b}), else None."""
-    if sum(c.isdigit() for c in s) > MAX_NUM_DIGITS:
-        return None
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators; "1,2" stays a tuple
-        s = s.replace(",", "")
-    if re.fullmatch(_DEC, s):
-        return Fraction(s)
-    m = re.fullmatch(rf"(-?)(?:\\frac\{{({_DEC})\}}\{{({_DEC})\}}|({_DEC})/({_DEC}))", s)
-    if m:
-        num, den = Fraction(m.group(2) or m.group(4)), Fraction(m.group(3) or m.group(5))
-        if den == 0:
-            return None
-        return -num / den if m.group(1) else num / den
-    return None
-
-def is_equiv(pred, gold):
-    """True if pred and gold are the same answer: exact numeric equality, else normalised string equality."""
-    try:
-        a, b = normalize_answer(pred), normalize_answer(gold)
-        if not a or not b:
-            return False
-        fa, fb = _to_fraction(a), _to_fraction(b)
-        if fa is not None and fb is not None:
-            return fa == fb  # Fraction: 0.5 == 1/2 == \frac{1}{2} exactly, no float round-off
-        return a == b
-    except Exception:  # a reward must never crash a training run
-        return False
-
-def gold_answer(gold):
-    """Gold answer from a dataset field: GSM8K '... #### 72' -> '72', a MATH solution -> its last box."""
-    if not isinstance(gold, str):
-        return None if gold is None else str(gold)
-    if "####" in gold:
-        return gold.split("####")[-1].strip()
-    if _BOX_RE.search(gold):
-        return _last_boxed(gold[-MAX_TEXT_CHARS:])
-    return gold.strip()
-
-def math_reward(text, gold, fallback=True):
-    """1.0 if the completion's final answer equals the gold answer, else 0.0 (never raises)."""
-    try:
-        return 1.0 if is_equiv(extract_answer(text, fallback), gold_answer(gold)) else 0.0
-    except Exception:
-        return 0.0
 
 # -----------------------------------------------------------------------------
 # group-relative advantages
@@ -232,99 +95,6 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
                  "clip_high_frac": high.sum() / n, "kl": (kl * maskf).sum() / n,
                  "ratio_mean": (ratio * maskf).sum() / n}
     return loss, {k: v.item() for k, v in stats.items()}
-
-# -----------------------------------------------------------------------------
-# data: the embedded procedural task and JSONL readers
-def addition_problems(split, digits=2, n_test=512):
-    """Embedded task: 'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum (zero-padded so every row of a group
-    writes its final digits at the same timesteps, where Bridge can compare them). Reward is on the final only,
-    so a row whose draft is wrong can still be saved by reading its siblings. The held-out split is a fixed
-    hash of the operands, so train and test never overlap at any difficulty."""
-    if digits < 1:
-        raise ValueError(f"digits={digits} must be >= 1")
-    n, out = 10 ** digits, []
-    held_out = lambda a, b: (a * 7919 + b * 104729) % 16 == 0
-    if n * n <= 200_000:
-        pairs = [(a, b) for a in range(n) for b in range(n)]
-    else:
-        rng = random.Random(0)
-        pairs = [(rng.randrange(n), rng.randrange(n)) for _ in range(200_000)]
-    for a, b in pairs:
-        if held_out(a, b) == (split == 'test'):
-            s = f"{a + b:0{digits + 1}d}"
-            out.append({'prompt': f"{a:0{digits}d}+{b:0{digits}d}=", 'answer': s, 'response': f"{s};{s}"})
-    if split == 'test':
-        random.Random(1).shuffle(out)
-        out = out[:n_test]
-    return out
-
-def skewed_digits(n, generator, k=10):
-    """n symbols floor(k u^4), u ~ U(0, 1): the largest of 4 is uniform over 0..k-1, so at width 4 no answer is
-    likelier than another, and a row that sees only its own symbol can do no better than answer it."""
-    return (k * torch.rand(n, generator=generator) ** 4).long()
-
-def max_chance(w, k=10):
-    """The Bayes limit of a row that sees only its own symbol s (skewed_digits) when the answer is the largest of
-    its w rows: sum_s P(s) max_m P(max = m | s). 1 at w=1, 0.347 at w=4 (k=10), where the best guess is s itself."""
-    F = lambda j: ((j + 1) / k) ** 0.25 if j >= 0 else 0.0  # P(symbol <= j)
-    return sum((F(s) - F(s - 1)) * max(F(m) ** (w - 1) - (F(m - 1) ** (w - 1) if m > s else 0) for m in range(s, k))
-               for s in range(k))
-
-def maxdigit_problems(split, n=4096):
-    """The positive control (task='maxdigit'): every prompt is 'max?', the environment writes 'd;' (d from
-    skewed_digits) and the stop token, the policy writes only F, and the reward asks for F = the largest d of the
-    group, which only siblings can tell. The SFT responses are self-only: F is d half the time, else a random
-    digit, so GRPO starts from a policy that never reads siblings but still explores (after SFT on 'd;d' alone, F
-    was nearly deterministic and sibling reading took off in 1 seed of 3)."""
-    g = torch.Generator().manual_seed(int(split == 'test'))
-    d, r = skewed_digits(n, g), torch.randint(10, (n,), generator=g)
-    f = torch.where(torch.rand(n, generator=g) < 0.5, r, d)
-    return [{'prompt': 'max?', 'answer': None, 'response': f"{x};{y}"}
-            for x, y in zip(d.tolist(), f.tolist())]
-
-def maxdigit_env(tok, seed):
-    """The positive control's environment (generate's env hook): it writes 'd;' and the stop token, the policy only F.
-    Its digits come from a generator of their own, not the sampler's random stream."""
-    g, fixed = torch.Generator().manual_seed(seed), {1: tok.encode(';')[0], 3: tok.eos_id}
-    def env(s, tokens, pos):
-        if s == 0:  # a digit the policy cannot choose
-            return torch.tensor(tok.encode('0123456789'))[skewed_digits(len(pos), g)].to(pos.device)
-        return torch.full_like(pos, fixed[s]) if s in fixed else None
-    return env
-
-def maxdigit_answers(texts, w):
-    """The gold answer of every row: the largest digit the environment wrote (each text's first character) in its group."""
-    return [max(t[:1] for t in texts[i - i % w:i - i % w + w]) for i in range(len(texts))]
-
-def final_answer(text):
-    """'draft;final' -> (draft, final); either may be None."""
-    draft, _, final = text.partition(';')
-    return draft.strip() or None, (final.strip() or None) if _ else None
-
-def add_reward(text, answer):
-    return 1.0 if final_answer(text)[1] == answer else 0.0
-
-def read_jsonl(path, kind, keys=None):
-    """GSM8K (question, answer '... #### n'), MATH (problem, solution with \\boxed{}), or generic (prompt, answer):
-    keys=(prompt_key, answer_key) reads any other layout, e.g. ('problem', 'answer') for AIME/AMC/MATH-500 files."""
-    keys = keys or {'gsm8k': ('question', 'answer'), 'math': ('problem', 'solution'), 'jsonl': ('prompt', 'answer')}[kind]
-    out = []
-    with open(path, encoding='utf-8') as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                q, a = d[keys[0]], d[keys[1]]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: expected a JSON object with {keys} ({type(e).__name__}: {e})") from None
-            gold = gold_answer(a) if kind != 'math' else extract_answer(a, fallback=False)
-            if gold is None:
-                raise ValueError(f"{path}:{i}: no final answer found in {keys[1]!r}")
-            out.append({'prompt': q, 'answer': gold, 'response': str(a)})
-    if not out:
-        raise ValueError(f"{path}: the dataset is empty")
-    return out
 
 # -----------------------------------------------------------------------------
 # log-probs and the policy update
@@ -426,15 +196,16 @@ class Health:
 
 # -----------------------------------------------------------------------------
 # evaluation at every width
-def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
+def eval_metrics(texts, problems, w, task, lengths):
     """(sum, count) pairs (so ranks can add them up) for one width. Rows come in groups of w.
     acc: mean per-response accuracy; pass@w: >= 1 correct in the group; maj: the group's plurality answer is right;
     gpass@tau: >= ceil(tau * w) correct (G-Pass@w_tau, Liu et al. 2024, with n = k = w);
     agree: fraction of sibling pairs with the same final answer; fix: P(row correct | its own draft is wrong and the
-    plurality of its siblings' drafts is right) - about 0 for independent rows, well above 0 if Bridge reads siblings."""
-    r = torch.tensor([reward_fn(t, p) for t, p in zip(texts, problems)]).view(-1, w)
+    plurality of its siblings' drafts is right) - about 0 for independent rows, well above 0 if Bridge reads siblings
+    (tasks whose answers carry a draft)."""
+    r = torch.tensor([task.reward(t, p) for t, p in zip(texts, problems)]).view(-1, w)
     G = r.size(0)
-    finals = [(draft_fn(t)[1] if draft_fn else extract_answer(t)) for t in texts]
+    finals = [task.final(t) for t in texts]
     m = {'acc': (r.sum().item(), r.numel()), 'pass@w': ((r.sum(1) > 0).sum().item(), G),
          'len': (float(lengths.sum()), r.numel())}
     for tau in (0.25, 0.5, 0.75, 1.0):
@@ -443,11 +214,11 @@ def eval_metrics(texts, problems, w, reward_fn, draft_fn, lengths):
     for g in range(G):
         fs = finals[g * w:(g + 1) * w]
         top = Counter(f for f in fs if f is not None).most_common(1)
-        maj += bool(top) and reward_fn(f";{top[0][0]}" if draft_fn else f"\\boxed{{{top[0][0]}}}", problems[g * w]) > 0
+        maj += bool(top) and task.correct(top[0][0], problems[g * w])
         agree += sum(fs[i] is not None and fs[i] == fs[j] for i in range(w) for j in range(i + 1, w))
         pairs += w * (w - 1) // 2
-        if draft_fn and w > 1:
-            drafts = [draft_fn(t)[0] for t in texts[g * w:(g + 1) * w]]
+        if task.draft and w > 1:
+            drafts = [task.draft(t)[0] for t in texts[g * w:(g + 1) * w]]
             gold = problems[g * w]['answer']
             for i in range(w):
                 sib = Counter(d for j, d in enumerate(drafts) if j != i and d is not None).most_common(1)

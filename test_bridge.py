@@ -34,9 +34,13 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 
 import grpo
 from bridge import BridgeConfig, BridgeProbe, bridge_params, bridge_report
-from grpo import extract_answer, gold_answer, group_advantages, grpo_loss, is_equiv, math_reward, normalize_answer
+import tasks
+from checkpoint import load_model, save_model
+from grading import extract_answer, gold_answer, is_equiv, math_reward, normalize_answer
+from grpo import group_advantages, grpo_loss
 from model import ModelConfig, Transformer, rope_inv_freq
-from sample import Generation, Tokenizer, generate, sample_token, write_byte_tokenizer
+from sample import Generation, generate, sample_token
+from tokenizer import Tokenizer, write_byte_tokenizer
 
 DEVICE, DTYPE = os.environ.get('NANOBRIDGE_DEVICE', 'cpu'), os.environ.get('NANOBRIDGE_DTYPE', 'float32')
 if DTYPE not in ('float32', 'bfloat16'):
@@ -138,7 +142,7 @@ STOP = list(range(0, V, 7))
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 
 def load(d, **kw):
-    return Transformer.from_pretrained(str(d), verbose=False, device=DEV, **kw)
+    return load_model(str(d), verbose=False, device=DEV, **kw)
 
 def toks(*shape, seed=0):
     return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed)).to(DEV)
@@ -260,7 +264,7 @@ def test_config_styles(ckpts, tmp_path, style, name):
 def test_save_roundtrip(ckpts, tmp_path, name, shard):
     d, hf = ckpts[name]
     m = load(d)
-    m.save_pretrained(tmp_path, **({'max_shard_bytes': shard} if shard else {}))
+    save_model(m, tmp_path, **({'max_shard_bytes': shard} if shard else {}))
     files = sorted(f for f in os.listdir(tmp_path) if f.endswith('.safetensors'))
     if shard:
         wmap = json.load(open(tmp_path / 'model.safetensors.index.json'))['weight_map']
@@ -280,7 +284,7 @@ def test_base_only_export(ckpts, bridged, tmp_path):
     d, hf = ckpts['qwen2_untied']
     idx = toks(4, 20, seed=4)
     assert diff(fwd(bridged, idx, width=4), hf_logits(hf, idx)) > DIFFERENT  # the Bridge is active
-    bridged.save_pretrained(tmp_path, base_only=True)
+    save_model(bridged, tmp_path, base_only=True)
     assert 'bridge' not in json.load(open(tmp_path / 'config.json'))
     assert not any('.bridge.' in k for k in load_file(tmp_path / 'model.safetensors'))
     hf2 = Qwen2ForCausalLM.from_pretrained(tmp_path).eval().to(DEV)
@@ -397,7 +401,7 @@ def test_sample_token_frequencies(V):
 @pytest.mark.parametrize('compute_dtype', [None], indirect=True)  # fp32 always: autocast turns the packed path off
 def test_prepacked_linear_matches_and_follows_updates(monkeypatch, compute_dtype):
     # the CPU inference fast path (oneDNN-packed weights) must equal F.linear and repack after a weight update
-    from model import Linear, PACKED
+    from fastpath import Linear, PACKED
     monkeypatch.setattr(Linear, 'min_size', 0)  # pack even this small layer
     monkeypatch.setattr(Linear, 'pack_after', 0)  # and at once
     torch.manual_seed(0)
@@ -423,7 +427,7 @@ def test_prepacked_linear_matches_and_follows_updates(monkeypatch, compute_dtype
             assert (PACKED[lazy.weight][2] is not None) == (packed and Linear.prepack)
         # Linears sharing an input run as one packed matmul; an update to any of them (here the bias of the second
         # only) invalidates the stacked copy
-        from model import linears
+        from fastpath import linears
         a, b = Linear(48, 24, bias=True), Linear(48, 8, bias=True)
         for _ in range(2):
             ys = linears(x, a, b)
@@ -437,7 +441,7 @@ def test_prepacked_linear_matches_and_follows_updates(monkeypatch, compute_dtype
 def test_prepacked_linear_falls_back_when_the_private_ops_change(monkeypatch, capsys, broken, compute_dtype):
     """torch.ops.mkldnn's packing ops are private: a release may drop them, change their arguments, or their meaning.
     Then the layer must still answer like F.linear, turn the packed path off for good, and print nothing."""
-    from model import Linear, PACKED, linears
+    from fastpath import Linear, PACKED, linears
     monkeypatch.setattr(Linear, 'prepack', True)
     monkeypatch.setattr(Linear, 'checked', False)
     monkeypatch.setattr(Linear, 'min_size', 0)
@@ -511,7 +515,7 @@ def test_load_errors(ckpts, tmp_path, what):
         load(d)
 
 def test_missing_shard(base, tmp_path):
-    base.save_pretrained(tmp_path, max_shard_bytes=6000)
+    save_model(base, tmp_path, max_shard_bytes=6000)
     gone = sorted(set(json.load(open(tmp_path / 'model.safetensors.index.json'))['weight_map'].values()))[1]
     os.remove(tmp_path / gone)
     with pytest.raises(FileNotFoundError, match=f'shard {gone} named in .* is missing'):
@@ -595,7 +599,7 @@ def trained_dir(bridged, tmp_path_factory):
     m(idx[:, :-1], targets=idx[:, 1:], width=4)[1].backward()
     opt.step()
     d = tmp_path_factory.mktemp('trained')
-    m.save_pretrained(d)
+    save_model(m, d)
     return d, m
 
 def test_bridge_save_load(trained_dir):
@@ -671,7 +675,7 @@ def test_bridge_bad_input(bridged, tmp_path):
         fwd(bridged, toks(6, 5), width=4)
     with pytest.raises(ValueError, match='alive has shape'):
         fwd(bridged, toks(8, 5), width=4, alive=ones(8, 4))
-    bridged.save_pretrained(tmp_path)
+    save_model(bridged, tmp_path)
     for bad in (BridgeConfig(dim=32, n_head=2), BridgeConfig(**BCFG, layers=[0])):
         with pytest.raises(ValueError, match='Bridge weights'):
             load(tmp_path, bridge=bad)
@@ -720,21 +724,21 @@ def test_bridge_probe_reports_known_attention():
     assert [l.splitlines()[:2] for l in lines] == [['  share  .9', f'  reads  .{(i + 1) % 4 + 1}'] for i in range(4)]
     assert all(l.endswith(f'read most overall: answer {(i + 1) % 4 + 1}') for i, l in enumerate(lines))
     probe.remove()
-    assert all(b.probe is None for b in m.bridge_modules())
+    assert all('attend' not in b.__dict__ and not b._forward_hooks for b in m.bridge_modules())
 
 # ---- the supervised positive control (issue 12): the target is a function of the whole group, its largest symbol.
 # Trained through the project's own model, Bridge learns it; the self-only control and P-Match cannot.
 
 MAXK, MAXW = 16, 4  # symbols 0..MAXK-1, trained in groups of MAXW siblings
 BOS, SEP = MAXK, MAXK + 1
-SELF_BAYES = grpo.max_chance(MAXW, MAXK)  # 0.3135: the best a row that sees only its own symbol can do
+SELF_BAYES = tasks.max_chance(MAXW, MAXK)  # 0.3135: the best a row that sees only its own symbol can do
 
 
 def max_batch(groups, width, gen):
     """Row = [BOS, s, SEP]; the target at SEP is the max of its group's s (-1 = no loss elsewhere). s is skewed
-    (grpo.skewed_digits) so that at width 4 every answer is equally frequent: with s uniform, groups with
+    (tasks.skewed_digits) so that at width 4 every answer is equally frequent: with s uniform, groups with
     max <= 5 are 2% of the data and some seeds stall at ~0.98 on them."""
-    s = grpo.skewed_digits(groups * width, gen, MAXK).view(groups, width)
+    s = tasks.skewed_digits(groups * width, gen, MAXK).view(groups, width)
     idx = torch.stack([torch.full_like(s, BOS), s, torch.full_like(s, SEP)], -1).view(-1, 3)
     tgt = torch.full_like(idx, -1)
     tgt[:, 2] = s.amax(1, keepdim=True).expand(-1, width).reshape(-1)
@@ -802,7 +806,7 @@ def test_resave_into_same_dir(ckpts, base, tmp_path, first, second):
     with torch.no_grad():
         new.model.norm.weight.mul_(2.0)
     for m, shard in ((base, first), (new, second)):
-        m.save_pretrained(tmp_path, **({'max_shard_bytes': shard} if shard else {}))
+        save_model(m, tmp_path, **({'max_shard_bytes': shard} if shard else {}))
     idx = toks(2, 20, seed=20)
     ref = fwd(new, idx)
     assert torch.equal(fwd(load(tmp_path), idx), ref), "our loader read the stale checkpoint"
@@ -811,7 +815,7 @@ def test_resave_into_same_dir(ckpts, base, tmp_path, first, second):
 
 def test_saved_files_have_default_permissions(base, tmp_path):
     """Files must come out like any other file the process creates (umask), not 0600 from mkstemp."""
-    base.save_pretrained(tmp_path, max_shard_bytes=6000)
+    save_model(base, tmp_path, max_shard_bytes=6000)
     (tmp_path / 'plain').touch()
     want = oct(os.stat(tmp_path / 'plain').st_mode)
     assert {f: oct(os.stat(tmp_path / f).st_mode) for f in os.listdir(tmp_path)} == \
@@ -1839,7 +1843,7 @@ def test_positive_control_through_rl(tmp_path):
         train_py(POSCTL, f'--bridge_mode={mode}', f'--out_dir={mode}', '--seed=1', '--threads=1', f'--device={DEVICE}',
                  f'--dtype={DTYPE}', cwd=tmp_path, timeout=900)
         acc[mode] = json.load(open(tmp_path / mode / 'eval_grpo.json'))['4']['acc']
-    assert acc['bridge'] >= 0.8 and acc['self'] <= grpo.max_chance(4) + 0.03, acc
+    assert acc['bridge'] >= 0.8 and acc['self'] <= tasks.max_chance(4) + 0.03, acc
 
 
 # FSDP2 against DDP, both on 2 gloo ranks: sft -> warm-up -> GRPO with the KL reference, grad checkpointing and the
@@ -1870,10 +1874,10 @@ def test_torchrun_fsdp_equals_ddp(sft_ckpt, tmp_path):
 def untied_ckpt(sft_ckpt, tmp_path_factory):
     """sft_ckpt with its own lm_head, as the paper's 7B/8B bases have: FSDP makes the embedding a unit of its own."""
     d = tmp_path_factory.mktemp('untied')
-    m = Transformer.from_pretrained(str(sft_ckpt), verbose=False)
+    m = load_model(str(sft_ckpt), verbose=False)
     m.config.tie_word_embeddings = False
     m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
-    m.save_pretrained(d)
+    save_model(m, d)
     for f in ('qwen.tiktoken', 'tokenizer.json', 'tokenizer_config.json'):
         if (sft_ckpt / f).exists():
             shutil.copy(sft_ckpt / f, d)
@@ -1907,27 +1911,28 @@ def test_batch_not_divisible_by_width():
 def test_jsonl_readers(tmp_path):
     f = tmp_path / 'gsm.jsonl'
     f.write_text('{"question": "1+1?", "answer": "so 2\\n#### 2"}\n\n{"question": "x", "answer": "#### 1,000"}\n')
-    probs = grpo.read_jsonl(str(f), 'gsm8k')
+    probs = tasks.read_jsonl(str(f))
     assert [p['answer'] for p in probs] == ['2', '1,000'] and math_reward('so \\boxed{1000}', probs[1]['answer']) == 1
     f.write_text('{"problem": "p", "solution": "it is $\\\\boxed{\\\\frac{1}{2}}$"}\n')
-    assert grpo.read_jsonl(str(f), 'math')[0]['answer'] == '\\frac{1}{2}'
+    assert tasks.read_jsonl(str(f))[0]['answer'] == '\\frac{1}{2}'
     f.write_text('{"prompt": "p", "answer": "3"}\n{"prompt": "q"\n')
     with pytest.raises(ValueError, match=r'gsm.jsonl:2'):
-        grpo.read_jsonl(str(f), 'jsonl')
+        tasks.read_jsonl(str(f))
     f.write_text('\n')
     with pytest.raises(ValueError, match='empty'):
-        grpo.read_jsonl(str(f), 'jsonl')
+        tasks.read_jsonl(str(f))
 
 
 def test_embedded_task_split_and_reward():
-    train, test = grpo.addition_problems('train', 2), grpo.addition_problems('test', 2)
+    add = tasks.Addition(2)
+    train, test = add.split('train'), add.split('test')
     assert len(test) == 512 and not {p['prompt'] for p in test} & {p['prompt'] for p in train}
     p = test[0]
     a, b = map(int, p['prompt'][:-1].split('+'))
     assert p['answer'] == f"{a + b:03d}" and p['response'] == f"{p['answer']};{p['answer']}"
-    assert grpo.add_reward(f"999;{p['answer']}", p['answer']) == 1.0  # only the final counts
-    assert grpo.add_reward(f"{p['answer']};999", p['answer']) == 0.0
-    assert grpo.add_reward(p['answer'], p['answer']) == 0.0            # no final at all
+    assert add.reward(f"999;{p['answer']}", p) == 1.0  # only the final counts
+    assert add.reward(f"{p['answer']};999", p) == 0.0
+    assert add.reward(p['answer'], p) == 0.0            # no final at all
 
 
 # ====================================================================================================
@@ -2029,7 +2034,7 @@ skip_real = pytest.mark.skipif(not REAL, reason='set NANOBRIDGE_REAL_CKPT to a r
 @pytest.mark.slow
 @skip_real
 def test_real_greedy_chat_answer():
-    m = Transformer.from_pretrained(REAL, dtype=torch.float32, device=DEV)
+    m = load_model(REAL, dtype=torch.float32, device=DEV)
     tok = Tokenizer.from_pretrained(REAL)
     ids = tok.encode_chat("What is 12 times 7? Reply with just the number.")
     gen = generate(m, [ids], width=1, max_new_tokens=16, temperature=0, stop_ids=tok.stop_ids)
@@ -2075,8 +2080,7 @@ def test_eval_metrics_known_values():
     """Two groups of 4 on the embedded task (gold 005), every metric worked out by hand."""
     texts = ['005;005', '004;005', '004;004', '005;005'] + ['001;001'] * 4
     probs = [{'answer': '005'}] * 8
-    m = grpo.eval_metrics(texts, probs, 4, lambda t, p: grpo.add_reward(t, p['answer']), grpo.final_answer,
-                          torch.full((8,), 7))
+    m = grpo.eval_metrics(texts, probs, 4, tasks.Addition(), torch.full((8,), 7))
     got = {k: s / n for k, (s, n) in m.items()}
     assert got == {'acc': 3 / 8, 'pass@w': 1 / 2, 'len': 7.0, 'gpass@0.25': 1 / 2, 'gpass@0.5': 1 / 2,
                    'gpass@0.75': 1 / 2, 'gpass@1.0': 0.0, 'maj': 1 / 2, 'agree': 9 / 12, 'fix': 1 / 2}
@@ -2084,7 +2088,8 @@ def test_eval_metrics_known_values():
 
 def test_bridge_norm_probe():
     """Paper Fig. 7 probe: zero for a fresh (zero W_O) Bridge, positive once W_O is trained, one value per layer;
-    summed on the device (a float() per layer per decode step would be a host sync on a GPU)."""
+    summed on the device (a float() per layer per decode step would be a host sync on a GPU). Calls at width 1 (a
+    shared prefill) count for nothing; a removed probe leaves the fused block as it was."""
     m = random_bridge_model()
     for b in m.bridge_modules():
         torch.nn.init.zeros_(b.o_proj.weight)
@@ -2092,12 +2097,77 @@ def test_bridge_norm_probe():
     m(toks(4, 5) % 40, width=4)
     assert probe.norm_ratios() == {0: 0.0, 1: 0.0}
     m2 = random_bridge_model()
+    idx = toks(4, 5) % 40
+    before = fwd(m2, idx, width=4)
     probe2 = BridgeProbe(m2)
-    m2(toks(4, 5) % 40, width=4)
+    m2(idx, width=4)
     m2(toks(4, 5, seed=1) % 40, width=4)
-    assert all(isinstance(s[0], torch.Tensor) and s[1] == 2 for s in probe2.sums.values())
+    m2(toks(3, 5, seed=2) % 40, width=1)  # width 1: nothing to count
+    assert all(isinstance(s.ratio, torch.Tensor) and s.tokens == 40 and s.reads == 40 for s in probe2.sums.values())
+    assert diff(fwd(m2, idx, width=4), before) <= tol(1e-5, 2e-2)  # the unfused attention is the same attention
     probe2.remove()
     assert all(v > 0 for v in probe2.norm_ratios().values()) and len(probe2.norm_ratios()) == 2
+    assert all('attend' not in b.__dict__ and not b._forward_hooks for b in m2.bridge_modules())
+
+
+def uniform_bridge_model(seed=11):
+    """W_Q = W_K = 0: every Bridge attention is uniform over the live rows of its group, so a row gives 1/n of its
+    attention to itself when n rows are live, whatever the tokens; W_O is not zero, so the blocks write something."""
+    m = random_bridge_model(seed)
+    with torch.no_grad():
+        for b in m.bridge_modules():
+            b.q_proj.weight.zero_(), b.k_proj.weight.zero_()
+    return m
+
+
+def bridge_io(m, tokens, width, alive):
+    """Teacher-forced, with our own hooks: per layer, (x, y) of every Bridge call, y = what the block added."""
+    seen = {}
+    hooks = [b.register_forward_hook(lambda mod, a, out, i=i: seen.update({i: (a[0], out - a[0])}))
+             for i, b in enumerate(m.bridge_modules())]
+    with torch.no_grad():
+        m(tokens, width=width, alive=alive)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize('early_stops', [False, True])
+def test_bridge_probe_through_generate(early_stops):
+    """The probe as a user meets it, through generate() (train.py's evaluation, sample.py --show_bridge), on a model
+    whose attention is known (uniform over live rows): the sibling share is exactly 1 - 1/w at every layer, for
+    prompts of any length, while no row stops; when rows stop early, each (row, decode step) counts 1 - 1/n for its
+    n live rows, and steps with one live row in a group count for nothing. The shared prefill (width 1) never counts.
+    The norm ratio is the mean of ||y|| / ||x|| over the decoded positions of live rows, as a teacher-forced pass over
+    the same tokens gives it: no prompt, no padding, no finished row."""
+    m, P, n_new = uniform_bridge_model(), [[1, 2, 3, 4, 5, 6, 7], [8, 9]], 6
+    for w in ((2, 4, 8) if not early_stops else (4,)):
+        # early stops: the environment writes the stop token 11 into rows 1 and 2 at step 1, row 5 at step 3, and
+        # rows 6, 7 at step 2 (row 4 then runs alone in its group); no other token stops a row
+        forced = {1: {1: 11, 2: 11}, 2: {6: 11, 7: 11}, 3: {5: 11}} if early_stops else {}
+        env = lambda s, t, pos: torch.tensor([forced.get(s, {}).get(r, -1) for r in range(len(pos))], device=DEV)
+        probe = BridgeProbe(m)
+        g = generate(m, P, width=w, max_new_tokens=n_new, stop_ids=[11] if early_stops else [], seed=3, env=env)
+        probe.remove()
+        rows = torch.arange(len(P) * w, device=DEV)
+        # decode step s (1..n_new-1) feeds each row's token s-1, at position prompt_len + s - 1
+        pos = torch.stack([g.prompt_lens + s - 1 for s in range(1, n_new)], 1)  # (B, steps)
+        live = g.alive.gather(1, pos)
+        n = live.view(len(P), w, -1).sum(1, keepdim=True).expand(-1, w, -1).reshape(live.shape)
+        counted = live & (n >= 2)
+        want = ((1 - 1 / n.float()) * counted).sum() / counted.sum()
+        if not early_stops:
+            assert counted.all() and want.item() == pytest.approx(1 - 1 / w, abs=1e-6)
+        else:
+            assert (n[counted] < 4).any() and (live & (n == 1)).any()  # both cases occur
+        shares = probe.sibling_shares()
+        assert list(shares) == [0, 1] and all(v == pytest.approx(want.item(), abs=tol(1e-5, 1e-3))
+                                              for v in shares.values()), (w, shares, want)
+        io = bridge_io(m, g.tokens[:, :-1], w, g.alive[:, :-1])
+        for i, (x, y) in io.items():
+            r = (y.float().norm(dim=-1) / x.float().norm(dim=-1)).gather(1, pos)
+            assert probe.norm_ratios()[i] == pytest.approx(((r * live).sum() / live.sum()).item(),
+                                                           rel=tol(1e-4, 2e-2))
 
 
 # ====================================================================================================
@@ -2107,7 +2177,7 @@ def test_bridge_norm_probe():
 def test_autocast_bf16_end_to_end(monkeypatch):
     """CUDA trains fp32 master weights under bf16 autocast: generate (KV cache in the compute dtype), the GRPO update
     and the warm-up loss all run and stay finite, on the test device (on CPU with the plain F.linear path CUDA takes)."""
-    from model import Linear
+    from fastpath import Linear
     monkeypatch.setattr(Linear, 'prepack', False)
     m = random_bridge_model(4)
     bf16 = lambda: torch.autocast(DEV.type, dtype=torch.bfloat16)
@@ -2330,16 +2400,16 @@ def cli_ckpt(tmp_path_factory):
     """A tiny random checkpoint with train.py's byte tokenizer: what sample.py needs to run end to end."""
     d = tmp_path_factory.mktemp('cli')
     torch.manual_seed(0)
-    Transformer(ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(d)
+    save_model(Transformer(ModelConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)), d)
     write_byte_tokenizer(str(d))
     return d
 
 
 def _shard(d):  # re-save in shards, then lose one of them
-    m = Transformer.from_pretrained(str(d), verbose=False)
+    m = load_model(str(d), verbose=False)
     os.remove(d / 'model.safetensors')
-    m.save_pretrained(d, max_shard_bytes=20000)
+    save_model(m, d, max_shard_bytes=20000)
     os.remove(d / sorted(f for f in os.listdir(d) if f.startswith('model-'))[1])
 
 
@@ -2423,6 +2493,55 @@ def train_cli_runs(tmp_path_factory):
 @pytest.mark.parametrize('case', list(TRAIN_CASES))
 def test_train_cli_user_errors(train_cli_runs, case):
     one_error_line(train_cli_runs[case], TRAIN_CASES[case][1])
+
+
+# Issue 21: every setting is checked before the first step. Each case exits 1 with one `error:` line naming the
+# setting (or the data file's line), and no step ran: with --save_every=1 any step would have left out/ckpt behind.
+GSM_NO_ANSWER = '{"question": "1+1?", "answer": "2 #### 2"}\n{"question": "2+2?", "answer": "it is 4"}\n'
+SETTING_CASES = {
+    'a width of 0 (was a ZeroDivisionError)': ('eval_widths', ['--eval_widths=1,0']),
+    'an unknown device (was torch\'s RuntimeError)': ("device='tpu'", ['--device=tpu']),
+    'zero prompts per step (was found after SFT)': ('batch_prompts=0', ['--batch_prompts=0']),
+    'a negative learning rate (was AdamW\'s error after SFT)': ('lr=-0.001', ['--lr=-1e-3']),
+    'a negative temperature (was generate\'s error after SFT)': ('temperature=-1.0', ['--temperature=-1.0']),
+    'a negative step count (trained nothing, exit 0)': ('grpo_steps=-5', ['--grpo_steps=-5']),
+    'fewer eval samples than a width (exit 0)': ('eval_samples=2 is not a multiple of width 4',
+                                                 ['--eval_samples=2', '--eval_widths=1,4']),
+    'a list that does not parse (was int()\'s error)': ("eval_widths='a,b'", ['--eval_widths=a,b']),
+    'GSM8K answers without #### n (trained without a word)': (r"train\.jsonl:2: no '#### n' final answer",
+                                                              ['--task=gsm8k', '--data_train=train.jsonl',
+                                                               '--data_test=train.jsonl', '--chat_template=plain']),
+}
+
+
+@pytest.fixture(scope='module')
+def setting_runs(tmp_path_factory):
+    d, cmds = tmp_path_factory.mktemp('settings'), []
+    for i, (name, (_, args)) in enumerate(SETTING_CASES.items()):
+        for dry in (False, True):
+            cwd = d / f"{i}{'-dry' if dry else ''}"
+            cwd.mkdir()
+            (cwd / 'train.jsonl').write_text(GSM_NO_ANSWER)
+            cmds.append(cmd(*TINY, '--save_every=1', *args, *(['--dry_run=True'] if dry else []), cwd=cwd))
+    runs = run_all(cmds, timeout=120)
+    return {(name, dry): (runs[2 * i + dry], d / f"{i}{'-dry' if dry else ''}")
+            for i, name in enumerate(SETTING_CASES) for dry in (False, True)}
+
+
+@pytest.mark.parametrize('dry', [False, True], ids=['run', 'dry_run'])
+@pytest.mark.parametrize('case', list(SETTING_CASES))
+def test_settings_checked_before_any_step(setting_runs, case, dry):
+    p, cwd = setting_runs[case, dry]
+    one_error_line(p, re.escape(SETTING_CASES[case][0]) if '\\' not in SETTING_CASES[case][0] else SETTING_CASES[case][0])
+    assert p.returncode == 1 and not (cwd / 'out' / 'ckpt').exists()
+    assert not re.search(r'^(sft|warmup|grpo) \d', p.stdout, re.M)
+
+
+def test_every_setting_has_a_rule():
+    """One table checks every setting: a new train.py setting without a rule in settings.py fails here."""
+    import settings
+    import train
+    assert set(settings.rules(tasks.TASKS, grpo.LOSS_TYPES)) == set(train.config_keys)
 
 
 def test_resume_refuses_pickled_code(sft_ckpt, tmp_path):

@@ -1,0 +1,147 @@
+"""
+Every train.py setting, checked in one place before anything runs: rules() holds one rule per setting (its range, list
+or choice), relations() the rules between settings. A failure is one line naming the setting, its value and what would
+be accepted. train.py calls check() before it loads anything (and again on a resumed run's stored settings), and
+check_data() once the checkpoint, its tokenizer and the data are loaded, still before the first step.
+"""
+import os
+
+STAGES = ('sft', 'warmup', 'grpo', 'eval')
+
+def _num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+def integer(lo, hi=None):
+    def rule(v):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+            return f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+    return rule
+
+def number(lo, hi=None, above=False, below=False):
+    """lo <= v (lo < v if above) and v <= hi (v < hi if below)."""
+    def rule(v):
+        if not _num(v) or (v <= lo if above else v < lo) or (hi is not None and (v >= hi if below else v > hi)):
+            return (f"a number {'>' if above else '>='} {lo}" + (f" and {'<' if below else '<='} {hi}"
+                                                                    if hi is not None else ""))
+    return rule
+
+def choice(*options):
+    return lambda v: None if v in options else "one of " + ", ".join(map(repr, options))
+
+def boolean(v):
+    return None if isinstance(v, bool) else "True or False"
+
+def text(v):
+    return None if isinstance(v, str) else "a string"
+
+def nonempty(v):
+    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+
+def int_list(v):
+    """'1,2,4': positive integers, comma-separated."""
+    try:
+        xs = [int(x) for x in str(v).split(',')]
+    except ValueError:
+        xs = []
+    return None if xs and all(x >= 1 for x in xs) and len(set(xs)) == len(xs) else \
+        "distinct integers >= 1, comma-separated, e.g. '1,2,4,8'"
+
+def stages(v):
+    xs = str(v).split(',')
+    return None if xs and set(xs) <= set(STAGES) else \
+        f"stages among {', '.join(STAGES)}, comma-separated, in the order to run them"
+
+def key_pair(v):
+    return None if v == '' or (len(v.split(',')) == 2 and all(v.split(','))) else "'' or 'prompt_key,answer_key'"
+
+def device_name(v):
+    kind, _, index = str(v).partition(':')
+    ok = v in ('auto', 'cpu', 'cuda') or (kind == 'cuda' and index.isdigit())
+    return None if ok else "auto, cpu, cuda or cuda:N"
+
+def optional_bool(v):
+    return None if v is None or isinstance(v, bool) else "None (automatic), True or False"
+
+def widths(cfg):
+    return [int(x) for x in cfg['eval_widths'].split(',')]
+
+def rules(tasks, losses):
+    """{setting: rule}, one per train.py setting; a rule returns None or what would be accepted."""
+    steps = integer(0)
+    return {
+        'out_dir': nonempty, 'init_from': nonempty, 'mode': stages, 'overwrite': boolean, 'save_every': integer(1),
+        'log_interval': integer(1), 'seed': integer(0), 'task': choice(*tasks), 'digits': integer(1),
+        'data_train': text, 'data_test': text, 'test_keys': key_pair, 'chat_template': choice('auto', 'plain'),
+        'instruction': text, 'n_layer': integer(1), 'n_embd': integer(2), 'n_head': integer(1),
+        'n_kv_head': integer(1), 'ffn': integer(1), 'use_bridge': boolean, 'bridge_dim': integer(1),
+        'bridge_heads': integer(1), 'bridge_mode': choice('bridge', 'self', 'pmatch'), 'sft_lr': number(0, above=True),
+        'sft_batch': integer(1), 'sft_steps': steps, 'sft_target': number(0), 'sft_eval_every': integer(1),
+        'sft_max_seconds': number(0), 'warmup_steps': steps, 'warmup_lr': number(0, above=True),
+        'warmup_problems': integer(1), 'grpo_steps': steps, 'max_iters': steps, 'batch_prompts': integer(1),
+        'width': integer(1), 'lr': number(0, above=True), 'min_lr': number(0), 'warmup_iters': steps,
+        'weight_decay': number(0), 'beta1': number(0, 1, below=True), 'beta2': number(0, 1, below=True),
+        'grad_clip': number(0), 'temperature': number(0), 'top_k': integer(0), 'top_p': number(0, 1, above=True),
+        'max_new_tokens': integer(1), 'loss_type': choice(*losses), 'eps_low': number(0, 1, below=True),
+        'eps_high': number(0), 'beta': number(0), 'num_iterations': integer(1),
+        'scale_rewards': choice('group', 'none'), 'mask_truncated': boolean, 'micro_groups': integer(0),
+        'logprob_chunk': integer(0), 'grad_checkpoint': optional_bool, 'bridge_only': boolean,
+        'eval_widths': int_list, 'eval_problems': integer(0), 'eval_samples': integer(1),
+        'eval_temperature': number(0), 'device': device_name, 'dtype': choice('auto', 'bfloat16', 'float32'),
+        'compile': boolean, 'threads': integer(0), 'fsdp': boolean, 'dry_run': boolean, 'wandb_log': boolean,
+        'wandb_project': nonempty,
+    }
+
+def relations(cfg, world, cuda, embedded):
+    """(broken, message) for each rule between settings; checked only once every single setting is valid."""
+    c, run = cfg, cfg['mode'].split(',')
+    trains = [s for s in ('sft', 'warmup', 'grpo') if s in run]
+    return [
+        *[(c[f'{s}_steps'] < 1, f"{s}_steps={c[f'{s}_steps']} but --mode={c['mode']} runs {s}: expected >= 1 (or leave "
+           f"{s} out of --mode)") for s in trains],
+        ('grpo' in run and c['width'] < 2, f"width={c['width']}: GRPO needs at least 2 rows per group to compare "
+         "rewards"),
+        *[(c[k] % world, f"{k}={c[k]} is not divisible by the {world} ranks: expected a multiple of {world}")
+          for k in ('batch_prompts', 'sft_batch', 'warmup_problems')],
+        *[(c['eval_samples'] % w, f"eval_samples={c['eval_samples']} is not a multiple of width {w} (eval_widths="
+           f"{c['eval_widths']}): every width evaluates eval_samples rows per problem, in eval_samples / w groups of w")
+          for w in widths(c)],
+        (c['min_lr'] > c['lr'], f"min_lr={c['min_lr']} is above lr={c['lr']}: the cosine decays from lr to min_lr"),
+        (c['bridge_dim'] % c['bridge_heads'], f"bridge_dim={c['bridge_dim']} is not a multiple of bridge_heads="
+         f"{c['bridge_heads']}"),
+        (c['init_from'] == 'scratch' and (c['n_embd'] % c['n_head'] or c['n_embd'] // c['n_head'] % 2),
+         f"n_embd={c['n_embd']} with n_head={c['n_head']}: expected a head size n_embd / n_head that is a whole even "
+         "number (RoPE rotates pairs)"),
+        (c['init_from'] == 'scratch' and c['n_head'] % c['n_kv_head'], f"n_head={c['n_head']} is not a multiple of "
+         f"n_kv_head={c['n_kv_head']}"),
+        *[(not embedded and not os.path.isfile(f), f"{k}: data file {f!r} does not exist (set --{k})")
+          for k, f in [('data_train', c['data_train'])] + [('data_test', p) for p in test_paths(c['data_test'])]],
+        (c['device'].startswith('cuda') and not cuda, f"device={c['device']!r} but torch.cuda.is_available() is False"),
+        (c['fsdp'] and world == 1 and 'RANK' not in os.environ and not c['dry_run'], "fsdp=True runs under torchrun "
+         "(one GPU too: torchrun --standalone --nproc_per_node=1 train.py)"),
+        (c['fsdp'] and c['compile'], "fsdp=True with compile=True is not wired up (torchtitan compiles each block, "
+         "then shards)"),
+    ]
+
+def test_paths(spec):
+    return [item.split('=', 1)[-1] for item in spec.split(',') if item.strip()] or ['']
+
+def check(cfg, world, cuda, tasks, losses, embedded):
+    """Raise one ValueError naming every broken setting, before anything is loaded."""
+    rule = rules(tasks, losses)
+    missing = sorted(set(rule) - set(cfg))
+    assert not missing, f"settings.rules names settings train.py does not have: {missing}"
+    bad = [f"{k}={v!r}: expected {why}" for k, v in cfg.items() if k in rule and (why := rule[k](v))]
+    bad += [f"{k}: settings.rules has no rule for it" for k in cfg if k not in rule]
+    if not bad:
+        bad = [msg for broken, msg in relations(cfg, world, cuda, embedded) if broken]
+    if bad:
+        raise ValueError("config: " + "; ".join(bad))
+
+def check_data(cfg, context, prompt_lens):
+    """After loading: every prompt (train and every test set, rendered in the chat format) plus max_new_tokens fits the
+    model's context. prompt_lens: {set name: the longest prompt in tokens}."""
+    for name, n in prompt_lens.items():
+        if n + cfg['max_new_tokens'] > context:
+            raise ValueError(f"max_new_tokens={cfg['max_new_tokens']}: the longest prompt of {name} has {n} tokens, "
+                             f"and {n} + {cfg['max_new_tokens']} exceeds the model's context of {context} "
+                             f"(max_position_embeddings): expected max_new_tokens <= {context - n}")

@@ -1,0 +1,231 @@
+"""
+Tasks: a task is an object with its problems (a train split and named test sets), how a prompt is written, how an
+answer is read and rewarded, and for the positive control the environment that writes some tokens itself. train.py
+asks `make_task(...)` for one and never branches on a task's name. A problem is a dict: prompt (text), answer (the
+gold final answer) and response (a reference answer for SFT).
+
+  add       the embedded default: 'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum
+  maxdigit  the positive control: the answer is the largest digit of the group, which only siblings can tell
+  math      JSONL files of math problems (GSM8K, MATH, or problem/answer layouts), rewarded by grading.py
+"""
+import json
+import os
+import random
+from functools import cached_property
+
+import torch
+
+from grading import extract_answer, gold_answer, is_equiv
+
+class Task:
+    name, parser, files = '', '', ()
+    draft = None  # text -> (draft, final) where answers carry a draft before their final (the fix rate reads them)
+
+    # train_set: the training problems; test_sets: {set name: problems}, each evaluated in full unless eval_problems
+    # limits it. Both are read whole once (cached properties), so train.py checks every line before the first step.
+    train_set = test_sets = None
+
+    def encode(self, tok, text):  # a prompt's token ids
+        return tok.encode(text)
+
+    def final(self, text):  # the final answer a completion gives (None: none)
+        raise NotImplementedError
+
+    def correct(self, final, problem):
+        return final is not None and final == problem['answer']
+
+    def reward(self, text, problem):  # the verifiable reward: 1 for a correct final answer, else 0
+        return 1.0 if self.correct(self.final(text), problem) else 0.0
+
+    def env(self, tok, seed):  # generate's env hook, or None
+        return None
+
+    def rows(self, problems, texts, w):  # each sampled row's problem (maxdigit: the gold depends on the group)
+        return problems
+
+    def chance(self, w):  # the best a row that cannot read its siblings can score, where the task knows it
+        return None
+
+def final_answer(text):
+    """'draft;final' -> (draft, final); either may be None."""
+    draft, _, final = text.partition(';')
+    return draft.strip() or None, (final.strip() or None) if _ else None
+
+class Addition(Task):
+    """'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum (zero-padded so every row of a group writes its final
+    digits at the same timesteps, where Bridge can compare them). Reward is on the final only, so a row whose draft
+    is wrong can still be saved by reading its siblings. The held-out split is a fixed hash of the operands, so train
+    and test never overlap at any difficulty; the first 256 held-out problems are the test set."""
+    name, parser, draft = 'add', "the final after ';', exact match", staticmethod(final_answer)
+
+    def __init__(self, digits=2, n_test=256):
+        if digits < 1:
+            raise ValueError(f"digits={digits} must be >= 1")
+        self.digits, self.n_test = digits, n_test
+
+    def split(self, split):
+        n, out = 10 ** self.digits, []
+        held_out = lambda a, b: (a * 7919 + b * 104729) % 16 == 0
+        if n * n <= 200_000:
+            pairs = [(a, b) for a in range(n) for b in range(n)]
+        else:
+            rng = random.Random(0)
+            pairs = [(rng.randrange(n), rng.randrange(n)) for _ in range(200_000)]
+        for a, b in pairs:
+            if held_out(a, b) == (split == 'test'):
+                s = f"{a + b:0{self.digits + 1}d}"
+                out.append({'prompt': f"{a:0{self.digits}d}+{b:0{self.digits}d}=", 'answer': s, 'response': f"{s};{s}"})
+        if split == 'test':
+            random.Random(1).shuffle(out)
+            out = out[:512]
+        return out
+
+    @cached_property
+    def train_set(self):
+        return self.split('train')
+
+    @cached_property
+    def test_sets(self):
+        return {self.name: self.split('test')[:self.n_test]}
+
+    def final(self, text):
+        return final_answer(text)[1]
+
+def skewed_digits(n, generator, k=10):
+    """n symbols floor(k u^4), u ~ U(0, 1): the largest of 4 is uniform over 0..k-1, so at width 4 no answer is
+    likelier than another, and a row that sees only its own symbol can do no better than answer it."""
+    return (k * torch.rand(n, generator=generator) ** 4).long()
+
+def max_chance(w, k=10):
+    """The Bayes limit of a row that sees only its own symbol s (skewed_digits) when the answer is the largest of
+    its w rows: sum_s P(s) max_m P(max = m | s). 1 at w=1, 0.347 at w=4 (k=10), where the best guess is s itself."""
+    F = lambda j: ((j + 1) / k) ** 0.25 if j >= 0 else 0.0  # P(symbol <= j)
+    return sum((F(s) - F(s - 1)) * max(F(m) ** (w - 1) - (F(m - 1) ** (w - 1) if m > s else 0) for m in range(s, k))
+               for s in range(k))
+
+class MaxDigit(Addition):
+    """The positive control: every prompt is 'max?', the environment writes 'd;' (d from skewed_digits) and the stop
+    token, the policy writes only F, and the reward asks for F = the largest d of the group, which only siblings can
+    tell. The SFT responses are self-only: F is d half the time, else a random digit, so GRPO starts from a policy
+    that never reads siblings but still explores (after SFT on 'd;d' alone, F was nearly deterministic and sibling
+    reading took off in 1 seed of 3)."""
+    name, parser = 'maxdigit', "the final after ';' against the group's largest digit"
+
+    def __init__(self, n_train=4096, n_test=256):
+        self.n_train, self.n_test = n_train, n_test
+
+    def split(self, split):
+        n = self.n_train if split == 'train' else self.n_test
+        g = torch.Generator().manual_seed(int(split == 'test'))
+        d, r = skewed_digits(n, g), torch.randint(10, (n,), generator=g)
+        f = torch.where(torch.rand(n, generator=g) < 0.5, r, d)
+        return [{'prompt': 'max?', 'answer': None, 'response': f"{x};{y}"} for x, y in zip(d.tolist(), f.tolist())]
+
+    def env(self, tok, seed):
+        """The environment writes 'd;' and the stop token, the policy only F. Its digits come from a generator of
+        their own, not the sampler's random stream."""
+        g, fixed = torch.Generator().manual_seed(seed), {1: tok.encode(';')[0], 3: tok.eos_id}
+        def env(s, tokens, pos):
+            if s == 0:  # a digit the policy cannot choose
+                return torch.tensor(tok.encode('0123456789'))[skewed_digits(len(pos), g)].to(pos.device)
+            return torch.full_like(pos, fixed[s]) if s in fixed else None
+        return env
+
+    def rows(self, problems, texts, w):
+        """The gold answer of every row: the largest digit the environment wrote (each text's first character) in
+        its group."""
+        gold = [max(t[:1] for t in texts[i - i % w:i - i % w + w]) for i in range(len(texts))]
+        return [{**p, 'answer': a} for p, a in zip(problems, gold)]
+
+    def chance(self, w):
+        return max_chance(w)
+
+# -----------------------------------------------------------------------------
+# math problems from JSONL files
+
+LAYOUTS = {  # (prompt key, answer key) -> how the gold answer is read from the answer field
+    ('question', 'answer'): 'gsm8k',   # '... #### 72'
+    ('problem', 'answer'): 'plain',    # MATH-500, AIME, AMC: the final answer itself
+    ('problem', 'solution'): 'boxed',  # MATH: a worked solution ending in \boxed{}
+    ('prompt', 'answer'): 'plain',
+}
+
+def read_jsonl(path, keys=None):
+    """Every line of a JSONL file, checked: a line that is not a JSON object with a known layout (LAYOUTS, or
+    keys=(prompt_key, answer_key)) or that has no usable gold answer is an error naming the file and line."""
+    out = []
+    with open(path, encoding='utf-8') as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                if not isinstance(d, dict):
+                    raise TypeError(f"a {type(d).__name__}, not an object")
+                k = keys or next((k for k in LAYOUTS if k[0] in d and k[1] in d), None)
+                if not k:
+                    known = ', '.join(f'{a}/{b}' for a, b in LAYOUTS)
+                    raise KeyError(f"none of the layouts {known}; it has {sorted(d)}")
+                q, a = d[k[0]], d[k[1]]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: expected a JSON object with a prompt and an answer "
+                                 f"({type(e).__name__}: {e})") from None
+            kind = LAYOUTS.get(tuple(k), 'plain')
+            gold = extract_answer(str(a), fallback=False) if kind == 'boxed' else gold_answer(a)
+            if kind == 'gsm8k' and '####' not in str(a):
+                gold = None
+            if not isinstance(q, str) or not q.strip() or not gold:
+                what = {'gsm8k': "no '#### n' final answer", 'boxed': 'no \\boxed{} final answer'}.get(kind, 'empty')
+                raise ValueError(f"{path}:{i}: {k[0]!r} is empty or not text" if not isinstance(q, str) or not
+                                 q.strip() else f"{path}:{i}: {what} in {k[1]!r}")
+            out.append({'prompt': q, 'answer': gold, 'response': str(a)})
+    if not out:
+        raise ValueError(f"{path}: the dataset is empty")
+    return out
+
+def parse_sets(spec, setting='data_test'):
+    """'name=path,name=path' (or one bare path, named after its file) -> {name: path}."""
+    sets = {}
+    for item in filter(None, (s.strip() for s in spec.split(','))):
+        name, path = item.split('=', 1) if '=' in item else (os.path.splitext(os.path.basename(item))[0], item)
+        if not name or not path or name in sets:
+            raise ValueError(f"{setting}={spec!r}: expected 'name=path,name=path' with distinct names")
+        sets[name] = path
+    return sets
+
+class MathJSONL(Task):
+    name = 'math'
+    parser = 'last \\boxed{} else #### n else the last number; equal as exact fractions or normalised text'
+
+    def __init__(self, data_train, data_test, test_keys='', chat_template='auto', instruction=''):
+        self.data_train, self.sets = data_train, parse_sets(data_test)
+        self.keys = tuple(test_keys.split(',')) if test_keys else None
+        self.template, self.instruction = chat_template, instruction
+        self.files = tuple(f for f in (data_train, *self.sets.values()) if f)
+
+    @cached_property
+    def train_set(self):
+        return read_jsonl(self.data_train)
+
+    @cached_property
+    def test_sets(self):
+        return {name: read_jsonl(path, self.keys) for name, path in self.sets.items()}
+
+    def encode(self, tok, text):
+        return tok.encode_chat(text + self.instruction, template='plain' if self.template == 'plain' else None)
+
+    def final(self, text):
+        return extract_answer(text)
+
+    def correct(self, final, problem):
+        return is_equiv(final, gold_answer(problem['answer']))
+
+EMBEDDED = {'add': Addition, 'maxdigit': MaxDigit}
+TASKS = (*EMBEDDED, 'gsm8k', 'math', 'jsonl')  # the last three are one: JSONL math, layout read from each file
+
+def make_task(task, digits=2, data_train='', data_test='', test_keys='', chat_template='auto', instruction=''):
+    if task == 'add':
+        return Addition(digits)
+    if task in EMBEDDED:
+        return EMBEDDED[task]()
+    return MathJSONL(data_train, data_test, test_keys, chat_template, instruction)
