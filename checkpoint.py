@@ -292,6 +292,15 @@ def resume_plan(stages, state, steps, fsdp, path, say=print):
         raise ValueError(f"{path} was written with fsdp={not fsdp}; resume it with --fsdp={not fsdp}")
     return stages[i:], step, state['optimizer']
 
+# what concerns one invocation alone: never read back from a checkpoint's settings
+INVOCATION = ('init_from', 'mode', 'out_dir', 'overwrite', 'dry_run', 'device', 'threads', 'compile', 'max_iters',
+              'log_interval', 'wandb_log', 'wandb_project')
+
+def resume_settings(state, config, overrides):
+    """The settings of a resumed run: the run's own, saved in its checkpoint, except what this command sets and what
+    concerns this invocation alone."""
+    return {k: v for k, v in state['config'].items() if k in config and k not in set(overrides) | set(INVOCATION)}
+
 def check_overwrite(init_from, model_dir, ckpt, trains, overwrite):
     """Never destroy a model unasked: a run that saves may not write into the checkpoint it loads, nor replace the
     checkpoint of another run. --init_from=resume writes where it reads on purpose; --overwrite=True allows it."""

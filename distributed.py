@@ -58,6 +58,14 @@ class Ranks:
             for p, g in zip(params, flat.split([p.numel() for p in params])):
                 p.grad = g.view_as(p)
 
+    def gather(self, items):
+        """Every rank's list, concatenated in rank order, on every rank."""
+        if not (dist.is_initialized() and self.world > 1):
+            return list(items)
+        out = [None] * self.world
+        dist.all_gather_object(out, list(items))
+        return [x for part in out for x in part]
+
     def barrier(self):
         if dist.is_initialized():
             dist.barrier()

@@ -225,18 +225,3 @@ def eval_metrics(texts, problems, w, task, lengths):
                 if drafts[i] != gold and sib and sib[0][0] == gold:
                     fix, fix_n = fix + int(r[g, i] > 0), fix_n + 1
     return {**m, 'maj': (maj, G), 'agree': (agree, pairs), 'fix': (fix, fix_n)}  # a count of 0: undefined
-
-def format_table(results):
-    widths = [k for k in results if isinstance(k, int)]
-    cols = ['acc', 'pass@w', 'maj', 'gpass@0.25', 'gpass@0.5', 'gpass@0.75', 'gpass@1.0', 'agree', 'fix',
-            'width_gain', 'chance', 'sibling', 'len']
-    lines = ['width ' + ' '.join(f"{c:>10}" for c in cols)]
-    for w in widths:
-        lines.append(f"{w:>5} " + ' '.join(f"{results[w][c]:>10.3f}" if c in results[w] else f"{'-':>10}"
-                                           for c in cols))
-    for key, what in (('bridge_norm_ratio', 'Bridge output / residual norm'),
-                      ('bridge_sibling_share', "share of a row's Bridge attention on its siblings")):
-        if results.get(key):
-            lines.append(f"{what} per layer at width {results['probe_width']}: "
-                         + ' '.join(f"{v:.3g}" for v in results[key].values()))
-    return '\n'.join(lines)

@@ -5,8 +5,8 @@ per token measured on one real Block. train.py prints it at start, and stops on 
 """
 import torch
 
-from bridge import BridgeConfig, bridge_mask
-from model import Block, ModelConfig, rope, rope_inv_freq
+from bridge import BridgeConfig, bridge_mask, bridge_params
+from model import Block, ModelConfig, Transformer, rope, rope_inv_freq
 
 def saved_bytes_per_token(cfg: ModelConfig, bridge: BridgeConfig | None, width, bf16):
     """Bytes autograd keeps per token in one Block (its Bridge included), measured: one Block runs on CPU on
@@ -79,3 +79,18 @@ def check_memory(m, device, verbose=True):
         raise ValueError(msg)
     if m['peak'] > 0.95 * have and verbose:
         print(f"WARNING: {msg}")
+
+def check_run(model, bridge, cfg, world, prompt_len, bf16, device, verbose):
+    """The estimate of a train.py run (cfg: its settings) from the model it starts from and the Bridge it will have,
+    printed; stops a CUDA run that cannot fit. Decides grad_checkpoint=None: on from 100M parameters, where
+    activations grow to ~4 MB per token at 1.5B, off below, where recomputing is only a second forward pass."""
+    with torch.device('meta'):
+        extra, base = bridge_params(Transformer(model.config, bridge))
+    n_train = extra if cfg['bridge_only'] else extra + base
+    model.grad_checkpoint = extra + base >= 1e8 if cfg['grad_checkpoint'] is None else cfg['grad_checkpoint']
+    per_rank = cfg['batch_prompts'] // world
+    check_memory(memory_estimate(
+        model.config, bridge, n_params=extra + base, n_train=n_train, rows=per_rank * cfg['width'],
+        mb_rows=(cfg['micro_groups'] or per_rank) * cfg['width'], tokens=prompt_len + cfg['max_new_tokens'],
+        new_tokens=cfg['max_new_tokens'], chunk=cfg['logprob_chunk'], width=cfg['width'], bf16=bf16,
+        fsdp=world if cfg['fsdp'] else 0, beta=cfg['beta'], checkpointing=model.grad_checkpoint), device, verbose)

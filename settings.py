@@ -77,7 +77,9 @@ def rules(tasks, losses):
         'bridge_heads': integer(1), 'bridge_mode': choice('bridge', 'self', 'pmatch'), 'sft_lr': number(0, above=True),
         'sft_batch': integer(1), 'sft_steps': steps, 'sft_target': number(0), 'sft_eval_every': integer(1),
         'sft_max_seconds': number(0), 'warmup_steps': steps, 'warmup_lr': number(0, above=True),
-        'warmup_problems': integer(1), 'grpo_steps': steps, 'max_iters': steps, 'batch_prompts': integer(1),
+        'warmup_data': text, 'warmup_problems': integer(1), 'warmup_samples': integer(2, 64),
+        'warmup_temperature': number(0), 'warmup_set': text, 'warmup_groups': integer(1),
+        'warmup_source': choice('base', 'policy'), 'grpo_steps': steps, 'max_iters': steps, 'batch_prompts': integer(1),
         'width': integer(1), 'lr': number(0, above=True), 'min_lr': number(0), 'warmup_iters': steps,
         'weight_decay': number(0), 'beta1': number(0, 1, below=True), 'beta2': number(0, 1, below=True),
         'grad_clip': number(0), 'temperature': number(0), 'top_k': integer(0), 'top_p': number(0, 1, above=True),
@@ -86,7 +88,7 @@ def rules(tasks, losses):
         'scale_rewards': choice('group', 'none'), 'mask_truncated': boolean, 'micro_groups': integer(0),
         'logprob_chunk': integer(0), 'grad_checkpoint': optional_bool, 'bridge_only': boolean,
         'eval_widths': int_list, 'eval_problems': integer(0), 'eval_samples': integer(1),
-        'eval_temperature': number(0), 'device': device_name, 'dtype': choice('auto', 'bfloat16', 'float32'),
+        'eval_temperature': number(0), 'probe': boolean, 'device': device_name, 'dtype': choice('auto', 'bfloat16', 'float32'),
         'compile': boolean, 'threads': integer(0), 'fsdp': boolean, 'dry_run': boolean, 'wandb_log': boolean,
         'wandb_project': nonempty,
     }
@@ -101,7 +103,7 @@ def relations(cfg, world, cuda, embedded):
         ('grpo' in run and c['width'] < 2, f"width={c['width']}: GRPO needs at least 2 rows per group to compare "
          "rewards"),
         *[(c[k] % world, f"{k}={c[k]} is not divisible by the {world} ranks: expected a multiple of {world}")
-          for k in ('batch_prompts', 'sft_batch', 'warmup_problems')],
+          for k in ('batch_prompts', 'sft_batch', 'warmup_groups')],
         *[(c['eval_samples'] % w, f"eval_samples={c['eval_samples']} is not a multiple of width {w} (eval_widths="
            f"{c['eval_widths']}): every width evaluates eval_samples rows per problem, in eval_samples / w groups of w")
           for w in widths(c)],
@@ -115,6 +117,8 @@ def relations(cfg, world, cuda, embedded):
          f"n_kv_head={c['n_kv_head']}"),
         *[(not embedded and not os.path.isfile(f), f"{k}: data file {f!r} does not exist (set --{k})")
           for k, f in [('data_train', c['data_train'])] + [('data_test', p) for p in test_paths(c['data_test'])]],
+        *[(f and not os.path.isfile(f), f"{k}: file {f!r} does not exist") for k, f in [
+            ('warmup_data', c['warmup_data']), ('warmup_set', c['warmup_set'])]],
         (c['device'].startswith('cuda') and not cuda, f"device={c['device']!r} but torch.cuda.is_available() is False"),
         (c['fsdp'] and world == 1 and 'RANK' not in os.environ and not c['dry_run'], "fsdp=True runs under torchrun "
          "(one GPU too: torchrun --standalone --nproc_per_node=1 train.py)"),

@@ -183,6 +183,24 @@ def read_jsonl(path, keys=None):
         raise ValueError(f"{path}: the dataset is empty")
     return out
 
+def read_groups(path):
+    """A warm-up set (train.py writes out_dir/warmup_set.jsonl): one problem per line, its prompt and 2 or more
+    correct responses."""
+    groups = []
+    with open(path, encoding='utf-8') as f:
+        for i, line in enumerate(f, 1):
+            try:
+                g = json.loads(line) if line.strip() else None
+                if g is not None and ('prompt' not in g or len(g['responses']) < 2):
+                    raise KeyError('prompt')
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{i}: expected a warm-up set, one JSON object per line with a prompt and "
+                                 "2 or more responses") from None
+            groups += [g] if g is not None else []
+    if not groups:
+        raise ValueError(f"{path}: the warm-up set is empty")
+    return groups
+
 def parse_sets(spec, setting='data_test'):
     """'name=path,name=path' (or one bare path, named after its file) -> {name: path}."""
     sets = {}

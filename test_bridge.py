@@ -1795,12 +1795,13 @@ def test_checkpoint_is_atomic_as_a_whole(grpo_run, tmp_path):
     for (where, first), p in zip(cases.items(), crashed):
         assert p.returncode == 9 and 'grpo 4/6' in p.stdout and 'grpo 5/6' not in p.stdout, p.stdout[-2000:]
         left = sorted(os.listdir(tmp_path / where / 'out'))
-        assert left == (['ckpt', 'ckpt.new', 'ref'] if where == 'write' else ['ckpt.new', 'ckpt.old', 'ref'])
+        assert left == (['ckpt', 'ckpt.new', 'log.jsonl', 'ref'] if where == 'write' else
+                        ['ckpt.new', 'ckpt.old', 'log.jsonl', 'ref'])
     resumed = run_all([cmd(*resume_args(args), cwd=tmp_path / where) for where in cases])
     for (where, first), p in zip(cases.items(), resumed):
         out = ok(p)
         assert f'grpo {first}/6' in out and f'grpo {first - 1}/6' not in out
-        assert sorted(os.listdir(tmp_path / where / 'out')) == ['ckpt', 'eval_grpo.json', 'ref']
+        assert sorted(os.listdir(tmp_path / where / 'out')) == ['ckpt', 'eval_grpo.json', 'log.jsonl', 'ref']
         assert same_weights(full, tmp_path / where / 'out')
 
 
@@ -1952,8 +1953,12 @@ def test_eval_by_path_and_by_resume_equal_the_run(grpo_run, tmp_path):
         cmd('--init_from=resume', *TINY, cwd=tmp_path / 'resume'),  # the default mode: sft,eval,warmup,grpo,eval
         cmd(*resume_args(args), '--grpo_steps=8', cwd=tmp_path / 'more')])
     assert table(ok(by_path)) == table(ok(by_resume)) == table(out)
-    assert json.load(open(tmp_path / 'eval' / 'eval_init.json')) == json.load(open(full / 'eval_grpo.json'))
-    assert json.load(open(tmp_path / 'resume' / 'out' / 'eval_grpo.json')) == json.load(open(full / 'eval_grpo.json'))
+    from compare import protocol
+    run = json.load(open(full / 'eval_grpo.json'))
+    for again in (tmp_path / 'eval' / 'eval_init.json', tmp_path / 'resume' / 'out' / 'eval_grpo.json'):
+        again = json.load(open(again))  # the same numbers, under the same protocol (the card names another path)
+        assert {k: v for k, v in again.items() if k != 'card'} == {k: v for k, v in run.items() if k != 'card'}
+        assert protocol(again['card']) == protocol(run['card'])
     out_default = ok(default)
     assert 'finished grpo at step 6/6; raise --grpo_steps' in out_default and table(out_default) == table(out)
     assert not re.search(r'^(sft|warmup|grpo) \d', out_default, re.M)  # nothing trained again
@@ -2251,10 +2256,110 @@ def test_warmup_gradients_do_not_leak_into_grpo(sft_ckpt, tmp_path):
                         cmd(*common, '--mode=warmup', '--out_dir=two', cwd=tmp_path)])
     ok(one), ok(two)
     out = train_py(*resume_args(common), '--mode=warmup,grpo', '--out_dir=two', cwd=tmp_path)
-    assert 'warmup 1/' not in out and 'grpo 1/1' in out
+    assert 'warmup 1/' not in out and 'grpo 1/1' in out and 'warm-up set: ' not in out
     a, b = load_file(tmp_path / 'one/ckpt/model.safetensors'), load_file(tmp_path / 'two/ckpt/model.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any('.bridge.' in k for k in a)
+
+
+def test_warmup_set_is_the_papers(sft_ckpt, tmp_path):
+    """Paper sec. 2.2, as a user runs it: the set is built once, from the base model before Bridge is added; each line
+    is one problem with its 2-8 correct answers; the warm-up trains the Bridge weights only; a resumed run and a run
+    given --warmup_set train from the set without building another."""
+    common = [f'--init_from={sft_ckpt}', '--warmup_steps=3', '--warmup_problems=24', *TINY]
+    out = train_py(*common, '--mode=warmup', cwd=tmp_path)
+    assert out.count('warm-up set: ') == 1 and out.index('warm-up set: ') < out.index('bridge: 2 blocks')
+    groups = [json.loads(l) for l in open(tmp_path / 'out' / 'warmup_set.jsonl')]
+    add = tasks.Addition(1)
+    assert groups and len({g['prompt'] for g in groups}) == len(groups)  # one problem per group, never mixed
+    assert all(2 <= len(g['responses']) <= 8 and all(add.reward(t, g) == 1 for t in g['responses']) for g in groups)
+    a, base = load_file(tmp_path / 'out/ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
+    assert all(torch.equal(a[k], base[k]) for k in base)  # the base weights did not move
+    assert any('bridge.o_proj' in k and a[k].abs().max() > 0 for k in a)  # W_O left zero: the warm-up trained
+    resumed, given = run_all([cmd(*resume_args(common), '--mode=warmup', '--warmup_steps=4', cwd=tmp_path),
+                              cmd(*common, '--mode=warmup', f'--warmup_set={tmp_path}/out/warmup_set.jsonl',
+                                  '--out_dir=given', cwd=tmp_path)])
+    assert 'warmup 4/4' in ok(resumed) and 'warm-up set: ' not in resumed.stdout
+    assert 'warmup 3/3' in ok(given) and 'warm-up set: ' not in given.stdout
+
+
+def test_warmup_groups_attend_at_their_own_width(tmp_path):
+    """train.group_batch pads every group of a batch to its widest with dead rows: each group's answers get exactly the
+    log-probs they get alone, at their own width (a group of 2 and one of 3 here, with a trained Bridge)."""
+    import train
+    tok, add = write_byte_tokenizer(str(tmp_path)), tasks.Addition(2)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=tok.n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+                    BridgeConfig(dim=16, n_head=2)).to(DEV)
+    for b in m.bridge_modules():
+        torch.nn.init.normal_(b.o_proj.weight, std=0.2)
+    groups = [{'prompt': '12+34=', 'responses': ['046;046', '45;046']},
+              {'prompt': '1+2=', 'responses': ['003;003', '3;003', '0003;003']}]
+    def nll(gs):
+        x, y, alive, W = train.group_batch(gs, tok, add)
+        with torch.no_grad():
+            return m(x.to(DEV), y.to(DEV), width=W, alive=alive.to(DEV), reduction='none')[1], y, W
+    both, y, W = nll(groups)
+    assert W == 3 and both.shape[0] == 6 and (y[2] == -1).all()  # the 2-answer group's third row is dead
+    for g, rows in zip(groups, (slice(0, 2), slice(3, 6))):
+        alone, ya, Wa = nll([g])
+        assert Wa == len(g['responses'])
+        got, want = both[rows][:, :alone.size(1)], alone
+        torch.testing.assert_close(got[ya >= 0], want[ya >= 0], atol=tol(1e-5, 2e-2), rtol=0)
+
+
+MATH_SETS = {'small': [(2, 3), (4, 4), (6, 1)], 'other': [(1, 1), (7, 2)]}
+
+
+def test_several_test_sets_card_and_log(tmp_path):
+    """Several named test sets in one run, each evaluated in full (then limited by eval_problems, which the card
+    says), a table per set and their average; every result carries its protocol card, and every logged step is a
+    line of out_dir/log.jsonl."""
+    for name, pairs in MATH_SETS.items():
+        (tmp_path / f'{name}.jsonl').write_text(''.join(json.dumps({'problem': f'{a}+{b}', 'answer': str(a + b)})
+                                                        + '\n' for a, b in pairs))
+    args = ['--task=math', '--chat_template=plain', '--instruction=', '--data_train=small.jsonl', '--mode=sft,eval',
+            '--sft_steps=3', '--sft_eval_every=100', *TINY]
+    full, cut = run_all([cmd(*args, '--data_test=small=small.jsonl,other=other.jsonl', '--eval_problems=0', cwd=tmp_path),
+                         cmd(*args, '--data_test=small=small.jsonl,other=other.jsonl', '--eval_problems=1',
+                             '--out_dir=cut', cwd=tmp_path)])
+    out = ok(full)
+    assert 'small:' in out and 'other:' in out and 'average over the 2 test sets:' in out and 'protocol: ' in out
+    res = json.load(open(tmp_path / 'out' / 'eval_sft.json'))
+    assert list(res['sets']) == ['small', 'other'] and res['card']['eval_problems'] == 'all'
+    assert res['card']['data']['small'] == {'problems': 3, 'file': 'small.jsonl', 'lines': 3,
+                                            'sha256': res['card']['data']['small']['sha256']}
+    for w in ('1', '4'):
+        assert res[w]['acc'] == pytest.approx((res['sets']['small'][w]['acc'] + res['sets']['other'][w]['acc']) / 2)
+    assert res['card']['temperature'] == 1.0 and res['card']['samples_per_problem'] == 4
+    assert json.load(open(tmp_path / 'cut' / 'eval_sft.json'))['card']['eval_problems'] == 1 and ok(cut)
+    logged = [json.loads(l) for l in open(tmp_path / 'out' / 'log.jsonl')]
+    assert [(r['stage'], r['step']) for r in logged] == [('sft', 1), ('sft', 2), ('sft', 3)]
+    assert all('loss' in r and 'lr' in r for r in logged)
+
+
+def result_file(path, acc, **card):
+    base = {'chat_template': 'auto', 'instruction': '', 'temperature': 0.6, 'top_p': 1.0, 'top_k': 0,
+            'max_new_tokens': 4096, 'samples_per_problem': 16, 'widths': '1', 'parser': 'math', 'eval_problems': 'all',
+            'data': {'all': {'problems': 30, 'file': 'x.jsonl', 'lines': 30, 'sha256': 'abc'}}, 'commit': 'c0ffee'}
+    path.write_text(json.dumps({'sets': {'all': {'1': {'acc': acc}}}, '1': {'acc': acc}, 'card': {**base, **card}}))
+    return str(path)
+
+
+def test_relative_gain_on_the_papers_numbers(tmp_path):
+    """compare.py reproduces the paper's headline on its own DS-Qwen-7B Avg figures: (5.85 - 4.20) / 4.20 = 39%
+    (base 33.55, RLVR-only 37.75, P-Match 36.68, Bridge 39.40), lists different commits, and refuses results
+    evaluated under different protocols with one line."""
+    paper = {'base': 0.3355, 'rlvr': 0.3775, 'pmatch': 0.3668, 'bridge': 0.3940}
+    files = [f"{n}={result_file(tmp_path / f'{n}.json', a, commit='b1d9e' if n == 'bridge' else 'c0ffee')}"
+             for n, a in paper.items()]
+    wrong = result_file(tmp_path / 'hot.json', 0.40, temperature=1.0)
+    good, bad = run_all([cmd(*files, script='compare.py'), cmd(*files[:3], f'bridge={wrong}', script='compare.py')])
+    out = ok(good)
+    assert 'relative gain of bridge over the next best (rlvr): (5.85 - 4.20) / 4.20 = 39%' in out, out
+    assert '| bridge | 39.40 | 39.40 | +5.85 |' in out and 'commits differ' in out
+    one_error_line(bad, r"bridge and base were evaluated under different protocols: temperature is 1\.0 against 0\.6")
 
 
 def test_train_bf16_autocast(sft_ckpt, tmp_path):

@@ -21,16 +21,17 @@ from contextlib import nullcontext
 import torch
 
 import grpo
+import results
 import settings
-from bridge import BridgeConfig, BridgeProbe, bridge_params, bridge_report
+from bridge import BridgeConfig, BridgeProbe, bridge_report
 from checkpoint import (atomic_dir, atomic_write, check_overwrite, load_model, load_train_state, recover_dir,
-                        resume_plan, save_model, save_run)
+                        resume_plan, resume_settings, save_model, save_run)
 from distributed import Ranks, free_cores, full_state, full_tensors, gathered, shard, unfreeze_for_fsdp
 from fastpath import fuse
-from memory import check_memory, memory_estimate
+from memory import check_run
 from model import ModelConfig, Transformer
 from sample import generate
-from tasks import EMBEDDED, TASKS, make_task
+from tasks import EMBEDDED, TASKS, make_task, read_groups, read_jsonl
 from tokenizer import Tokenizer, write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -46,8 +47,9 @@ seed = 1337
 # data
 task = 'add'            # 'add' | 'maxdigit' (embedded; maxdigit = the positive control) | 'gsm8k' | 'math' | 'jsonl'
 digits = 2              # difficulty of the embedded task: operand digits
-data_train, data_test = '', ''  # JSONL files for gsm8k/math/jsonl tasks
-test_keys = ''          # 'prompt_key,answer_key' of data_test, e.g. 'problem,answer' for AIME/AMC/MATH-500 JSONL
+data_train = ''         # JSONL of training problems (gsm8k/math/jsonl tasks: one reader, the layout read from each line)
+data_test = ''          # test sets, 'name=PATH,name=PATH' (or one PATH): every set is evaluated, then their average
+test_keys = ''          # 'prompt_key,answer_key' for test files of another layout (default: tasks.LAYOUTS)
 chat_template = 'auto'  # 'auto' = the checkpoint's own template | 'plain'
 instruction = ' Please reason step by step, and put your final answer within \\boxed{}.'
 # model built from scratch (init_from='scratch')
@@ -62,9 +64,18 @@ sft_steps = 1000        # step cap (the embedded task's seeds reach the target i
 sft_target = 0.55       # stop once greedy held-out accuracy reaches this
 sft_eval_every = 50
 sft_max_seconds = 0     # also stop after this long (0 = never: a clock makes the run depend on the machine's load)
-# Bridge warm-up (paper): the base model's own correct answers, >= 2 per problem, train Bridge weights only
+# Bridge warm-up (paper sec. 2.2): once, before Bridge exists, the base model answers warmup_problems problems
+# warmup_samples times; the correct answers of problems with >= 2 of them form one group each (2-8 rows), on which
+# only the Bridge weights train, with cross-entropy
 warmup_steps, warmup_lr = 100, 1e-3
-warmup_problems = 32    # problems sampled per warm-up step
+warmup_data = ''        # JSONL problems to build the set from (the paper: GSM8K's train split); '' = the task's own
+warmup_problems = 512   # problems the base model answers (a seeded sample of warmup_data)
+warmup_samples = 8      # answers per problem (the paper's 8), sampled at warmup_temperature
+warmup_temperature = 1.0
+warmup_set = ''         # train from this set (an earlier run's out_dir/warmup_set.jsonl) instead of building one
+warmup_groups = 16      # groups (problems) per warm-up step
+warmup_source = 'base'  # 'base': the set above (the paper) | 'policy': groups sampled at width from the model being
+                        # trained, at every step (nanobridge's earlier warm-up)
 # GRPO
 grpo_steps = 300        # length of the LR schedule
 max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume continues from here
@@ -88,9 +99,10 @@ grad_checkpoint = None  # recompute blocks in backward; None = on for models of 
 bridge_only = False     # GRPO trains only Bridge weights
 # evaluation
 eval_widths = '1,2,4,8,16'
-eval_problems = 256
-eval_samples = 16       # rows per problem at every width: eval_samples // w groups of w
+eval_problems = 0       # 0 = every problem of every test set (the embedded tasks' test sets have 256); N = the first N
+eval_samples = 16       # rows per problem at every width: eval_samples / w groups of w (a multiple of every width)
 eval_temperature = 1.0
+probe = True            # read what Bridge does during evaluation (bridge.BridgeProbe); it turns off compile
 # system
 device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' (autocast on any device) | 'float32'
@@ -107,6 +119,7 @@ model = raw_model = None  # the model the stages train (compiled if asked) and t
 tok = None                # its tokenizer; main() also turns the `task` setting into its tasks.Task object
 dev, use_bf16, autocast = None, False, nullcontext()  # the device; bf16 autocast (fp32 master weights) or nothing
 ranks = None              # distributed.Ranks: rank, world size, sums over ranks
+log = None                # results.Log: a logged step on stdout, in out_dir/log.jsonl and in wandb
 config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
 
 def check_config():
@@ -158,13 +171,9 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
             g['lr'] = get_lr(step, base_lr, total)
         t0 = time.time()
         m = step_fn(step, update)
-        eta = (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1)
         if ranks.master and ((step + 1) % log_interval == 0 or step + 1 == stop_at or 'acc' in m and stage == 'sft'):
-            print(f"{stage} {step + 1}/{total}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                           for k, v in m.items())
-                  + f", lr {g['lr']:.2e}, {1000 * (time.time() - t0):.0f}ms, eta {eta:.0f}s")
-            if wandb_log:
-                wandb.log({f"{stage}/{k}": v for k, v in m.items()}, step=step)
+            log(stage, step + 1, total, {**m, 'lr': g['lr']}, 1000 * (time.time() - t0),
+                (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1))
         done = bool(should_stop and should_stop(step, m))  # e.g. SFT reached its accuracy target or its time limit
         if should_stop and ranks.world > 1:  # ranks' clocks differ: all leave together, or their collectives mismatch
             done = ranks.all_sum(done)[0] > 0
@@ -173,27 +182,53 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
         if done:
             break
 
+def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None):
+    """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's problem)."""
+    env = task.env(tok, gen_seed + 7919 * (ranks.rank + 1))
+    with torch.no_grad(), autocast, gathered(raw_model, fsdp):
+        gen = generate(raw_model, [task.encode(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
+                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy,
+                       compile=compile if compiled is None else compiled, env=env)
+    texts = [tok.decode(c) for c in gen.completions()]
+    rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
+    return gen, texts, torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]), rows
+
+def group_batch(groups, tok, task):
+    """Groups of answers to one prompt each -> (inputs, targets, alive, width) for teacher forcing (SFT: groups of
+    one). A group keeps its own width: it is padded to the widest of the batch with dead rows (alive=False), which no
+    row reads, which read nothing and carry no loss, so k answers attend exactly as at width k. As in
+    sample.generate, a row is live up to the input position of its stop token; targets are its answer and stop."""
+    W = max(len(g['responses']) for g in groups)
+    rows = [(task.encode(tok, g['prompt']), tok.encode(t) + [tok.eos_id] if t is not None else None)
+            for g in groups for t in g['responses'] + [None] * (W - len(g['responses']))]
+    T = max(len(p) + len(c or []) for p, c in rows)
+    x, y = torch.full((len(rows), T), tok.pad_id), torch.full((len(rows), T), -1)
+    alive = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        if c is not None:
+            x[i, :len(p) + len(c)], y[i, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(p + c), torch.tensor(c)
+            alive[i, :len(p) + len(c) - 1] = True
+    return x[:, :-1], y[:, :-1], alive[:, :-1], W
+
+def teacher_forced(groups, update):
+    """One cross-entropy step on a batch of groups (group_batch); -> the loss averaged over ranks."""
+    x, y, alive, W = group_batch(groups, tok, task)
+    with autocast:
+        _, loss = model(x.to(dev), y.to(dev), width=W, alive=alive.to(dev))
+    (loss / ranks.world).backward()  # ranks' gradients are summed by sync_grads
+    return {'loss': ranks.all_sum(loss.item())[0] / ranks.world, 'gnorm': update()}
+
 # -----------------------------------------------------------------------------
 # stages
 def sft(steps, start=0, opt_state=None):
-    """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted)."""
-    train, test = task.train_set, next(iter(task.test_sets.values()))[:eval_problems][ranks.rank::ranks.world]
-    t_begin = time.time()
+    """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted), until the held-out greedy
+    accuracy reaches sft_target (checked every sft_eval_every steps) or the step cap."""
+    test, t_begin = next(iter(task.test_sets.values()))[:eval_problems or None][ranks.rank::ranks.world], time.time()
 
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + step * ranks.world + ranks.rank)  # salt 0 of rollout()'s scheme
-        seqs = [(task.encode(tok, p['prompt']), tok.encode(p['response']) + [tok.eos_id])
-                for p in (rng.choice(train) for _ in range(sft_batch // ranks.world))]
-        T = max(len(a) + len(b) for a, b in seqs)  # right-padded; y = -1 where no loss is taken (prompt, padding)
-        x, y = torch.full((len(seqs), T), tok.pad_id), torch.full((len(seqs), T), -1)
-        for i, (a, b) in enumerate(seqs):
-            x[i, :len(a) + len(b)] = torch.tensor(a + b)
-            y[i, len(a) - 1:len(a) + len(b) - 1] = torch.tensor(b)
-        with autocast:
-            _, loss = model(x.to(dev), y.to(dev))
-        (loss / ranks.world).backward()  # ranks' gradients are summed by sync_grads
-        gn = update()
-        m = {'loss': ranks.all_sum(loss.item())[0] / ranks.world, 'gnorm': gn}
+        m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in
+                            (rng.choice(task.train_set) for _ in range(sft_batch // ranks.world))], update)
         if (step + 1) % sft_eval_every == 0:  # greedy held-out accuracy: the stopping rule
             s, n = ranks.all_sum(sample_and_score(test, 1, 0.0, seed)[2].sum(), len(test))
             m['acc'] = s / n
@@ -203,60 +238,58 @@ def sft(steps, start=0, opt_state=None):
         return m.get('acc', 0) >= sft_target or 0 < sft_max_seconds < time.time() - t_begin
     run_stage('sft', list(model.parameters()), sft_lr, steps, step_fn, start, opt_state, should_stop)
 
-def sample_and_score(problems, w, temp, gen_seed, entropy=False):
-    """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's problem)."""
-    env = task.env(tok, gen_seed + 7919 * (ranks.rank + 1))
-    with torch.no_grad(), autocast, gathered(raw_model, fsdp):
-        gen = generate(raw_model, [task.encode(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
-                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy, compile=compile, env=env)
-    texts = [tok.decode(c) for c in gen.completions()]
-    rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
-    return gen, texts, torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]), rows
-
-def rollout(train, n_prompts, step, salt):
-    """`width` answers to each of this rank's share of n_prompts training problems, and their rewards. Everything
-    random comes from (seed, stage, step, rank): that is what makes resume exact."""
-    rng = random.Random(seed * 1000 + salt * 100 + step * ranks.world + ranks.rank)
-    probs = [rng.choice(train) for _ in range(n_prompts // ranks.world)]
-    gen, _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
-    return gen, r
-
 def bridge_weights():
     return [p for b in raw_model.bridge_modules() for p in b.parameters()]
 
-def warmup(steps, start=0, opt_state=None):
-    """Paper sec. 2.2: groups of the base model's own correct answers, Bridge weights only. A problem with k
-    correct answers (2 <= k <= width) becomes one group of `width` rows whose unused rows are fully dead
-    (alive=False everywhere): they are masked out of Bridge and the loss, so groups need no equal size."""
-    train = task.train_set
+def build_warmup_set():
+    """Paper sec. 2.2, once and before Bridge exists: the base model answers warmup_problems problems warmup_samples
+    times; each problem with >= 2 correct answers becomes one group of them. Ranks split the problems; rank 0 writes
+    out_dir/warmup_set.jsonl, which a later run can train from (--warmup_set). A resumed run reads its own."""
+    path = warmup_set or os.path.join(out_dir, 'warmup_set.jsonl')
+    if warmup_set or (init_from == 'resume' and os.path.exists(path)):
+        return read_groups(path)
+    source = read_jsonl(warmup_data) if warmup_data else task.train_set
+    probs = random.Random(seed).sample(source, min(warmup_problems, len(source)))[ranks.rank::ranks.world]
+    S = warmup_samples
+    w = 1 if raw_model.bridge_config else S  # the rows of a Bridge model would read each other: then one at a time
+    _, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, seed + 5)
+    groups = [{'prompt': p['prompt'], 'answer': p['answer'],
+               'responses': [t for t, ok in zip(texts[i * S:i * S + S], r[i * S:i * S + S]) if ok > 0]}
+              for i, p in enumerate(probs)]
+    groups = ranks.gather(g for g in groups if len(g['responses']) >= 2)  # a problem with <= 1 correct is dropped
+    if ranks.master:
+        atomic_write(path, ''.join(json.dumps(g) + '\n' for g in groups))
+        print(f"warm-up set: {len(groups)} of {min(warmup_problems, len(source))} problems kept (>= 2 of {S} answers "
+              f"correct), {sum(len(g['responses']) for g in groups)} answers -> {path}")
+    return groups
 
+def warmup(steps, groups, start=0, opt_state=None):
+    """Paper sec. 2.2: cross-entropy of the Bridge weights only, on groups of one problem's correct answers
+    (build_warmup_set; warmup_source='policy' samples them from the model being trained at every step instead)."""
     def step_fn(step, update):
-        gen, r = rollout(train, warmup_problems, step, salt=2)
-        ok = r.view(-1, width) > 0
-        keep = ok.sum(1) >= 2
-        loss = torch.zeros(())
-        if keep.any() or fsdp:  # FSDP: every rank's backward takes part in the reduce-scatter (here with 0 rows)
-            rows = (ok & keep[:, None]).flatten().to(dev)
-            mask = gen.completion_mask & ~gen.from_env & rows[:, None]
-            y = torch.where(mask[:, 1:], gen.tokens[:, 1:], -1)
-            with autocast:
-                _, loss = model(gen.tokens[:, :-1], y, width=width, alive=gen.alive[:, :-1] & rows[:, None])
-            (loss / ranks.world).backward()
-        gn = update()
-        n_keep, acc = ranks.all_sum(keep.sum(), ok.float().mean())
-        return {'loss': loss.item(), 'kept_groups': int(n_keep), 'acc': acc / ranks.world, 'gnorm': gn}
-    run_stage('warmup', bridge_weights(), warmup_lr, steps, step_fn, start, opt_state)
+        rng = random.Random(seed * 1000 + 200 + step * ranks.world + ranks.rank)  # salt 2 of rollout()'s scheme
+        if warmup_source == 'policy':
+            probs = [rng.choice(task.train_set) for _ in range(warmup_groups // ranks.world)]
+            _, texts, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31))
+            batch = [{'prompt': p['prompt'], 'responses': [t for t, ok in zip(texts[i * width:i * width + width],
+                     r[i * width:i * width + width]) if ok > 0]} for i, p in enumerate(probs)]
+            batch = [g for g in batch if len(g['responses']) >= 2] or [{**batch[0], 'responses': [None, None]}]
+        else:
+            batch = [rng.choice(groups) for _ in range(warmup_groups // ranks.world)]
+        return {**teacher_forced(batch, update), 'groups': len(batch)}
+    if groups or warmup_source == 'policy':
+        run_stage('warmup', bridge_weights(), warmup_lr, steps, step_fn, start, opt_state)
+    elif ranks.master:
+        print("WARNING: the warm-up set is empty (no problem had 2 or more correct answers): no warm-up step runs")
 
 def grpo_stage(steps, start=0, opt_state=None):
-    train = task.train_set
-    params = bridge_weights() if bridge_only else list(raw_model.parameters())
+    """GRPO of the full model + Bridge (bridge_only: Bridge alone): each group sampled and scored jointly."""
     ref = None
     if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk so that a resumed run has it too
         path = os.path.join(out_dir, 'ref')
-        if not start:
-            sd = full_state(raw_model, None, fsdp)
-            if ranks.master:
-                atomic_dir(path, lambda p: save_model(raw_model, p, state_dict=sd))
+        sd = None if start else full_state(raw_model, None, fsdp)
+        if sd is not None and ranks.master:
+            atomic_dir(path, lambda p: save_model(raw_model, p, state_dict=sd))
         ranks.barrier()
         ref = load_model(path, device=dev, dtype=torch.float32, verbose=False).requires_grad_(False)
         ref = shard(ref, ranks.world, use_bf16, train=False) if fsdp else fuse(ref)
@@ -264,7 +297,10 @@ def grpo_stage(steps, start=0, opt_state=None):
 
     def step_fn(step, update):
         t0 = time.time()
-        gen, r = rollout(train, batch_prompts, step, salt=3)
+        # everything random comes from (seed, stage, step, rank): that is what makes resume exact
+        rng = random.Random(seed * 1000 + 300 + step * ranks.world + ranks.rank)
+        probs = [rng.choice(task.train_set) for _ in range(batch_prompts // ranks.world)]
+        gen, _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
         t_sample = time.time() - t0
         ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
         stats = grpo.policy_update(model, ro, update, ranks.all_sum, micro_groups=micro_groups, ref=ref,
@@ -278,43 +314,50 @@ def grpo_stage(steps, start=0, opt_state=None):
         for msg in health(step + 1, mean_r, zero_std, trunc, max_new_tokens) if ranks.master else []:
             print(f"WARNING: {msg}")
         dt = time.time() - t0
-        return {'reward': mean_r, 'acc': acc,
-                'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()), 'trunc': trunc,
-                'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%",
+        return {'reward': mean_r, 'acc': acc, 'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()),
+                'trunc': trunc, 'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%",
                 **({'mem': f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"} if dev.type == 'cuda' else {})}
-    run_stage('grpo', params, lr, steps, step_fn, start, opt_state)
+    run_stage('grpo', bridge_weights() if bridge_only else list(raw_model.parameters()), lr, steps, step_fn, start,
+              opt_state)
 
 def evaluate(after='init'):
-    """The paper's metrics at every width, plus whether Bridge reads its siblings at all: grpo.eval_metrics, the
-    width gain, and the probe's norm ratio and sibling share per layer (at width 4, the paper's training width).
-    Written to out_dir/eval_{after}.json, `after` being the stage that preceded it (sft, warmup, grpo)."""
-    test = next(iter(task.test_sets.values()))[:eval_problems][ranks.rank::ranks.world]
-    widths, results, probe = sorted(int(v) for v in eval_widths.split(',')), {}, BridgeProbe(raw_model)
+    """The paper's metrics at every width on every test set, their average over sets, and whether Bridge reads its
+    siblings at all: grpo.eval_metrics, the width gain, and the probe's norm ratio and sibling share per layer (at
+    width 4, the paper's training width). Written with the protocol card to out_dir/eval_{after}.json, `after` being
+    the stage that preceded it (sft, warmup, grpo)."""
+    widths, res = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in task.test_sets}}
+    reader = BridgeProbe(raw_model) if probe else None
     for w in widths:
-        groups = max(1, eval_samples // w)
-        probs = [p for p in test for _ in range(groups)]  # `groups` independent groups of w rows per problem
-        probe.reset()
-        gen, texts, _, rows = sample_and_score(probs, w, eval_temperature, seed + w)
-        m = grpo.eval_metrics(texts, rows, w, task, gen.lengths)
-        v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
-        results[w] = {k: v[2 * i] / v[2 * i + 1] for i, k in enumerate(m) if v[2 * i + 1]}  # none counted: '-'
-        results[w]['width_gain'] = results[w]['acc'] - results[widths[0]]['acc']
-        if task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
-            results[w]['chance'] = task.chance(w)
-        shares = probe.sibling_shares()  # {} without Bridge blocks
-        results[w] |= {'sibling': sum(shares.values()) / len(shares)} if shares else {}
+        if reader:
+            reader.reset()
+        for i, (name, test) in enumerate(task.test_sets.items()):
+            mine = test[:eval_problems or None][ranks.rank::ranks.world]
+            probs = [p for p in mine for _ in range(eval_samples // w)]  # eval_samples / w groups of w per problem
+            gen, texts, _, rows = sample_and_score(probs, w, eval_temperature, seed + w + 7919 * i,
+                                                   compiled=compile and not reader)
+            m = grpo.eval_metrics(texts, rows, w, task, gen.lengths)
+            v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
+            r = res['sets'][name][w] = {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
+            r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
+            if task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
+                r['chance'] = task.chance(w)
+        shares = reader.sibling_shares() if reader else {}  # {} without Bridge blocks
+        for r in (res['sets'][n][w] for n in res['sets']):
+            r |= {'sibling': sum(shares.values()) / len(shares)} if shares else {}
         if shares and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
-            results |= {'bridge_norm_ratio': probe.norm_ratios(), 'bridge_sibling_share': shares, 'probe_width': w}
-    probe.remove()
+            res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares, 'probe_width': w}
+    if reader:
+        reader.remove()
+    res |= {str(w): m for w, m in results.average(res['sets']).items()}
+    res['card'] = results.card(config, task, raw_model, model_dir, dev, use_bf16)
     if ranks.master:
-        print(grpo.format_table(results))
-        atomic_write(os.path.join(out_dir, f'eval_{after}.json'),
-                     json.dumps({str(k): v for k, v in results.items()}, indent=1))
-    return results
+        print(results.report(res))
+        atomic_write(os.path.join(out_dir, f'eval_{after}.json'), json.dumps(res, indent=1))
+    return res
 
 # -----------------------------------------------------------------------------
 def main():
-    global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, config, model_dir, wandb
+    global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, log, config, model_dir
     config = {k: globals()[k] for k in config_keys}
     check_config()
     stages, start, opt_state, after = mode.split(','), 0, None, 'init'
@@ -333,11 +376,7 @@ def main():
             recover_dir(ckpt)  # a save killed between its two renames: complete it before any rank reads ckpt
         ranks.barrier()
         state = load_train_state(ckpt)
-        # resume goes on with the run as it was configured: only what this command sets, and what concerns this
-        # invocation alone, is not read from the checkpoint
-        globals().update({k: v for k, v in state['config'].items() if k in config and k not in _overrides | {
-            'init_from', 'mode', 'out_dir', 'overwrite', 'dry_run', 'device', 'threads', 'compile', 'max_iters',
-            'log_interval', 'wandb_log', 'wandb_project'}})
+        globals().update(resume_settings(state, config, _overrides))  # the run goes on as it was configured
         config = {k: globals()[k] for k in config_keys}
         check_config()
         steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
@@ -350,58 +389,48 @@ def main():
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction)
     os.makedirs(out_dir, exist_ok=True)
-    if model_dir is None:  # the embedded tiny Qwen-shaped model
+    if model_dir is None:  # the embedded tiny Qwen-shaped model, with a byte-level tokenizer
         with tempfile.TemporaryDirectory() as d:
             tok = write_byte_tokenizer(d)
-        mcfg = ModelConfig(vocab_size=tok.n_vocab, hidden_size=n_embd, intermediate_size=ffn, num_hidden_layers=n_layer,
-                           num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=256,
-                           rope_theta=10000.0, eos_token_id=tok.eos_id)
-        raw_model = Transformer(mcfg).to(dev)
+        raw_model = Transformer(ModelConfig(
+            vocab_size=tok.n_vocab, hidden_size=n_embd, intermediate_size=ffn, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=256, rope_theta=1e4,
+            eos_token_id=tok.eos_id)).to(dev)
     else:
         tok = Tokenizer.from_pretrained(model_dir)  # our checkpoints always carry their tokenizer files
         raw_model = load_model(model_dir, device='meta' if dry_run else dev, dtype=torch.float32, verbose=ranks.master)
     new_bridge = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
     bcfg = raw_model.bridge_config or (new_bridge if use_bridge and {'warmup', 'grpo'} & set(stages) else None)
-    with torch.device('meta'):
-        extra, base = bridge_params(Transformer(raw_model.config, bcfg))
-    n_params, n_train = extra + base, extra if bridge_only else extra + base
-    # why 100M: below it (the embedded model) activations are small and recomputing is a second forward pass;
-    # above it (any real checkpoint) activations are ~4 MB per token at 1.5B without it
-    raw_model.grad_checkpoint = n_params >= 1e8 if grad_checkpoint is None else bool(grad_checkpoint)
     raw_model.head_chunk = logprob_chunk
     # every data line is read and every prompt rendered now, before the first step: a bad line or a prompt that
     # does not fit stops the run here, not after hours of training
     lens = {name: max(len(task.encode(tok, p['prompt'])) for p in probs)
             for name, probs in {'the training set': task.train_set, **task.test_sets}.items()}
     settings.check_data(config, raw_model.config.max_position_embeddings, lens)
-    prompt_len = lens['the training set']
-    per_rank = batch_prompts // ranks.world
-    check_memory(memory_estimate(
-        raw_model.config, bcfg, n_params=n_params, n_train=n_train, rows=per_rank * width,
-        mb_rows=(micro_groups or per_rank) * width, tokens=prompt_len + max_new_tokens, new_tokens=max_new_tokens,
-        chunk=logprob_chunk, width=width, bf16=use_bf16, fsdp=ranks.world if fsdp else 0, beta=beta,
-        checkpointing=raw_model.grad_checkpoint), dev, ranks.master)
+    check_run(raw_model, bcfg, config, ranks.world, lens['the training set'], use_bf16, dev, ranks.master)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
-    if wandb_log and ranks.master:
-        import wandb  # imported only when enabled (a global: run_stage logs to it)
-        wandb.init(project=wandb_project, config=config)
+    log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config)
     steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
     for stage in stages:
+        if stage == 'warmup' and not (use_bridge or raw_model.bridge_config):
+            continue  # nothing to warm up in the RLVR-only baseline
+        groups = build_warmup_set() if stage == 'warmup' and warmup_source == 'base' else None  # before Bridge exists
         if stage in ('warmup', 'grpo') and use_bridge and raw_model.bridge_config is None:
             raw_model = raw_model.with_bridge(new_bridge, full_tensors(raw_model) if fsdp else None)  # zero W_O
             raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp else fuse(raw_model)
             if ranks.master:
                 print(bridge_report(raw_model))
-        if stage == 'warmup' and raw_model.bridge_config is None:
-            continue  # nothing to warm up in the RLVR-only baseline
         model = torch.compile(raw_model) if compile else raw_model
         model.train()
         if stage == 'eval':
             evaluate(after)
+            continue
+        if stage == 'warmup':
+            warmup(steps[stage], groups, start, opt_state)
         else:
-            {'sft': sft, 'warmup': warmup, 'grpo': grpo_stage}[stage](steps[stage], start, opt_state)
-            start, opt_state, after = 0, None, stage
+            {'sft': sft, 'grpo': grpo_stage}[stage](steps[stage], start, opt_state)
+        start, opt_state, after = 0, None, stage
     ranks.close()
 
 if __name__ == '__main__':

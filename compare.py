@@ -1,0 +1,135 @@
+"""
+Compare evaluation results (train.py's out_dir/eval_*.json) the way the paper does, or arm against arm over seeds.
+
+The paper's table (sec. 4.2-4.3): each test set, Avg (the unweighted mean over sets) and the gain over the base model,
+Delta = Avg(method) - Avg(base), and Bridge's relative gain (Delta_Bridge - Delta_next best) / Delta_next best, where
+the next best is the best other trained method; undefined when that Delta is <= 0. The results must share their
+protocol card (data hashes, sampling, widths, parser...); different commits are allowed, and listed.
+    python compare.py base=out-base/eval_init.json rlvr=out-rlvr/eval_grpo.json pmatch=out-pmatch/eval_grpo.json \\
+        bridge=out/eval_grpo.json                      # every width; --width=4 for one; --metric=acc
+Arms paired by seed: a {seed} in each path; the mean of each arm, and of each arm minus the first, with a 95%
+t-interval over seeds.
+    python compare.py --paired=True bridge='runs/bridge-{seed}/eval_grpo.json' rlvr='runs/rlvr-{seed}/eval_grpo.json' \\
+        --seeds=1-5 --widths=1,4,8
+"""
+import json
+import math
+import os
+import sys
+
+from results import PROTOCOL
+
+# two-sided 95% critical values of Student's t for 1..30 degrees of freedom (no scipy at run time)
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+def load(name, path):
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}={path}: no such result file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}={path}: not a JSON result file ({e})") from None
+    if 'sets' not in r or 'card' not in r:
+        raise ValueError(f"{name}={path}: no 'sets' and 'card' (written by an older train.py?)")
+    return r
+
+def protocol(c):
+    """The part of a card that changes a metric other than the model (a data file's name and place do not)."""
+    return {k: ({n: {f: v for f, v in d.items() if f != 'file'} for n, d in c[k].items()} if k == 'data' else c[k])
+            for k in PROTOCOL}
+
+def check_cards(runs):
+    ref_name, ref = next(iter(runs.items()))
+    for name, r in runs.items():
+        diff = [k for k, v in protocol(r['card']).items() if v != protocol(ref['card'])[k]]
+        if diff:
+            k = diff[0]
+            raise ValueError(f"{name} and {ref_name} were evaluated under different protocols: {k} is "
+                             f"{protocol(r['card'])[k]!r} against {protocol(ref['card'])[k]!r} (also differ: "
+                             f"{', '.join(diff[1:]) or 'nothing else'}); rerun the evaluation with the same settings")
+    commits = {name: r['card'].get('commit') for name, r in runs.items()}
+    if len(set(commits.values())) > 1:
+        print("commits differ: " + ", ".join(f"{n} {c}" for n, c in commits.items()))
+
+def gain_table(runs, widths, metric):
+    """The paper's table at each width: per set, Avg and Delta over `base`, then Bridge's relative gain."""
+    check_cards(runs)
+    sets = list(runs['base']['sets'])
+    for name, r in runs.items():
+        if list(r['sets']) != sets:
+            raise ValueError(f"{name} has test sets {list(r['sets'])}, base has {sets}")
+    out = []
+    for w in widths or sorted(int(k) for k in runs['base']['sets'][sets[0]]):
+        val = {n: {s: 100 * r['sets'][s][str(w)][metric] for s in sets} for n, r in runs.items()}
+        avg = {n: sum(v.values()) / len(v) for n, v in val.items()}
+        delta = {n: avg[n] - avg['base'] for n in runs}
+        out.append(f"\n{metric} (%) at width {w}\n| method | " + " | ".join(sets) + " | Avg | Delta |\n|---|"
+                   + "---|" * (len(sets) + 2))
+        out += [f"| {n} | " + " | ".join(f"{val[n][s]:.2f}" for s in sets) + f" | {avg[n]:.2f} | {delta[n]:+.2f} |"
+                for n in runs]
+        others = {n: d for n, d in delta.items() if n not in ('base', 'bridge')}
+        if 'bridge' in runs and others:
+            nb = max(others, key=others.get)
+            out.append(f"relative gain of bridge over the next best ({nb}): " + (
+                f"({delta['bridge']:.2f} - {others[nb]:.2f}) / {others[nb]:.2f} = "
+                f"{100 * (delta['bridge'] - others[nb]) / others[nb]:.0f}%" if others[nb] > 0 else
+                f"undefined: the next best gains {others[nb]:+.2f} <= 0 over base"))
+    return '\n'.join(out)
+
+def interval(xs):
+    """(mean, half-width of the 95% t-interval) over seeds."""
+    n, m = len(xs), sum(xs) / len(xs)
+    if n < 2:
+        return m, float('nan')
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, (T95[n - 2] if n - 1 <= len(T95) else 1.96) * sd / math.sqrt(n)
+
+def paired_table(patterns, seeds, widths, metric):
+    runs = {(n, s): load(n, p.replace('{seed}', str(s))) for n, p in patterns.items() for s in seeds}
+    for s in seeds:  # each seed's arms must be comparable; seeds themselves differ by design
+        check_cards({n: runs[n, s] for n in patterns})
+    names, first = list(patterns), next(iter(patterns))
+    out = [f"{metric}, per seed, at widths {', '.join(map(str, widths))}\n| seed | " + " | ".join(
+        f"{n} w={w}" for w in widths for n in names) + " |\n|---|" + "---|" * (len(widths) * len(names))]
+    val = {(n, s, w): runs[n, s][str(w)][metric] for n in names for s in seeds for w in widths}
+    out += [f"| {s} | " + " | ".join(f"{val[n, s, w]:.3f}" for w in widths for n in names) + " |" for s in seeds]
+    out.append(f"\nmean and 95% t-interval over {len(seeds)} seeds\n| arm | " + " | ".join(f"w={w}" for w in widths)
+               + " |\n|---|" + "---|" * len(widths))
+    for n in names:
+        out.append(f"| {n} | " + " | ".join("{:.3f} ± {:.3f}".format(*interval([val[n, s, w] for s in seeds]))
+                                            for w in widths) + " |")
+    for n in names[1:]:
+        out.append(f"| {first} - {n} | " + " | ".join("{:+.3f} ± {:.3f}".format(*interval(
+            [val[first, s, w] - val[n, s, w] for s in seeds])) for w in widths) + " |")
+    return '\n'.join(out)
+
+def seed_list(spec):
+    try:
+        return [s for part in spec.split(',') for s in (range(int(part.split('-')[0]), int(part.split('-')[1]) + 1)
+                                                         if '-' in part else [int(part)])]
+    except (ValueError, IndexError):
+        raise ValueError(f"seeds={spec!r}: expected e.g. '1-5' or '1,2,3'") from None
+
+if __name__ == '__main__':
+    arms = [a for a in sys.argv[1:] if '=' in a and not a.startswith('--')]
+    sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a not in arms]
+    width = 0           # one width, or 0 = every width (the paper's table)
+    widths = '1,4,8'    # --paired: the widths to show
+    metric = 'acc'      # any column of the evaluation table
+    paired = False      # compare arms paired by seed instead of the paper's table
+    seeds = '1-5'       # --paired: the seeds
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    named = dict(a.split('=', 1) for a in arms)
+    try:
+        if paired:
+            if not named or any('{seed}' not in p for p in named.values()):
+                raise ValueError("--paired=True needs arms as name=PATH with {seed} in each PATH")
+            print(paired_table(named, seed_list(seeds), [int(w) for w in widths.split(',')], metric))
+        else:
+            if 'base' not in named or len(named) < 2:
+                raise ValueError("expected base=PATH and at least one more name=PATH (e.g. rlvr=, pmatch=, bridge=)")
+            print(gain_table({n: load(n, p) for n, p in named.items()}, [width] if width else None, metric))
+    except KeyError as e:  # a metric or width that a result does not have
+        raise ValueError(f"metric={metric!r} at the widths asked: {e} is missing from a result") from None

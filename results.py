@@ -1,0 +1,125 @@
+"""
+What a run leaves behind besides its model: the protocol card that every result carries (every setting that changes
+a metric, the data files' hashes, the commit), the evaluation tables (one per test set and their average), and
+out_dir/log.jsonl, one JSON object per logged step, so that curves can be plotted and compared without parsing stdout.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import time
+
+import torch
+
+# the card's fields that change a metric other than the model: compare.py refuses results that differ in them
+PROTOCOL = ('chat_template', 'instruction', 'temperature', 'top_p', 'top_k', 'max_new_tokens', 'samples_per_problem',
+            'widths', 'parser', 'data', 'eval_problems')
+
+def sha256(path=None, data=None):
+    h = hashlib.sha256(data if data is not None else b'')
+    if path:
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+def commit(where):
+    """The git commit of the code that ran (with '+dirty' if the tree has changes), or None outside a checkout."""
+    try:
+        run = lambda *a: subprocess.run(['git', '-C', where, *a], capture_output=True, text=True, timeout=10)
+        head = run('rev-parse', 'HEAD')
+        if head.returncode:
+            return None
+        dirty = run('status', '--porcelain', '--untracked-files=no').stdout.strip()
+        return head.stdout.strip()[:12] + ('+dirty' if dirty else '')
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+def card(cfg, task, model, model_dir, device, bf16):
+    """The protocol of an evaluation: what produced its numbers, as one dict."""
+    mcfg = json.dumps({k: getattr(model.config, k) for k in sorted(model.config.__dataclass_fields__)}, sort_keys=True)
+    data = {}
+    for name, probs in task.test_sets.items():
+        path = getattr(task, 'sets', {}).get(name)  # a JSONL file, or one the task generates
+        data[name] = {'problems': len(probs), **({'file': path, 'lines': lines(path), 'sha256': sha256(path)} if path
+                                                 else {'generated': f"tasks.py {task.name}"})}
+    return {
+        'model': model_dir or 'scratch (the embedded model)',
+        'model_config_sha256': sha256(data=mcfg.encode()),
+        'bridge': model.bridge_config.to_dict() if model.bridge_config else None,
+        'chat_template': cfg['chat_template'] if task.files else 'none (raw prompt)',
+        'instruction': cfg['instruction'] if task.files else '',
+        'temperature': cfg['eval_temperature'], 'top_p': cfg['top_p'], 'top_k': cfg['top_k'],
+        'max_new_tokens': cfg['max_new_tokens'], 'samples_per_problem': cfg['eval_samples'],
+        'widths': cfg['eval_widths'], 'seed': cfg['seed'], 'parser': task.parser, 'data': data,
+        'eval_problems': cfg['eval_problems'] or 'all',
+        'commit': commit(os.path.dirname(os.path.abspath(__file__))), 'torch': torch.__version__,
+        'device': str(device), 'dtype': 'bfloat16 autocast' if bf16 else 'float32',
+    }
+
+def lines(path):
+    with open(path, 'rb') as f:
+        return sum(1 for line in f if line.strip())
+
+def card_line(c):
+    data = '; '.join(f"{k} {v['problems']} problems" + (f" ({os.path.basename(v['file'])}, sha256 {v['sha256']})"
+                                                         if 'file' in v else '') for k, v in c['data'].items())
+    return (f"protocol: model {c['model']} (config sha256 {c['model_config_sha256']}), chat {c['chat_template']}, "
+            f"T={c['temperature']} top_p={c['top_p']} top_k={c['top_k']} max_new_tokens={c['max_new_tokens']}, "
+            f"{c['samples_per_problem']} samples per problem at widths {c['widths']}, seed {c['seed']}, parser: "
+            f"{c['parser']}; data: {data}; eval_problems {c['eval_problems']}; commit {c['commit']}, torch "
+            f"{c['torch']}, {c['device']} {c['dtype']}")
+
+COLS = ['acc', 'pass@w', 'maj', 'gpass@0.25', 'gpass@0.5', 'gpass@0.75', 'gpass@1.0', 'agree', 'fix', 'width_gain',
+        'chance', 'sibling', 'len']
+
+def format_table(by_width, title=''):
+    lines_ = [title] if title else []
+    lines_.append('width ' + ' '.join(f"{c:>10}" for c in COLS))
+    for w, m in by_width.items():
+        lines_.append(f"{w:>5} " + ' '.join(f"{m[c]:>10.3f}" if c in m else f"{'-':>10}" for c in COLS))
+    return '\n'.join(lines_)
+
+def average(sets):
+    """{width: {metric: the unweighted mean over sets}}, over the metrics every set has at that width."""
+    first = next(iter(sets.values()))
+    return {w: {k: sum(s[w][k] for s in sets.values()) / len(sets) for k in first[w]
+                if all(k in s[w] for s in sets.values())} for w in first}
+
+def report(results, probe=None):
+    """The printed evaluation: the card's line, a table per set (when there are several), the average, the probe."""
+    out = [card_line(results['card'])]
+    sets = results['sets']
+    if len(sets) > 1:
+        out += [format_table(m, f"{name}:") for name, m in sets.items()]
+    out.append(format_table({w: results[str(w)] for w in next(iter(sets.values()))},
+                            f"average over the {len(sets)} test sets:" if len(sets) > 1 else ''))
+    for key, what in (('bridge_norm_ratio', 'Bridge output / residual norm'),
+                      ('bridge_sibling_share', "share of a row's Bridge attention on its siblings")):
+        if results.get(key):
+            out.append(f"{what} per layer at width {results['probe_width']}: "
+                       + ' '.join(f"{v:.3g}" for v in results[key].values()))
+    return '\n'.join(out)
+
+class Log:
+    """A logged step: one line on stdout, one JSON object in out_dir/log.jsonl (appended, so a resumed run continues
+    the same file: curves can be plotted with any tool, without parsing stdout), and wandb when asked."""
+
+    def __init__(self, out_dir=None, wandb_project=None, config=None):
+        self.path = os.path.join(out_dir, 'log.jsonl') if out_dir else None
+        self.wandb = None
+        if wandb_project:
+            import wandb  # imported only when enabled
+            self.wandb = wandb
+            wandb.init(project=wandb_project, config=config)
+
+    def __call__(self, stage, step, total, metrics, ms=0, eta=0):
+        print(f"{stage} {step}/{total}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in metrics.items() if k != 'lr')
+              + f", lr {metrics['lr']:.2e}, {ms:.0f}ms, eta {eta:.0f}s")
+        if self.path:
+            rec = {'stage': stage, 'step': step, 'total': total, 'time': round(time.time(), 3), **metrics}
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+        if self.wandb:
+            self.wandb.log({f"{stage}/{k}": v for k, v in metrics.items()}, step=step)
