@@ -174,22 +174,31 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
 
 class Health:
     """GRPO's warnings, each said once, in words (the log line's columns show the numbers step by step): no learning
-    signal (every group has zero reward std), every completion truncated, and a collapse: reward 0 on every group for
-    10 steps after it had reached 0.2, from which GRPO does not recover (no right answer is left to learn from)."""
+    signal (every group has zero reward std), every completion truncated, and a collapse: the reward's mean over the
+    last `window` steps has fallen below half of its best such mean (>= 0.1) and stayed there for `window` steps. A
+    healthy run's 5-step mean moves by a few hundredths; a collapsing one keeps fewer right answers to learn from at
+    every step, and rarely recovers (issue 22's collapsed run: 0.35 at step 10, then hovering just above 0)."""
+    window = 5
 
     def __init__(self):
-        self.said, self.best, self.zeros = set(), (0.0, 0), 0
+        self.said, self.rewards, self.best, self.low = set(), [], (0.0, 0), 0
 
     def __call__(self, step, reward, zero_std, trunc, max_tokens):
         """The messages not said before, for this step's mean reward and its zero-std and truncated fractions."""
-        self.best, self.zeros = max(self.best, (reward, -step)), self.zeros + 1 if reward == 0 else 0
+        w, r = self.window, self.rewards
+        r.append(reward)
+        mean = sum(r[-w:]) / w
+        if len(r) >= w:  # a full window: one lucky step is not a best to fall from
+            self.best = max(self.best, (mean, -step))
+            self.low = self.low + 1 if mean < self.best[0] / 2 else 0
         news = {'std': zero_std == 1 and reward < 1 and f"grpo step {step}: every group has zero reward std, so "
                 "there is no learning signal: check max_new_tokens, the reward and the prompt format (zero_std column)",
                 'trunc': trunc == 1 and f"grpo step {step}: every completion hit max_new_tokens={max_tokens}",
-                'collapse': self.zeros >= 10 and self.best[0] >= 0.2 and f"GRPO has collapsed: reward 0 on every group "
-                f"for the last {self.zeros} steps, after {self.best[0]:.2f} at step {-self.best[1]}. No sampled answer "
-                "is right any more, so there is nothing to learn from: stop it, and rerun with a lower --lr or more "
-                "--batch_prompts"}
+                'collapse': self.low >= w and self.best[0] >= 0.1 and f"GRPO is collapsing: the reward, averaged over "
+                f"{w} steps, reached {self.best[0]:.2f} at step {-self.best[1]} and has stayed below half of that for "
+                f"{self.low} steps ({mean:.2f} now). With fewer right answers there is less to learn from at every "
+                "step, and it rarely recovers: stop it, and rerun with a lower --lr, more --batch_prompts, or a KL "
+                "term (--beta)"}
         out = [msg for k, msg in news.items() if msg and k not in self.said]
         self.said |= {k for k, msg in news.items() if msg}
         return out

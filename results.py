@@ -101,6 +101,13 @@ def report(results, probe=None):
                        + ' '.join(f"{v:.3g}" for v in results[key].values()))
     return '\n'.join(out)
 
+def below(first_name, first, last_name, last):
+    """A message if the run's last evaluation scores below its first (mean accuracy over sets, at the first width)."""
+    w = min(int(k) for k in first if k.isdigit())
+    a, b = first[str(w)]['acc'], last[str(w)]['acc']
+    return b < a and (f"the model after {last_name} scores below the model it started from: accuracy {b:.3f} at width "
+                      f"{w} against {a:.3f} after {first_name} (eval_{first_name}.json): training made it worse")
+
 class Log:
     """A logged step: one line on stdout, one JSON object in out_dir/log.jsonl (appended, so a resumed run continues
     the same file: curves can be plotted with any tool, without parsing stdout), and wandb when asked."""

@@ -238,6 +238,16 @@ class MathJSONL(Task):
     def correct(self, final, problem):
         return is_equiv(final, gold_answer(problem['answer']))
 
+def prompt_lengths(task, tok, sets, verbose=True):
+    """{set name: its longest prompt in tokens}, every prompt rendered in the task's format: a prompt the format
+    cannot render fails here, at start. tok=None (a dry run from config.json alone) counts ~1 token per 3 characters
+    (English BPE runs ~4), plus 16 for the chat markup, and says so."""
+    if tok is None and verbose:
+        print("no tokenizer files: prompt lengths are estimated at 1 token per 3 characters + 16")
+    count = (lambda p: len(task.encode(tok, p))) if tok else (lambda p: -(-len(p + getattr(task, 'instruction', ''))
+                                                                          // 3) + 16)
+    return {name: max(count(p['prompt']) for p in probs) for name, probs in sets.items()}
+
 EMBEDDED = {'add': Addition, 'maxdigit': MaxDigit}
 TASKS = (*EMBEDDED, 'gsm8k', 'math', 'jsonl')  # the last three are one: JSONL math, layout read from each file
 

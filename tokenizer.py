@@ -175,6 +175,9 @@ class Tokenizer:
     def encode_chat(self, user, system=None, template=None):
         return self.encode(self.render_chat(user, system, template))
 
+def no_tokenizer(path):
+    return not any(os.path.exists(os.path.join(path, f)) for f in ('tokenizer.json', 'qwen.tiktoken'))
+
 def write_byte_tokenizer(path):
     """The embedded model's tokenizer (train.py): the 256 bytes plus two specials, saved like a Qwen rank file."""
     os.makedirs(path, exist_ok=True)

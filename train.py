@@ -31,8 +31,8 @@ from fastpath import fuse
 from memory import check_run
 from model import ModelConfig, Transformer
 from sample import generate
-from tasks import EMBEDDED, TASKS, make_task, read_groups, read_jsonl
-from tokenizer import Tokenizer, write_byte_tokenizer
+from tasks import EMBEDDED, TASKS, make_task, prompt_lengths, read_groups, read_jsonl
+from tokenizer import Tokenizer, no_tokenizer, write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
 # default config: the embedded CPU run. Every global can be overridden with --key=value or a config file.
@@ -396,22 +396,23 @@ def main():
             vocab_size=tok.n_vocab, hidden_size=n_embd, intermediate_size=ffn, num_hidden_layers=n_layer,
             num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=256, rope_theta=1e4,
             eos_token_id=tok.eos_id)).to(dev)
-    else:
-        tok = Tokenizer.from_pretrained(model_dir)  # our checkpoints always carry their tokenizer files
+    else:  # a dry run may have config.json alone: shapes only, and prompts counted without a tokenizer
+        tok = Tokenizer.from_pretrained(model_dir) if not (dry_run and no_tokenizer(model_dir)) else None
         raw_model = load_model(model_dir, device='meta' if dry_run else dev, dtype=torch.float32, verbose=ranks.master)
     new_bridge = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
     bcfg = raw_model.bridge_config or (new_bridge if use_bridge and {'warmup', 'grpo'} & set(stages) else None)
     raw_model.head_chunk = logprob_chunk
     # every data line is read and every prompt rendered now, before the first step: a bad line or a prompt that
     # does not fit stops the run here, not after hours of training
-    lens = {name: max(len(task.encode(tok, p['prompt'])) for p in probs)
-            for name, probs in {'the training set': task.train_set, **task.test_sets}.items()}
+    lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets}, ranks.master)
     settings.check_data(config, raw_model.config.max_position_embeddings, lens)
+    if eval_problems and ranks.master:
+        print(f"eval_problems={eval_problems}: every test set is cut to its first {eval_problems} problems")
     check_run(raw_model, bcfg, config, ranks.world, lens['the training set'], use_bf16, dev, ranks.master)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
     log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config)
-    steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
+    steps, evals = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}, []
     for stage in stages:
         if stage == 'warmup' and not (use_bridge or raw_model.bridge_config):
             continue  # nothing to warm up in the RLVR-only baseline
@@ -424,13 +425,15 @@ def main():
         model = torch.compile(raw_model) if compile else raw_model
         model.train()
         if stage == 'eval':
-            evaluate(after)
+            evals.append((after, evaluate(after)))
             continue
         if stage == 'warmup':
             warmup(steps[stage], groups, start, opt_state)
         else:
             {'sft': sft, 'grpo': grpo_stage}[stage](steps[stage], start, opt_state)
         start, opt_state, after = 0, None, stage
+    if len(evals) > 1 and ranks.master and (msg := results.below(*evals[0], *evals[-1])):
+        print(f"WARNING: {msg}")  # the run's last lines say when training made the model worse
     ranks.close()
 
 if __name__ == '__main__':

@@ -22,11 +22,12 @@ min_lr = 1e-7
 warmup_iters = 5
 warmup_lr = 1e-4
 warmup_steps = 20
-warmup_problems = 16
+warmup_problems = 64        # the warm-up set: 64 training problems, 8 answers each, from the base model
+warmup_groups = 4
 grpo_steps = 200
 micro_groups = 1            # one group (4 rows) per gradient micro-batch
 beta = 0.0
 eval_widths = '1,2,4,8'
-eval_problems = 64
+eval_problems = 64          # the first 64 test problems (0 = all): the card of every result says so
 eval_samples = 8
 save_every = 20
