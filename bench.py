@@ -20,7 +20,7 @@ from fastpath import Linear, fuse
 from memory import memory_estimate
 from model import ModelConfig, Transformer
 from sample import generate
-from tasks import Addition
+from tasks import Arithmetic
 from tokenizer import write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
 
 def bench_grpo_default(reps):
     """train.py's embedded default: its tiny model and byte tokenizer, Bridge, batch_prompts x width rows."""
-    tok, task = write_byte_tokenizer(os.path.join(tmp, 'bytes')), Addition(T.digits)
+    tok, task = write_byte_tokenizer(os.path.join(tmp, 'bytes')), Arithmetic('add', T.digits)
     cfg = ModelConfig(vocab_size=tok.n_vocab, max_position_embeddings=256, eos_token_id=tok.eos_id, **TINY)
     torch.manual_seed(seed)
     model = fuse(Transformer(cfg, BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads)).to(dev).train())

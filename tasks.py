@@ -4,11 +4,13 @@ answer is read and rewarded, and for the positive control the environment that w
 asks `make_task(...)` for one and never branches on a task's name. A problem is a dict: prompt (text), answer (the
 gold final answer) and response (a reference answer for SFT).
 
-  add       the embedded default: 'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum
+  add       the embedded default: 'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum (sum3, mul: harder kin)
   maxdigit  the positive control: the answer is the largest digit of the group, which only siblings can tell
   math      JSONL files of math problems (GSM8K, MATH, or problem/answer layouts), rewarded by grading.py
 """
+import itertools
 import json
+import math
 import os
 import random
 from functools import cached_property
@@ -51,30 +53,37 @@ def final_answer(text):
     draft, _, final = text.partition(';')
     return draft.strip() or None, (final.strip() or None) if _ else None
 
-class Addition(Task):
-    """'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum (zero-padded so every row of a group writes its final
-    digits at the same timesteps, where Bridge can compare them). Reward is on the final only, so a row whose draft
-    is wrong can still be saved by reading its siblings. The held-out split is a fixed hash of the operands, so train
-    and test never overlap at any difficulty; the first 256 held-out problems are the test set."""
-    name, parser, draft = 'add', "the final after ';', exact match", staticmethod(final_answer)
+class Arithmetic(Task):
+    """The embedded tasks in the 'draft;final' format: 'ab+cd=' -> 'SSS;SSS', a draft result then the final result,
+    zero-padded so that every row of a group writes its final digits at the same timesteps, where Bridge can compare
+    them. Reward is on the final only, so a row whose draft is wrong can still be saved by reading its siblings.
+      add   ab+cd=      (the default; digits = operand digits)
+      sum3  ab+cd+ef=   three operands
+      mul   ab*c=       a digits-digit number times one digit
+    The held-out split is a fixed hash of the operands, so train and test never overlap at any difficulty; the first
+    256 held-out problems are the test set."""
+    parser, draft = "the final after ';', exact match", staticmethod(final_answer)
+    KINDS = {'add': ('+', 2), 'sum3': ('+', 3), 'mul': ('*', 2)}
 
-    def __init__(self, digits=2, n_test=256):
+    def __init__(self, kind='add', digits=2, n_test=256):
         if digits < 1:
             raise ValueError(f"digits={digits} must be >= 1")
-        self.digits, self.n_test = digits, n_test
+        self.name, self.digits, self.n_test = kind, digits, n_test
+        self.op, n = self.KINDS[kind]
+        self.sizes = [10 ** digits] * n if kind != 'mul' else [10 ** digits, 10]
 
     def split(self, split):
-        n, out = 10 ** self.digits, []
-        held_out = lambda a, b: (a * 7919 + b * 104729) % 16 == 0
-        if n * n <= 200_000:
-            pairs = [(a, b) for a in range(n) for b in range(n)]
+        if math.prod(self.sizes) <= 200_000:
+            tuples = itertools.product(*map(range, self.sizes))
         else:
             rng = random.Random(0)
-            pairs = [(rng.randrange(n), rng.randrange(n)) for _ in range(200_000)]
-        for a, b in pairs:
-            if held_out(a, b) == (split == 'test'):
-                s = f"{a + b:0{self.digits + 1}d}"
-                out.append({'prompt': f"{a:0{self.digits}d}+{b:0{self.digits}d}=", 'answer': s, 'response': f"{s};{s}"})
+            tuples = [tuple(rng.randrange(n) for n in self.sizes) for _ in range(200_000)]
+        out = []
+        for t in tuples:
+            if (sum(x * p for x, p in zip(t, (7919, 104729, 1299709))) % 16 == 0) == (split == 'test'):
+                s = f"{sum(t) if self.op == '+' else math.prod(t):0{self.digits + 1}d}"
+                prompt = self.op.join(f"{x:0{len(str(n - 1))}d}" for x, n in zip(t, self.sizes)) + '='
+                out.append({'prompt': prompt, 'answer': s, 'response': f"{s};{s}"})
         if split == 'test':
             random.Random(1).shuffle(out)
             out = out[:512]
@@ -103,7 +112,7 @@ def max_chance(w, k=10):
     return sum((F(s) - F(s - 1)) * max(F(m) ** (w - 1) - (F(m - 1) ** (w - 1) if m > s else 0) for m in range(s, k))
                for s in range(k))
 
-class MaxDigit(Addition):
+class MaxDigit(Arithmetic):
     """The positive control: every prompt is 'max?', the environment writes 'd;' (d from skewed_digits) and the stop
     token, the policy writes only F, and the reward asks for F = the largest d of the group, which only siblings can
     tell. The SFT responses are self-only: F is d half the time, else a random digit, so GRPO starts from a policy
@@ -248,12 +257,12 @@ def prompt_lengths(task, tok, sets, verbose=True):
                                                                           // 3) + 16)
     return {name: max(count(p['prompt']) for p in probs) for name, probs in sets.items()}
 
-EMBEDDED = {'add': Addition, 'maxdigit': MaxDigit}
+EMBEDDED = (*Arithmetic.KINDS, 'maxdigit')
 TASKS = (*EMBEDDED, 'gsm8k', 'math', 'jsonl')  # the last three are one: JSONL math, layout read from each file
 
 def make_task(task, digits=2, data_train='', data_test='', test_keys='', chat_template='auto', instruction=''):
-    if task == 'add':
-        return Addition(digits)
-    if task in EMBEDDED:
-        return EMBEDDED[task]()
+    if task in Arithmetic.KINDS:
+        return Arithmetic(task, digits)
+    if task == 'maxdigit':
+        return MaxDigit()
     return MathJSONL(data_train, data_test, test_keys, chat_template, instruction)

@@ -1925,7 +1925,7 @@ def test_jsonl_readers(tmp_path):
 
 
 def test_embedded_task_split_and_reward():
-    add = tasks.Addition(2)
+    add = tasks.Arithmetic('add', 2)
     train, test = add.split('train'), add.split('test')
     assert len(test) == 512 and not {p['prompt'] for p in test} & {p['prompt'] for p in train}
     p = test[0]
@@ -2134,7 +2134,7 @@ def test_eval_metrics_known_values():
     """Two groups of 4 on the embedded task (gold 005), every metric worked out by hand."""
     texts = ['005;005', '004;005', '004;004', '005;005'] + ['001;001'] * 4
     probs = [{'answer': '005'}] * 8
-    m = grpo.eval_metrics(texts, probs, 4, tasks.Addition(), torch.full((8,), 7))
+    m = grpo.eval_metrics(texts, probs, 4, tasks.Arithmetic(), torch.full((8,), 7))
     got = {k: s / n for k, (s, n) in m.items()}
     assert got == {'acc': 3 / 8, 'pass@w': 1 / 2, 'len': 7.0, 'gpass@0.25': 1 / 2, 'gpass@0.5': 1 / 2,
                    'gpass@0.75': 1 / 2, 'gpass@1.0': 0.0, 'maj': 1 / 2, 'agree': 9 / 12, 'fix': 1 / 2}
@@ -2319,7 +2319,7 @@ def test_warmup_set_is_the_papers(sft_ckpt, tmp_path):
     out = train_py(*common, '--mode=warmup', cwd=tmp_path)
     assert out.count('warm-up set: ') == 1 and out.index('warm-up set: ') < out.index('bridge: 2 blocks')
     groups = [json.loads(l) for l in open(tmp_path / 'out' / 'warmup_set.jsonl')]
-    add = tasks.Addition(1)
+    add = tasks.Arithmetic('add', 1)
     assert groups and len({g['prompt'] for g in groups}) == len(groups)  # one problem per group, never mixed
     assert all(2 <= len(g['responses']) <= 8 and all(add.reward(t, g) == 1 for t in g['responses']) for g in groups)
     a, base = load_file(tmp_path / 'out/ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
@@ -2336,7 +2336,7 @@ def test_warmup_groups_attend_at_their_own_width(tmp_path):
     """train.group_batch pads every group of a batch to its widest with dead rows: each group's answers get exactly the
     log-probs they get alone, at their own width (a group of 2 and one of 3 here, with a trained Bridge)."""
     import train
-    tok, add = write_byte_tokenizer(str(tmp_path)), tasks.Addition(2)
+    tok, add = write_byte_tokenizer(str(tmp_path)), tasks.Arithmetic('add', 2)
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=tok.n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
