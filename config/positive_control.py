@@ -14,6 +14,7 @@ bridge_dim = 32
 bridge_heads = 2
 sft_batch = 64
 sft_target = 0.99            # greedy accuracy at width 1, where the answer is the row's own digit
+sft_temperature = 0.0       # greedy: its SFT answers are random half the time on purpose, so T=1 never gets there
 sft_eval_every = 25
 sft_steps = 3000             # the LR schedule's length: with 1,000, seed 1's GRPO never took off (README)
 max_new_tokens = 4           # 'd;F' and the stop token (a policy that wrote ';' and the stop itself sometimes broke
