@@ -264,17 +264,32 @@ def save_run(ckpt, model, state_dict, train_state, tokenizer_dir=None):
         torch.save(train_state, os.path.join(path, 'train_state.pt'))  # last: its presence marks a checkpoint
     atomic_dir(ckpt, write)
 
-def load_train_state(ckpt):
-    """The training state of out_dir/ckpt, read with weights_only=True: a tampered checkpoint cannot run code."""
+def load_train_state(ckpt, ranks):
+    """The training state of out_dir/ckpt, read with weights_only=True: a tampered checkpoint cannot run code. A save
+    killed between its two renames is completed first (by rank 0, before any rank reads). The RNGs are restored."""
+    if ranks.master:
+        recover_dir(ckpt)
+    ranks.barrier()
     path = os.path.join(ckpt, 'train_state.pt')
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init_from=resume but {path} does not exist (no checkpoint in "
                                 f"out_dir={os.path.dirname(ckpt)!r})")
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)  # each rank moves its optimizer state
+        state = torch.load(path, map_location='cpu', weights_only=True)  # each rank moves its optimizer state
     except Exception as e:
         raise ValueError(f"{path} is not a readable training state, refusing to load it "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    torch.set_rng_state(state['rng']['torch'])
+    random.setstate(state['rng']['python'])
+    return state
+
+def kl_reference(path, model, state_dict, ranks, device):
+    """GRPO's KL reference: the model as GRPO starts, saved once to path (state_dict: its full weights; None when a
+    resumed run reads back its own) and loaded frozen, in fp32."""
+    if state_dict is not None and ranks.master:
+        atomic_dir(path, lambda p: save_model(model, p, state_dict=state_dict))
+    ranks.barrier()
+    return load_model(path, device=device, dtype=torch.float32, verbose=False).requires_grad_(False)
 
 def resume_plan(stages, state, steps, fsdp, path, say=print):
     """(stages left, first step, optimizer state) for --init_from=resume: the checkpoint's stage goes on from its step,

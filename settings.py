@@ -142,9 +142,11 @@ def check(cfg, world, cuda, tasks, losses, embedded):
     if bad:
         raise ValueError("config: " + "; ".join(bad))
 
-def check_data(cfg, context, prompt_lens):
+def check_data(cfg, context, prompt_lens, verbose=True):
     """After loading: every prompt (train and every test set, rendered in the chat format) plus max_new_tokens fits the
-    model's context. prompt_lens: {set name: the longest prompt in tokens}."""
+    model's context. prompt_lens: {set name: the longest prompt in tokens}. A limit on the test sets is said."""
+    if cfg['eval_problems'] and verbose:
+        print(f"eval_problems={cfg['eval_problems']}: every test set is cut to its first {cfg['eval_problems']} problems")
     for name, n in prompt_lens.items():
         if n + cfg['max_new_tokens'] > context:
             raise ValueError(f"max_new_tokens={cfg['max_new_tokens']}: the longest prompt of {name} has {n} tokens, "

@@ -210,6 +210,23 @@ def read_groups(path):
         raise ValueError(f"{path}: the warm-up set is empty")
     return groups
 
+def group_batch(groups, tok, task):
+    """Groups of answers to one prompt each -> (inputs, targets, alive, width) for teacher forcing (SFT: groups of
+    one). A group keeps its own width: it is padded to the widest of the batch with dead rows (alive=False), which no
+    row reads, which read nothing and carry no loss, so k answers attend exactly as at width k. As in
+    sample.generate, a row is live up to the input position of its stop token; targets are its answer and stop."""
+    W = max(len(g['responses']) for g in groups)
+    rows = [(task.encode(tok, g['prompt']), tok.encode(t) + [tok.eos_id] if t is not None else None)
+            for g in groups for t in g['responses'] + [None] * (W - len(g['responses']))]
+    T = max(len(p) + len(c or []) for p, c in rows)
+    x, y = torch.full((len(rows), T), tok.pad_id), torch.full((len(rows), T), -1)
+    alive = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        if c is not None:
+            x[i, :len(p) + len(c)], y[i, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(p + c), torch.tensor(c)
+            alive[i, :len(p) + len(c) - 1] = True
+    return x[:, :-1], y[:, :-1], alive[:, :-1], W
+
 def parse_sets(spec, setting='data_test'):
     """'name=path,name=path' (or one bare path, named after its file) -> {name: path}."""
     sets = {}

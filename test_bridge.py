@@ -2333,9 +2333,8 @@ def test_warmup_set_is_the_papers(sft_ckpt, tmp_path):
 
 
 def test_warmup_groups_attend_at_their_own_width(tmp_path):
-    """train.group_batch pads every group of a batch to its widest with dead rows: each group's answers get exactly the
+    """tasks.group_batch pads every group of a batch to its widest with dead rows: each group's answers get exactly the
     log-probs they get alone, at their own width (a group of 2 and one of 3 here, with a trained Bridge)."""
-    import train
     tok, add = write_byte_tokenizer(str(tmp_path)), tasks.Arithmetic('add', 2)
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=tok.n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -2346,7 +2345,7 @@ def test_warmup_groups_attend_at_their_own_width(tmp_path):
     groups = [{'prompt': '12+34=', 'responses': ['046;046', '45;046']},
               {'prompt': '1+2=', 'responses': ['003;003', '3;003', '0003;003']}]
     def nll(gs):
-        x, y, alive, W = train.group_batch(gs, tok, add)
+        x, y, alive, W = tasks.group_batch(gs, tok, add)
         with torch.no_grad():
             return m(x.to(DEV), y.to(DEV), width=W, alive=alive.to(DEV), reduction='none')[1], y, W
     both, y, W = nll(groups)

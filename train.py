@@ -24,14 +24,14 @@ import grpo
 import results
 import settings
 from bridge import BridgeConfig, BridgeProbe, bridge_report
-from checkpoint import (atomic_dir, atomic_write, check_overwrite, load_model, load_train_state, recover_dir,
-                        resume_plan, resume_settings, save_model, save_run)
+from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model, load_train_state, resume_plan,
+                        resume_settings, save_run)
 from distributed import Ranks, free_cores, full_state, full_tensors, gathered, shard, unfreeze_for_fsdp
 from fastpath import fuse
 from memory import check_run
 from model import ModelConfig, Transformer
 from sample import generate
-from tasks import EMBEDDED, TASKS, make_task, prompt_lengths, read_groups, read_jsonl
+from tasks import EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl
 from tokenizer import Tokenizer, no_tokenizer, write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -76,8 +76,7 @@ warmup_samples = 8      # answers per problem (the paper's 8), sampled at warmup
 warmup_temperature = 1.0
 warmup_set = ''         # train from this set (an earlier run's out_dir/warmup_set.jsonl) instead of building one
 warmup_groups = 16      # groups (problems) per warm-up step
-warmup_source = 'base'  # 'base': the set above (the paper) | 'policy': groups sampled at width from the model being
-                        # trained, at every step (nanobridge's earlier warm-up)
+warmup_source = 'base'  # 'base': the set above (the paper) | 'policy': sampled anew by the model being trained
 # GRPO
 grpo_steps = 300        # length of the LR schedule
 max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume continues from here
@@ -195,25 +194,9 @@ def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None):
     rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
     return gen, texts, torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]), rows
 
-def group_batch(groups, tok, task):
-    """Groups of answers to one prompt each -> (inputs, targets, alive, width) for teacher forcing (SFT: groups of
-    one). A group keeps its own width: it is padded to the widest of the batch with dead rows (alive=False), which no
-    row reads, which read nothing and carry no loss, so k answers attend exactly as at width k. As in
-    sample.generate, a row is live up to the input position of its stop token; targets are its answer and stop."""
-    W = max(len(g['responses']) for g in groups)
-    rows = [(task.encode(tok, g['prompt']), tok.encode(t) + [tok.eos_id] if t is not None else None)
-            for g in groups for t in g['responses'] + [None] * (W - len(g['responses']))]
-    T = max(len(p) + len(c or []) for p, c in rows)
-    x, y = torch.full((len(rows), T), tok.pad_id), torch.full((len(rows), T), -1)
-    alive = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, (p, c) in enumerate(rows):
-        if c is not None:
-            x[i, :len(p) + len(c)], y[i, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(p + c), torch.tensor(c)
-            alive[i, :len(p) + len(c) - 1] = True
-    return x[:, :-1], y[:, :-1], alive[:, :-1], W
-
 def teacher_forced(groups, update):
-    """One cross-entropy step on a batch of groups (group_batch); -> the loss averaged over ranks."""
+    """One cross-entropy step on groups of answers to one prompt each (SFT: groups of one; the warm-up: a problem's
+    correct answers, each group at its own width, tasks.group_batch); -> the loss averaged over ranks."""
     x, y, alive, W = group_batch(groups, tok, task)
     with autocast:
         _, loss = model(x.to(dev), y.to(dev), width=W, alive=alive.to(dev))
@@ -293,12 +276,8 @@ def grpo_stage(steps, start=0, opt_state=None):
     """GRPO of the full model + Bridge (bridge_only: Bridge alone): each group sampled and scored jointly."""
     ref = None
     if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk so that a resumed run has it too
-        path = os.path.join(out_dir, 'ref')
-        sd = None if start else full_state(raw_model, None, fsdp)
-        if sd is not None and ranks.master:
-            atomic_dir(path, lambda p: save_model(raw_model, p, state_dict=sd))
-        ranks.barrier()
-        ref = load_model(path, device=dev, dtype=torch.float32, verbose=False).requires_grad_(False)
+        ref = kl_reference(os.path.join(out_dir, 'ref'), raw_model, None if start else full_state(raw_model, None, fsdp),
+                           ranks, dev)
         ref = shard(ref, ranks.world, use_bf16, train=False) if fsdp else fuse(ref)
     health = grpo.Health()
 
@@ -328,10 +307,9 @@ def grpo_stage(steps, start=0, opt_state=None):
               opt_state)
 
 def evaluate(after='init'):
-    """The paper's metrics at every width on every test set, their average over sets, and whether Bridge reads its
-    siblings at all: grpo.eval_metrics, the width gain, and the probe's norm ratio and sibling share per layer (at
-    width 4, the paper's training width). Written with the protocol card to out_dir/eval_{after}.json, `after` being
-    the stage that preceded it (sft, warmup, grpo)."""
+    """The paper's metrics (grpo.eval_metrics) at every width on every test set and their average, the width gain, and
+    the probe's norm ratio and sibling share per layer at width 4 (the paper's training width), with the protocol card
+    in out_dir/eval_{after}.json, `after` being the stage before it (init, sft, warmup, grpo)."""
     widths, res = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in task.test_sets}}
     reader = BridgeProbe(raw_model) if probe else None
     for w in widths:
@@ -349,8 +327,8 @@ def evaluate(after='init'):
             if task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
                 r['chance'] = task.chance(w)
         shares = reader.sibling_shares() if reader else {}  # {} without Bridge blocks
-        for r in (res['sets'][n][w] for n in res['sets']):
-            r |= {'sibling': sum(shares.values()) / len(shares)} if shares else {}
+        for r in res['sets'].values():
+            r[w] |= {'sibling': sum(shares.values()) / len(shares)} if shares else {}
         if shares and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
             res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares, 'probe_width': w}
     if reader:
@@ -379,18 +357,13 @@ def main():
         print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ranks.world} rank(s)")
     torch.manual_seed(seed)
     if init_from == 'resume':
-        if ranks.master:
-            recover_dir(ckpt)  # a save killed between its two renames: complete it before any rank reads ckpt
-        ranks.barrier()
-        state = load_train_state(ckpt)
+        state = load_train_state(ckpt, ranks)
         globals().update(resume_settings(state, config, _overrides))  # the run goes on as it was configured
         config = {k: globals()[k] for k in config_keys}
         check_config()
         steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
         stages, start, opt_state = resume_plan(stages, state, steps, fsdp, ckpt, print if ranks.master else id)
         after = state['stage']
-        torch.set_rng_state(state['rng']['torch'])
-        random.setstate(state['rng']['python'])
         del state  # the optimizer state lives on in opt_state only until its stage has loaded it
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and dev.type == 'cuda')  # fp32 master weights, bf16 compute
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -412,9 +385,7 @@ def main():
     # every data line is read and every prompt rendered now, before the first step: a bad line or a prompt that
     # does not fit stops the run here, not after hours of training
     lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets}, ranks.master)
-    settings.check_data(config, raw_model.config.max_position_embeddings, lens)
-    if eval_problems and ranks.master:
-        print(f"eval_problems={eval_problems}: every test set is cut to its first {eval_problems} problems")
+    settings.check_data(config, raw_model.config.max_position_embeddings, lens, ranks.master)
     check_run(raw_model, bcfg, config, ranks.world, lens['the training set'], use_bf16, dev, ranks.master)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
