@@ -73,7 +73,7 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=compute_mode,memory.
 echo "INFO disk free under $WORK: $(df -h "$WORK" | awk 'NR == 2 {print $4}')" | tee -a "$OUT/summary.txt"
 
 # 1. the suite on the device, bf16
-part suite 180 env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
+part suite ${SUITE_S:-180} env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
     $PY -m pytest -m "$SUITE_TIER" -p no:cacheprovider -rs --durations=25 --junitxml="$OUT/suite.xml"
 
 # 2. the bench (its memory rows are left out: the suite measures one update on the GPU, the grpo part the recipe's)
@@ -98,9 +98,13 @@ for name, layers in (('random', shape['num_hidden_layers']), ('random4', min(4, 
 with open(os.path.join(out, 'math.jsonl'), 'w') as f:
     for a in range(8):
         f.write(json.dumps({'problem': f'What is {a} + {a}?', 'solution': f'\\boxed{{{2 * a}}}'}) + '\n')
+with open(os.path.join(out, 'warmup_set.jsonl'), 'w') as f:  # a random model answers nothing right: a given set
+    for a in range(4):
+        group = {'prompt': f'What is {a} + {a}?', 'responses': [f'It is \\boxed{{{2 * a}}}.'] * (2 + a)}
+        f.write(json.dumps(group) + '\n')
 PY
 RECIPE=(config/r1_distill_qwen15b.py --data_train="$WORK/math.jsonl" --data_test="$WORK/math.jsonl"
-        --chat_template=plain --batch_prompts=1 --device="$DEVICE")
+        --warmup_set="$WORK/warmup_set.jsonl" --chat_template=plain --batch_prompts=1 --device="$DEVICE")
 part grpo 170 $PY train.py "${RECIPE[@]}" --init_from="$WORK/random" --mode=grpo --grpo_steps=1 --max_new_tokens=$NEW \
     --out_dir="$WORK/run"
 rm -rf "$WORK/run" "$WORK/random"  # its checkpoint (fp32 weights + AdamW state, ~21 GB) and KL reference (~7 GB)

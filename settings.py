@@ -118,8 +118,9 @@ def relations(cfg, world, cuda, embedded):
          f"n_kv_head={c['n_kv_head']}"),
         *[(not embedded and not os.path.isfile(f), f"{k}: data file {f!r} does not exist (set --{k})")
           for k, f in [('data_train', c['data_train'])] + [('data_test', p) for p in test_paths(c['data_test'])]],
-        *[(f and not os.path.isfile(f), f"{k}: file {f!r} does not exist") for k, f in [
-            ('warmup_data', c['warmup_data']), ('warmup_set', c['warmup_set'])]],
+        (c['warmup_set'] and not os.path.isfile(c['warmup_set']), f"warmup_set: file {c['warmup_set']!r} does not exist"),
+        ('warmup' in run and c['warmup_data'] and not c['warmup_set'] and not os.path.isfile(c['warmup_data']),
+         f"warmup_data: file {c['warmup_data']!r} does not exist (the warm-up set is built from it)"),
         (c['device'].startswith('cuda') and not cuda, f"device={c['device']!r} but torch.cuda.is_available() is False"),
         (c['fsdp'] and world == 1 and 'RANK' not in os.environ and not c['dry_run'], "fsdp=True runs under torchrun "
          "(one GPU too: torchrun --standalone --nproc_per_node=1 train.py)"),
