@@ -39,7 +39,7 @@ quick = False           # smoke test: 8 tokens, one repeat, a 2-layer 0.5B shape
 compile = False         # also race generate(compile=True) against eager, and compile the GRPO rows' decode step
 seed = 1337
 mem_tokens = '256,1024,4096'  # completion lengths of the GRPO-update memory rows ('' = skip them)
-only = ''               # 'memory': just the memory rows | 'linear': just model.Linear against F.linear (CPU)
+only = ''               # 'memory': just the memory rows | 'linear': just fastpath.Linear against F.linear (CPU)
 mem_probe = ''          # internal: 'shape:tokens:new' measures one update in this (fresh) process, prints JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -110,17 +110,17 @@ def hardware():
         note=', '.join(f"{k} {v:.1f}" for k, v in gbs.items()))
     flops = 2 * g.size(0) ** 3 / race({'mm': lambda: g @ g}, 3)['mm']
     add(f'matmul GFLOP/s ({str(dt)[6:]}, {g.size(0)}^3)', 'machine', '-', flops / 1e9)
-    # decode's matmul: 8 rows against a 0.5B-sized vocabulary head, model.Linear (oneDNN-packed on the CPU)
+    # decode's matmul: 8 rows against a 0.5B-sized vocabulary head, fastpath.Linear (oneDNN-packed on the CPU)
     lin, x = Linear(896, 151936, bias=False).to(dev, dt), torch.randn(8, 896, device=dev, dtype=dt)
     with torch.no_grad():
         t = race({'ours': lambda: lin(x), 'F.linear': lambda: torch.nn.functional.linear(x, lin.weight)}, 3)
     gb = lin.weight.numel() * dt.itemsize / 1e9
-    add('8-row matmul, weight GB/s: model.Linear vs F.linear', 'V151936 x d896 head', 8, gb / t['ours'],
+    add('8-row matmul, weight GB/s: fastpath.Linear vs F.linear', 'V151936 x d896 head', 8, gb / t['ours'],
         gb / t['F.linear'])
     return max(gbs.values()) * 1e9, flops  # the bound takes the best: the machine streams at least that fast
 
 def bench_linear():
-    """model.Linear's packed oneDNN path against plain F.linear, at decode's row counts, on the matmuls of the 0.5B
+    """fastpath.Linear's packed oneDNN path against plain F.linear, at decode's row counts, on the matmuls of the 0.5B
     shape (CPU, fp32): where Linear.min_rows comes from. Each row times the real path (packed from the first use)."""
     inner = 4 * (10 if quick else 50)  # matmuls per timed repeat: one small matmul is a few microseconds
     for name, (o, i) in {'q+k+v 896->1152': (1152, 896), 'gate+up 896->9728': (9728, 896),
@@ -132,7 +132,7 @@ def bench_linear():
                 t = race({'packed': lambda: [lin(x) for _ in range(n)],
                           'F.linear': lambda: [torch.nn.functional.linear(x, lin.weight) for _ in range(n)]}, repeats)
             add('Linear: packed vs F.linear, matmuls/s', name, r, n / t['packed'], n / t['F.linear'],
-                note='model.Linear packs from here' if r == Linear.min_rows else '')
+                note='fastpath.Linear packs from here' if r == Linear.min_rows else '')
 
 @contextlib.contextmanager
 def patched(obj, **kw):

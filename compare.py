@@ -7,8 +7,8 @@ the next best is the best other trained method; undefined when that Delta is <= 
 protocol card (data hashes, sampling, widths, parser...); different commits are allowed, and listed.
     python compare.py base=out-base/eval_init.json rlvr=out-rlvr/eval_grpo.json pmatch=out-pmatch/eval_grpo.json \\
         bridge=out/eval_grpo.json                      # every width; --width=4 for one; --metric=acc
-Arms paired by seed: a {seed} in each path; the mean of each arm, and of each arm minus the first, with a 95%
-t-interval over seeds.
+Arms paired by seed: a {seed} in each path; the mean of each arm, and of the first arm minus each other one, with a
+95% t-interval over seeds.
     python compare.py --paired=True bridge='runs/bridge-{seed}/eval_grpo.json' rlvr='runs/rlvr-{seed}/eval_grpo.json' \\
         --seeds=1-5 --widths=1,4,8
 """
@@ -37,8 +37,8 @@ def load(name, path):
 
 def protocol(c):
     """The part of a card that changes a metric other than the model (a data file's name and place do not)."""
-    return {k: ({n: {f: v for f, v in d.items() if f != 'file'} for n, d in c[k].items()} if k == 'data' else c[k])
-            for k in PROTOCOL}
+    return {k: ({n: {f: v for f, v in d.items() if f != 'file'} for n, d in c[k].items()} if k == 'data' and c.get(k)
+                else c.get(k)) for k in PROTOCOL}
 
 def check_cards(runs):
     ref_name, ref = next(iter(runs.items()))
@@ -88,8 +88,7 @@ def interval(xs):
 
 def paired_table(patterns, seeds, widths, metric):
     runs = {(n, s): load(n, p.replace('{seed}', str(s))) for n, p in patterns.items() for s in seeds}
-    for s in seeds:  # each seed's arms must be comparable; seeds themselves differ by design
-        check_cards({n: runs[n, s] for n in patterns})
+    check_cards({f"{n} (seed {s})": r for (n, s), r in runs.items()})  # the seed is not part of the protocol
     names, first = list(patterns), next(iter(patterns))
     out = [f"{metric}, per seed, at widths {', '.join(map(str, widths))}\n| seed | " + " | ".join(
         f"{n} w={w}" for w in widths for n in names) + " |\n|---|" + "---|" * (len(widths) * len(names))]
@@ -105,12 +104,15 @@ def paired_table(patterns, seeds, widths, metric):
             [val[first, s, w] - val[n, s, w] for s in seeds])) for w in widths) + " |")
     return '\n'.join(out)
 
-def seed_list(spec):
+def int_list(spec, name, example):
     try:
-        return [s for part in spec.split(',') for s in (range(int(part.split('-')[0]), int(part.split('-')[1]) + 1)
-                                                         if '-' in part else [int(part)])]
+        xs = [s for part in str(spec).split(',') for s in (range(int(part.split('-')[0]), int(part.split('-')[1]) + 1)
+                                                            if '-' in part else [int(part)])]
     except (ValueError, IndexError):
-        raise ValueError(f"seeds={spec!r}: expected e.g. '1-5' or '1,2,3'") from None
+        xs = []
+    if not xs:
+        raise ValueError(f"{name}={spec!r}: expected e.g. {example}")
+    return xs
 
 if __name__ == '__main__':
     arms = [a for a in sys.argv[1:] if '=' in a and not a.startswith('--')]
@@ -122,14 +124,17 @@ if __name__ == '__main__':
     seeds = '1-5'       # --paired: the seeds
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     named = dict(a.split('=', 1) for a in arms)
+    if len(named) < len(arms):
+        raise ValueError(f"each name=PATH needs its own name: {sorted(a.split('=', 1)[0] for a in arms)}")
+    if paired:
+        if not named or any('{seed}' not in p for p in named.values()):
+            raise ValueError("--paired=True needs arms as name=PATH with {seed} in each PATH")
+        args = named, int_list(seeds, 'seeds', "'1-5' or '1,2,3'"), int_list(widths, 'widths', "'1,4,8'"), metric
+    elif 'base' not in named or len(named) < 2:
+        raise ValueError("expected base=PATH and at least one more name=PATH (e.g. rlvr=, pmatch=, bridge=)")
+    else:
+        args = {n: load(n, p) for n, p in named.items()}, [width] if width else None, metric
     try:
-        if paired:
-            if not named or any('{seed}' not in p for p in named.values()):
-                raise ValueError("--paired=True needs arms as name=PATH with {seed} in each PATH")
-            print(paired_table(named, seed_list(seeds), [int(w) for w in widths.split(',')], metric))
-        else:
-            if 'base' not in named or len(named) < 2:
-                raise ValueError("expected base=PATH and at least one more name=PATH (e.g. rlvr=, pmatch=, bridge=)")
-            print(gain_table({n: load(n, p) for n, p in named.items()}, [width] if width else None, metric))
+        print((paired_table if paired else gain_table)(*args))
     except KeyError as e:  # a metric or width that a result does not have
         raise ValueError(f"metric={metric!r} at the widths asked: {e} is missing from a result") from None

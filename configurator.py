@@ -34,6 +34,9 @@ for arg in sys.argv[1:]:
             print(f.read())
         _set = {}  # what the file assigns lands here first, so that we know its names
         exec(open(arg).read(), globals(), _set)
+        unknown = sorted(k for k, v in _set.items() if k not in globals() and type(v) is not type(sys))  # (modules)
+        if unknown:  # a typo in a config file would otherwise set a global nothing reads, silently
+            raise ValueError(f"{arg}: unknown config key(s) {', '.join(unknown)}")
         globals().update(_set)
         _overrides |= set(_set)
     else:

@@ -51,7 +51,7 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
         'dr_grpo' : sum_i sum_t L / (B * max_tokens)   Dr. GRPO, a constant normaliser
     normalizer (dapo only): use this number instead of the local sum(mask). The tokens of one optimizer
     step are spread over micro-batches (and ranks) of different lengths, so policy_update passes the token
-    count of the WHOLE batch on all ranks and then simply sums the gradients (train.sync_grads).
+    count of the WHOLE batch on all ranks and then simply sums the gradients (distributed.Ranks.sync_grads).
     Returns (loss, stats); stats are python floats: clip_frac (= low + high), clip_low_frac,
     clip_high_frac, kl (mean k3, 0 when off) and ratio_mean, all over the masked tokens.
     Note: on-policy (old_logp = logp.detach()) r_t = 1 and the loss VALUE is ~0 (the advantages are
@@ -103,7 +103,7 @@ def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
     the model together, under the same alive mask as at sampling, because each row's distribution depends on its
     siblings; any other recomputation gives a wrong importance ratio (bridge-paper.md sec. 9.7). The vocabulary
-    head then runs in token chunks (model.head_logprobs): memory does not grow with rows x tokens x V.
+    head then runs in token chunks (fastpath.head_logprobs): memory does not grow with rows x tokens x V.
     start: skip the head before this position (prompts need no log-probs); those columns are 0."""
     _, nll = model(tokens[:, :-1], tokens[:, 1:], width=width, alive=alive[:, :-1], start=start,
                    temperature=temperature, reduction='none')

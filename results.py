@@ -42,7 +42,7 @@ def card(cfg, task, model, model_dir, device, bf16):
     for name, probs in task.test_sets.items():
         path = getattr(task, 'sets', {}).get(name)  # a JSONL file, or one the task generates
         data[name] = {'problems': len(probs), **({'file': path, 'lines': lines(path), 'sha256': sha256(path)} if path
-                                                 else {'generated': f"tasks.py {task.name}"})}
+                      else {'generated': f"tasks.py {task.name}", 'sha256': sha256(data=json.dumps(probs).encode())})}
     return {
         'model': model_dir or 'scratch (the embedded model)',
         'model_config_sha256': sha256(data=mcfg.encode()),
@@ -109,11 +109,13 @@ def below(first_name, first, last_name, last):
                       f"{w} against {a:.3f} after {first_name} (eval_{first_name}.json): training made it worse")
 
 class Log:
-    """A logged step: one line on stdout, one JSON object in out_dir/log.jsonl (appended, so a resumed run continues
-    the same file: curves can be plotted with any tool, without parsing stdout), and wandb when asked."""
+    """A logged step: one line on stdout, one JSON object in out_dir/log.jsonl (a resumed run appends to its own, a
+    new run starts it afresh: curves can be plotted with any tool, without parsing stdout), and wandb when asked."""
 
-    def __init__(self, out_dir=None, wandb_project=None, config=None):
+    def __init__(self, out_dir=None, wandb_project=None, config=None, fresh=True):
         self.path = os.path.join(out_dir, 'log.jsonl') if out_dir else None
+        if self.path and fresh and os.path.exists(self.path):
+            os.remove(self.path)  # a new run's curves never mix with an earlier run's in the same out_dir
         self.wandb = None
         if wandb_project:
             import wandb  # imported only when enabled

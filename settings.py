@@ -52,7 +52,8 @@ def stages(v):
         f"stages among {', '.join(STAGES)}, comma-separated, in the order to run them"
 
 def key_pair(v):
-    return None if v == '' or (len(v.split(',')) == 2 and all(v.split(','))) else "'' or 'prompt_key,answer_key'"
+    ok = isinstance(v, str) and (v == '' or (len(v.split(',')) == 2 and all(v.split(','))))
+    return None if ok else "'' or 'prompt_key,answer_key'"
 
 def device_name(v):
     kind, _, index = str(v).partition(':')
@@ -89,7 +90,8 @@ def rules(tasks, losses):
         'scale_rewards': choice('group', 'none'), 'mask_truncated': boolean, 'micro_groups': integer(0),
         'logprob_chunk': integer(0), 'grad_checkpoint': optional_bool, 'bridge_only': boolean,
         'eval_widths': int_list, 'eval_problems': integer(0), 'eval_samples': integer(1),
-        'eval_temperature': number(0), 'probe': boolean, 'device': device_name, 'dtype': choice('auto', 'bfloat16', 'float32'),
+        'eval_temperature': number(0), 'probe': boolean, 'device': device_name,
+        'dtype': choice('auto', 'bfloat16', 'float32'),
         'compile': boolean, 'threads': integer(0), 'fsdp': boolean, 'dry_run': boolean, 'wandb_log': boolean,
         'wandb_project': nonempty,
     }
@@ -103,11 +105,15 @@ def relations(cfg, world, cuda, embedded):
            f"{s} out of --mode)") for s in trains],
         ('grpo' in run and c['width'] < 2, f"width={c['width']}: GRPO needs at least 2 rows per group to compare "
          "rewards"),
-        *[(c[k] % world, f"{k}={c[k]} is not divisible by the {world} ranks: expected a multiple of {world}")
-          for k in ('batch_prompts', 'sft_batch', 'warmup_groups')],
-        *[(c['eval_samples'] % w, f"eval_samples={c['eval_samples']} is not a multiple of width {w} (eval_widths="
-           f"{c['eval_widths']}): every width evaluates eval_samples rows per problem, in eval_samples / w groups of w")
-          for w in widths(c)],
+        *[(s in run and c[k] % world, f"{k}={c[k]} is not divisible by the {world} ranks: expected a multiple of "
+           f"{world}") for s, k in (('grpo', 'batch_prompts'), ('sft', 'sft_batch'), ('warmup', 'warmup_groups'))],
+        *[('eval' in run and c['eval_samples'] % w, f"eval_samples={c['eval_samples']} is not a multiple of width "
+           f"{w} (eval_widths={c['eval_widths']}): every width evaluates eval_samples rows per problem, in "
+           "eval_samples / w groups of w") for w in widths(c)],
+        ('warmup' in run and c['warmup_problems'] < world, f"warmup_problems={c['warmup_problems']} is fewer than the "
+         f"{world} ranks that split them: expected >= {world}"),
+        ('warmup' in run and c['task'] == 'maxdigit', "task='maxdigit' with a warm-up: its environment writes tokens "
+         "that a teacher-forced warm-up would train on; leave warmup out of --mode (config/positive_control.py does)"),
         (c['min_lr'] > c['lr'], f"min_lr={c['min_lr']} is above lr={c['lr']}: the cosine decays from lr to min_lr"),
         (c['bridge_dim'] % c['bridge_heads'], f"bridge_dim={c['bridge_dim']} is not a multiple of bridge_heads="
          f"{c['bridge_heads']}"),
@@ -118,7 +124,8 @@ def relations(cfg, world, cuda, embedded):
          f"n_kv_head={c['n_kv_head']}"),
         *[(not embedded and not os.path.isfile(f), f"{k}: data file {f!r} does not exist (set --{k})")
           for k, f in [('data_train', c['data_train'])] + [('data_test', p) for p in test_paths(c['data_test'])]],
-        (c['warmup_set'] and not os.path.isfile(c['warmup_set']), f"warmup_set: file {c['warmup_set']!r} does not exist"),
+        (c['warmup_set'] and not os.path.isfile(c['warmup_set']), f"warmup_set: file {c['warmup_set']!r} does not "
+         "exist"),
         ('warmup' in run and c['warmup_data'] and not c['warmup_set'] and not os.path.isfile(c['warmup_data']),
          f"warmup_data: file {c['warmup_data']!r} does not exist (the warm-up set is built from it)"),
         (c['device'].startswith('cuda') and not cuda, f"device={c['device']!r} but torch.cuda.is_available() is False"),
@@ -131,14 +138,15 @@ def relations(cfg, world, cuda, embedded):
 def test_paths(spec):
     return [item.split('=', 1)[-1] for item in spec.split(',') if item.strip()] or ['']
 
-def check(cfg, world, cuda, tasks, losses, embedded):
-    """Raise one ValueError naming every broken setting, before anything is loaded."""
+def check(cfg, world, cuda, tasks, losses, embedded, relate=True):
+    """Raise one ValueError naming every broken setting, before anything is loaded. relate=False checks each setting
+    alone (a resumed run, before its own settings are read back: the relations are checked on those)."""
     rule = rules(tasks, losses)
     missing = sorted(set(rule) - set(cfg))
     assert not missing, f"settings.rules names settings train.py does not have: {missing}"
     bad = [f"{k}={v!r}: expected {why}" for k, v in cfg.items() if k in rule and (why := rule[k](v))]
     bad += [f"{k}: settings.rules has no rule for it" for k in cfg if k not in rule]
-    if not bad:
+    if not bad and relate:
         bad = [msg for broken, msg in relations(cfg, world, cuda, embedded) if broken]
     if bad:
         raise ValueError("config: " + "; ".join(bad))
@@ -147,7 +155,8 @@ def check_data(cfg, context, prompt_lens, verbose=True):
     """After loading: every prompt (train and every test set, rendered in the chat format) plus max_new_tokens fits the
     model's context. prompt_lens: {set name: the longest prompt in tokens}. A limit on the test sets is said."""
     if cfg['eval_problems'] and verbose:
-        print(f"eval_problems={cfg['eval_problems']}: every test set is cut to its first {cfg['eval_problems']} problems")
+        n = cfg['eval_problems']
+        print(f"eval_problems={n}: every test set is cut to its first {n} problems")
     for name, n in prompt_lens.items():
         if n + cfg['max_new_tokens'] > context:
             raise ValueError(f"max_new_tokens={cfg['max_new_tokens']}: the longest prompt of {name} has {n} tokens, "

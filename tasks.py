@@ -17,7 +17,7 @@ from functools import cached_property
 
 import torch
 
-from grading import extract_answer, gold_answer, is_equiv
+from grading import extract_answer, gold_answer, is_equiv, math_reward
 
 class Task:
     name, parser, files = '', '', ()
@@ -206,9 +206,7 @@ def read_groups(path):
                 raise ValueError(f"{path}:{i}: expected a warm-up set, one JSON object per line with a prompt and "
                                  "2 or more responses") from None
             groups += [g] if g is not None else []
-    if not groups:
-        raise ValueError(f"{path}: the warm-up set is empty")
-    return groups
+    return groups  # may be empty: no problem had 2 correct answers (the warm-up then says so and skips)
 
 def group_batch(groups, tok, task):
     """Groups of answers to one prompt each -> (inputs, targets, alive, width) for teacher forcing (SFT: groups of
@@ -263,6 +261,9 @@ class MathJSONL(Task):
 
     def correct(self, final, problem):
         return is_equiv(final, gold_answer(problem['answer']))
+
+    def reward(self, text, problem):  # grading.math_reward: bounded, exact, and it never raises
+        return math_reward(text, problem['answer'])
 
 def prompt_lengths(task, tok, sets, verbose=True):
     """{set name: its longest prompt in tokens}, every prompt rendered in the task's format: a prompt the format

@@ -1754,6 +1754,8 @@ def test_resume_is_exact(sft_ckpt, grpo_run):
     if CPU:  # its rollout reads the saved weights, which on CPU are the unbroken run's to the bit
         assert step_metrics(resumed, 'grpo', 4) == step_metrics(out, 'grpo', 4)
     assert same_weights(full, d / 'cut', RESUME_ATOL)
+    steps = [(r['stage'], r['step']) for r in map(json.loads, open(d / 'cut' / 'log.jsonl'))]
+    assert steps == [('grpo', s) for s in range(1, 7)]  # the resumed run continues its own log.jsonl
     a, base = load_file(full / 'ckpt/model.safetensors'), load_file(sft_ckpt / 'model.safetensors')
     assert any(not torch.equal(a[k], base[k]) for k in base)  # GRPO really changed the weights
 
@@ -1988,6 +1990,8 @@ def test_a_trained_model_is_never_overwritten_unasked(grpo_run, tmp_path):
         assert {f: (ckpt / f).read_bytes() for f in os.listdir(ckpt)} == before
     assert 'grpo 1/1' in ok(forced)
     assert (tmp_path / 'forced/out/ckpt/model.safetensors').read_bytes() != before['model.safetensors']
+    logged = [(r['stage'], r['step']) for r in map(json.loads, open(tmp_path / 'forced/out/log.jsonl'))]
+    assert logged == [('grpo', 1)]  # a new run starts its own log.jsonl, never mixed with the replaced run's
 
 
 def test_grpo_collapse_is_said_once():
@@ -2702,6 +2706,8 @@ SETTING_CASES = {
     'GSM8K answers without #### n (trained without a word)': (r"train\.jsonl:2: no '#### n' final answer",
                                                               ['--task=gsm8k', '--data_train=train.jsonl',
                                                                '--data_test=train.jsonl', '--chat_template=plain']),
+    'a bad warm-up problem (would be read after SFT)': (r"train\.jsonl:2: no '#### n' final answer",
+                                                        ['--warmup_data=train.jsonl']),
 }
 
 

@@ -45,9 +45,9 @@ save_every = 100        # checkpoint every this many steps (and at the end of ea
 log_interval = 10       # print every this many steps' log line (and each stage's last; SFT's evals always)
 seed = 1337
 # data
-task = 'add'            # 'add' | 'maxdigit' (embedded; maxdigit = the positive control) | 'gsm8k' | 'math' | 'jsonl'
+task = 'add'            # embedded: 'add' | 'sum3' | 'mul' | 'maxdigit' (the positive control); JSONL: 'math'
 digits = 2              # difficulty of the embedded task: operand digits
-data_train = ''         # JSONL of training problems (gsm8k/math/jsonl tasks: one reader, the layout read from each line)
+data_train = ''         # JSONL of training problems (task 'math', alias 'gsm8k' or 'jsonl': the layout read per line)
 data_test = ''          # test sets, 'name=PATH,name=PATH' (or one PATH): every set is evaluated, then their average
 test_keys = ''          # 'prompt_key,answer_key' for test files of another layout (default: tasks.LAYOUTS)
 chat_template = 'auto'  # 'auto' = the checkpoint's own template | 'plain'
@@ -123,10 +123,10 @@ ranks = None              # distributed.Ranks: rank, world size, sums over ranks
 log = None                # results.Log: a logged step on stdout, in out_dir/log.jsonl and in wandb
 config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
 
-def check_config():
+def check_config(relate=True):
     """Every setting and every relation between settings, before anything is loaded (settings.py)."""
     world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's; the process group is joined only after the checks
-    settings.check(config, world, torch.cuda.is_available(), TASKS, grpo.LOSS_TYPES, config['task'] in EMBEDDED)
+    settings.check(config, world, torch.cuda.is_available(), TASKS, grpo.LOSS_TYPES, config['task'] in EMBEDDED, relate)
 
 # -----------------------------------------------------------------------------
 # the shared training loop: LR schedule, clipping, logging, checkpoints, resume
@@ -184,15 +184,20 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
             break
 
 def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None):
-    """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's problem)."""
-    env = task.env(tok, gen_seed + 7919 * (ranks.rank + 1))
-    with torch.no_grad(), autocast, gathered(raw_model, fsdp):
-        gen = generate(raw_model, [task.encode(tok, p['prompt']) for p in problems], w, max_new_tokens, temp,
-                       top_k or None, top_p, tok.stop_ids, seed=gen_seed, entropy=entropy,
-                       compile=compile if compiled is None else compiled, env=env)
-    texts = [tok.decode(c) for c in gen.completions()]
+    """The one place that samples: `w` rows per problem -> ([Generation], texts, rewards, every row's problem). No
+    call holds more rows than a GRPO rollout, which the memory estimate covers: an evaluation or the warm-up set at
+    paper scale (MATH-500 x 16 rows x 4,096 tokens) samples in chunks of that many rows, each with its own seed."""
+    per = max(1, (batch_prompts // ranks.world) * width // w)  # problems per generate() call
+    gens, texts = [], []
+    for k in range(0, len(problems), per):
+        with torch.no_grad(), autocast, gathered(raw_model, fsdp):
+            gens.append(generate(raw_model, [task.encode(tok, p['prompt']) for p in problems[k:k + per]], w,
+                                 max_new_tokens, temp, top_k or None, top_p, tok.stop_ids, seed=gen_seed + k // per,
+                                 entropy=entropy, compile=compile if compiled is None else compiled,
+                                 env=task.env(tok, gen_seed + k // per + 7919 * (ranks.rank + 1))))
+        texts += [tok.decode(c) for c in gens[-1].completions()]
     rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
-    return gen, texts, torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]), rows
+    return gens, texts, torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]), rows
 
 def teacher_forced(groups, update):
     """One cross-entropy step on groups of answers to one prompt each (SFT: groups of one; the warm-up: a problem's
@@ -209,7 +214,7 @@ def sft(steps, start=0, opt_state=None):
     """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted), until the held-out accuracy at
     sft_temperature reaches sft_target (checked every sft_eval_every steps) or the step cap, which is said."""
     test, t_begin = next(iter(task.test_sets.values()))[:eval_problems or None][ranks.rank::ranks.world], time.time()
-    last = {'acc': 0.0}
+    last = {'acc': None}
 
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + step * ranks.world + ranks.rank)  # salt 0 of rollout()'s scheme
@@ -224,27 +229,29 @@ def sft(steps, start=0, opt_state=None):
         last['acc'] = m.get('acc', last['acc'])
         return m.get('acc', 0) >= sft_target or 0 < sft_max_seconds < time.time() - t_begin
     run_stage('sft', list(model.parameters()), sft_lr, steps, step_fn, start, opt_state, should_stop)
-    if last['acc'] < sft_target and ranks.master and sft_target <= 1:
+    if last['acc'] is not None and last['acc'] < sft_target and ranks.master and sft_target <= 1:
         print(f"note: SFT stopped below sft_target={sft_target} (held-out accuracy {last['acc']:.3f}):"
               " GRPO starts from a weaker model than asked for")
 
 def bridge_weights():
     return [p for b in raw_model.bridge_modules() for p in b.parameters()]
 
-def build_warmup_set():
+def build_warmup_set(given):
     """Paper sec. 2.2, once and before Bridge exists: the base model answers warmup_problems problems warmup_samples
-    times; each problem with >= 2 correct answers becomes one group of them. Ranks split the problems; rank 0 writes
-    out_dir/warmup_set.jsonl, which a later run can train from (--warmup_set). A resumed run reads its own."""
-    path = warmup_set or os.path.join(out_dir, 'warmup_set.jsonl')
+    times; each problem with >= 2 correct (and finished) answers becomes one group of them. Ranks split the problems;
+    rank 0 writes out_dir/warmup_set.jsonl, which a later run can train from (--warmup_set), as text: a later run
+    re-encodes it. given: the --warmup_set's groups, or the problems of warmup_data, read at start."""
+    path = os.path.join(out_dir, 'warmup_set.jsonl')
     if warmup_set or (init_from == 'resume' and os.path.exists(path)):
-        return read_groups(path)
-    source = read_jsonl(warmup_data) if warmup_data else task.train_set
+        return given if warmup_set else read_groups(path)
+    source = given or task.train_set
     probs = random.Random(seed).sample(source, min(warmup_problems, len(source)))[ranks.rank::ranks.world]
     S = warmup_samples
     w = 1 if raw_model.bridge_config else S  # the rows of a Bridge model would read each other: then one at a time
-    _, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, seed + 5)
+    gens, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, seed + 5)
+    ok = (r > 0) & torch.cat([g.finished for g in gens]).cpu()  # a right answer cut at max_new_tokens has no stop
     groups = [{'prompt': p['prompt'], 'answer': p['answer'],
-               'responses': [t for t, ok in zip(texts[i * S:i * S + S], r[i * S:i * S + S]) if ok > 0]}
+               'responses': [t for t, good in zip(texts[i * S:i * S + S], ok[i * S:i * S + S]) if good]}
               for i, p in enumerate(probs)]
     groups = ranks.gather(g for g in groups if len(g['responses']) >= 2)  # a problem with <= 1 correct is dropped
     if ranks.master:
@@ -276,8 +283,8 @@ def grpo_stage(steps, start=0, opt_state=None):
     """GRPO of the full model + Bridge (bridge_only: Bridge alone): each group sampled and scored jointly."""
     ref = None
     if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk so that a resumed run has it too
-        ref = kl_reference(os.path.join(out_dir, 'ref'), raw_model, None if start else full_state(raw_model, None, fsdp),
-                           ranks, dev)
+        sd = None if start else full_state(raw_model, None, fsdp)  # a resumed run reads back the one it saved
+        ref = kl_reference(os.path.join(out_dir, 'ref'), raw_model, sd, ranks, dev)
         ref = shard(ref, ranks.world, use_bf16, train=False) if fsdp else fuse(ref)
     health = grpo.Health()
 
@@ -286,7 +293,7 @@ def grpo_stage(steps, start=0, opt_state=None):
         # everything random comes from (seed, stage, step, rank): that is what makes resume exact
         rng = random.Random(seed * 1000 + 300 + step * ranks.world + ranks.rank)
         probs = [rng.choice(task.train_set) for _ in range(batch_prompts // ranks.world)]
-        gen, _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
+        (gen,), _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
         t_sample = time.time() - t0
         ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
         stats = grpo.policy_update(model, ro, update, ranks.all_sum, micro_groups=micro_groups, ref=ref,
@@ -310,7 +317,7 @@ def evaluate(after='init'):
     """The paper's metrics (grpo.eval_metrics) at every width on every test set and their average, the width gain, and
     the probe's norm ratio and sibling share per layer at width 4 (the paper's training width), with the protocol card
     in out_dir/eval_{after}.json, `after` being the stage before it (init, sft, warmup, grpo)."""
-    widths, res = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in task.test_sets}}
+    widths, res, shares = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in task.test_sets}}, {}
     reader = BridgeProbe(raw_model) if probe else None
     for w in widths:
         if reader:
@@ -318,22 +325,21 @@ def evaluate(after='init'):
         for i, (name, test) in enumerate(task.test_sets.items()):
             mine = test[:eval_problems or None][ranks.rank::ranks.world]
             probs = [p for p in mine for _ in range(eval_samples // w)]  # eval_samples / w groups of w per problem
-            gen, texts, _, rows = sample_and_score(probs, w, eval_temperature, seed + w + 7919 * i,
-                                                   compiled=compile and not reader)
-            m = grpo.eval_metrics(texts, rows, w, task, gen.lengths)
+            gens, texts, _, rows = sample_and_score(probs, w, eval_temperature, seed + w + 7919 * i,
+                                                    compiled=compile and not reader)
+            m = grpo.eval_metrics(texts, rows, w, task, torch.cat([g.lengths for g in gens]))
             v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
             r = res['sets'][name][w] = {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
             r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
             if task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
                 r['chance'] = task.chance(w)
-        shares = reader.sibling_shares() if reader else {}  # {} without Bridge blocks
-        for r in res['sets'].values():
-            r[w] |= {'sibling': sum(shares.values()) / len(shares)} if shares else {}
-        if shares and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
-            res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares, 'probe_width': w}
+        shares[w] = reader.sibling_shares() if reader else {}  # over all sets at width w; {} without Bridge blocks
+        if shares[w] and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
+            res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares[w], 'probe_width': w}
     if reader:
         reader.remove()
-    res |= {str(w): m for w, m in results.average(res['sets']).items()}
+    res |= {str(w): m | ({'sibling': sum(shares[w].values()) / len(shares[w])} if shares[w] else {})
+            for w, m in results.average(res['sets']).items()}
     res['card'] = results.card(config, task, raw_model, model_dir, dev, use_bf16)
     if ranks.master:
         print(results.report(res))
@@ -344,7 +350,7 @@ def evaluate(after='init'):
 def main():
     global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, log, config, model_dir
     config = {k: globals()[k] for k in config_keys}
-    check_config()
+    check_config(relate=init_from != 'resume')  # a resumed run's relations: once its own settings are read back
     stages, start, opt_state, after = mode.split(','), 0, None, 'init'
     ckpt = os.path.join(out_dir, 'ckpt')
     model_dir = ckpt if init_from == 'resume' else None if init_from == 'scratch' else init_from
@@ -384,17 +390,22 @@ def main():
     raw_model.head_chunk = logprob_chunk
     # every data line is read and every prompt rendered now, before the first step: a bad line or a prompt that
     # does not fit stops the run here, not after hours of training
-    lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets}, ranks.master)
+    # the warm-up's own data too: a given set, or the problems a set is built from
+    warm = (read_groups(warmup_set) if warmup_set else read_jsonl(warmup_data) if warmup_data else []) \
+        if 'warmup' in stages and warmup_source == 'base' else []
+    lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets,
+                                      **({'the warm-up data': warm} if warm else {})}, ranks.master)
     settings.check_data(config, raw_model.config.max_position_embeddings, lens, ranks.master)
     check_run(raw_model, bcfg, config, ranks.world, lens['the training set'], use_bf16, dev, ranks.master)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
-    log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config)
+    log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config,
+                      fresh=init_from != 'resume')
     steps, evals = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}, []
     for stage in stages:
         if stage == 'warmup' and not (use_bridge or raw_model.bridge_config):
             continue  # nothing to warm up in the RLVR-only baseline
-        groups = build_warmup_set() if stage == 'warmup' and warmup_source == 'base' else None  # before Bridge exists
+        groups = build_warmup_set(warm) if stage == 'warmup' and warmup_source == 'base' else None  # no Bridge yet
         if stage in ('warmup', 'grpo') and use_bridge and raw_model.bridge_config is None:
             raw_model = raw_model.with_bridge(new_bridge, full_tensors(raw_model) if fsdp else None)  # zero W_O
             raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp else fuse(raw_model)

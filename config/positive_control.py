@@ -1,8 +1,8 @@
 # The positive control (issue 12): a task that only sibling reading can solve, through the whole RL path.
 # The environment writes 'd;' (d a random digit) and the stop token (generate's env hook: these tokens stay out of
 # the loss), the policy writes only F, and the reward asks for F = the largest d of the group. SFT from scratch
-# teaches the format with a self-only F (grpo.maxdigit_problems), and no row that sees only itself can beat the
-# 'chance' column of the eval table (grpo.max_chance: 0.347 at width 4), so what GRPO adds above it comes from
+# teaches the format with a self-only F (tasks.MaxDigit), and no row that sees only itself can beat the
+# 'chance' column of the eval table (tasks.max_chance: 0.347 at width 4), so what GRPO adds above it comes from
 # the siblings. About a minute on one core (README, Results):
 #   python train.py config/positive_control.py                                               # Bridge
 #   python train.py config/positive_control.py --bridge_mode=self --out_dir=out-posctl-self  # the self-only control
