@@ -90,7 +90,7 @@ def rules(tasks, losses):
         'scale_rewards': choice('group', 'none'), 'mask_truncated': boolean, 'micro_groups': integer(0),
         'logprob_chunk': integer(0), 'grad_checkpoint': optional_bool, 'bridge_only': boolean,
         'eval_widths': int_list, 'eval_problems': integer(0), 'eval_samples': integer(1),
-        'eval_temperature': number(0), 'probe': boolean, 'device': device_name,
+        'eval_temperature': number(0), 'probe': boolean, 'sample_mb': number(0), 'device': device_name,
         'dtype': choice('auto', 'bfloat16', 'float32'),
         'compile': boolean, 'threads': integer(0), 'fsdp': boolean, 'dry_run': boolean, 'wandb_log': boolean,
         'wandb_project': nonempty,

@@ -1826,9 +1826,11 @@ POSCTL = os.path.join(ROOT, 'config', 'positive_control.py')
 
 def test_maxdigit_task_runs(tmp_path):
     """task='maxdigit' end to end in a few seconds: SFT from scratch, GRPO on env-written digits, the eval table
-    with each width's chance level (the best a row that cannot read its siblings can do) and the sibling share."""
+    with each width's chance level (the best a row that cannot read its siblings can do) and the sibling share. With
+    sample_mb=0 every evaluation samples in chunks of a 16-row rollout (the paper-scale path): groups stay whole."""
     out = train_py(POSCTL, '--sft_steps=30', '--grpo_steps=4', '--eval_problems=8', '--eval_samples=4',
-                   '--eval_widths=1,4', '--threads=1', f'--device={DEVICE}', f'--dtype={DTYPE}', cwd=tmp_path)
+                   '--eval_widths=1,4', '--batch_prompts=4', '--sample_mb=0', '--threads=1', f'--device={DEVICE}',
+                   f'--dtype={DTYPE}', cwd=tmp_path)
     assert 'grpo 4/4' in out and 'chance' in out and "share of a row's Bridge attention" in out
     res = json.load(open(tmp_path / 'out-posctl' / 'eval_grpo.json'))
     assert res['1']['chance'] == 1.0 and res['4']['chance'] == pytest.approx(0.3472, abs=1e-4)

@@ -104,6 +104,7 @@ eval_problems = 0       # 0 = every problem of every test set (the embedded task
 eval_samples = 16       # rows per problem at every width: eval_samples / w groups of w (a multiple of every width)
 eval_temperature = 1.0
 probe = True            # read what Bridge does during evaluation (bridge.BridgeProbe); it turns off compile
+sample_mb = 256         # KV cache one sampling call may hold beyond a GRPO rollout's (evaluation, the warm-up set)
 # system
 device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' (autocast on any device) | 'float32'
@@ -184,16 +185,19 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
             break
 
 def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None):
-    """The one place that samples: `w` rows per problem -> ([Generation], texts, rewards, every row's problem). No
-    call holds more rows than a GRPO rollout, which the memory estimate covers: an evaluation or the warm-up set at
-    paper scale (MATH-500 x 16 rows x 4,096 tokens) samples in chunks of that many rows, each with its own seed."""
-    per = max(1, (batch_prompts // ranks.world) * width // w)  # problems per generate() call
+    """The one place that samples: `w` rows per problem -> ([Generation], texts, rewards, every row's problem). An
+    evaluation or a warm-up set at paper scale (MATH-500 x 16 rows x 4,096 tokens: ~1 TB of KV cache at 1.5B) samples
+    in chunks, each with its own seed, whose KV cache is no larger than a GRPO rollout's (which the memory estimate
+    counts) or sample_mb MiB, whichever is more: the embedded tasks sample in one call."""
+    ids, c = [task.encode(tok, p['prompt']) for p in problems], raw_model.config
+    row_bytes = 8 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (max(map(len, ids)) + max_new_tokens)
+    per = max(1, max((batch_prompts // ranks.world) * width, sample_mb * 2**20 // row_bytes) // w)  # problems a call
     gens, texts = [], []
     for k in range(0, len(problems), per):
         with torch.no_grad(), autocast, gathered(raw_model, fsdp):
-            gens.append(generate(raw_model, [task.encode(tok, p['prompt']) for p in problems[k:k + per]], w,
-                                 max_new_tokens, temp, top_k or None, top_p, tok.stop_ids, seed=gen_seed + k // per,
-                                 entropy=entropy, compile=compile if compiled is None else compiled,
+            gens.append(generate(raw_model, ids[k:k + per], w, max_new_tokens, temp, top_k or None, top_p,
+                                 tok.stop_ids, seed=gen_seed + k // per, entropy=entropy,
+                                 compile=compile if compiled is None else compiled,
                                  env=task.env(tok, gen_seed + k // per + 7919 * (ranks.rank + 1))))
         texts += [tok.decode(c) for c in gens[-1].completions()]
     rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
