@@ -138,16 +138,18 @@ def relations(cfg, world, cuda, embedded):
 def test_paths(spec):
     return [item.split('=', 1)[-1] for item in spec.split(',') if item.strip()] or ['']
 
-def check(cfg, world, cuda, tasks, losses, embedded, relate=True):
+def check(cfg, cuda, tasks, embedded, losses, relate=True):
     """Raise one ValueError naming every broken setting, before anything is loaded. relate=False checks each setting
-    alone (a resumed run, before its own settings are read back: the relations are checked on those)."""
+    alone (a resumed run, before its own settings are read back: the relations are checked on those). The world size
+    is torchrun's, read before any process group is joined."""
+    world = int(os.environ.get('WORLD_SIZE', 1))
     rule = rules(tasks, losses)
     missing = sorted(set(rule) - set(cfg))
     assert not missing, f"settings.rules names settings train.py does not have: {missing}"
     bad = [f"{k}={v!r}: expected {why}" for k, v in cfg.items() if k in rule and (why := rule[k](v))]
     bad += [f"{k}: settings.rules has no rule for it" for k in cfg if k not in rule]
     if not bad and relate:
-        bad = [msg for broken, msg in relations(cfg, world, cuda, embedded) if broken]
+        bad = [msg for broken, msg in relations(cfg, world, cuda, cfg['task'] in embedded) if broken]
     if bad:
         raise ValueError("config: " + "; ".join(bad))
 

@@ -2115,7 +2115,7 @@ def test_real_protocol(tmp_path):
     for arm, extra in arms.items():
         out = train_py(*common, *train, '--mode=warmup,grpo,eval', f'--out_dir={arm}', *extra, cwd=tmp_path,
                        timeout=1800)
-        assert 'grpo 2/2' in out and ('warm-up set: ' in out) == (arm != 'rlvr')
+        assert 'grpo 2/2' in out and bool(re.search(r'^warm-up set: ', out, re.M)) == (arm != 'rlvr')
     table = ok(run_all([cmd('base=base/eval_init.json', *[f'{a}=' + f'{a}/eval_grpo.json' for a in arms],
                             script='compare.py', cwd=tmp_path)])[0])
     assert table.count('| bridge |') == 2 and 'relative gain of bridge over the next best' in table, table

@@ -124,10 +124,8 @@ ranks = None              # distributed.Ranks: rank, world size, sums over ranks
 log = None                # results.Log: a logged step on stdout, in out_dir/log.jsonl and in wandb
 config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
 
-def check_config(relate=True):
-    """Every setting and every relation between settings, before anything is loaded (settings.py)."""
-    world = int(os.environ.get('WORLD_SIZE', 1))  # torchrun's; the process group is joined only after the checks
-    settings.check(config, world, torch.cuda.is_available(), TASKS, grpo.LOSS_TYPES, config['task'] in EMBEDDED, relate)
+def check_config(relate=True):  # every setting and every relation between settings (settings.py)
+    settings.check(config, torch.cuda.is_available(), TASKS, EMBEDDED, grpo.LOSS_TYPES, relate)
 
 # -----------------------------------------------------------------------------
 # the shared training loop: LR schedule, clipping, logging, checkpoints, resume
@@ -221,7 +219,7 @@ def sft(steps, start=0, opt_state=None):
     last = {'acc': None}
 
     def step_fn(step, update):
-        rng = random.Random(seed * 1000 + step * ranks.world + ranks.rank)  # salt 0 of rollout()'s scheme
+        rng = random.Random(seed * 1000 + step * ranks.world + ranks.rank)  # salts: SFT 0, warm-up 200, GRPO 300
         m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in
                             (rng.choice(task.train_set) for _ in range(sft_batch // ranks.world))], update)
         if (step + 1) % sft_eval_every == 0:  # held-out accuracy: the stopping rule
@@ -268,7 +266,7 @@ def warmup(steps, groups, start=0, opt_state=None):
     """Paper sec. 2.2: cross-entropy of the Bridge weights only, on groups of one problem's correct answers
     (build_warmup_set; warmup_source='policy' samples them from the model being trained at every step instead)."""
     def step_fn(step, update):
-        rng = random.Random(seed * 1000 + 200 + step * ranks.world + ranks.rank)  # salt 2 of rollout()'s scheme
+        rng = random.Random(seed * 1000 + 200 + step * ranks.world + ranks.rank)
         if warmup_source == 'policy':
             probs = [rng.choice(task.train_set) for _ in range(warmup_groups // ranks.world)]
             _, texts, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31))
