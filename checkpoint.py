@@ -14,6 +14,7 @@ import tempfile
 import torch
 
 from bridge import BridgeConfig, bridge_report
+from distributed import full_state
 from model import ModelConfig, Transformer, rope_inv_freq
 from tokenizer import write_byte_tokenizer
 
@@ -249,11 +250,15 @@ def recover_dir(path):
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json', 'qwen.tiktoken')
 
-def save_run(ckpt, model, state_dict, train_state, tokenizer_dir=None):
+def save_run(ckpt, model, opt, fsdp, ranks, train_state, tokenizer_dir=None):
     """Model (+ Bridge) as HF safetensors, its tokenizer files (tokenizer_dir's, or the embedded byte tokenizer), and
-    the rest (optimizer, RNG, step, settings) as train_state.pt, written into a fresh directory that then replaces
-    ckpt whole: a crash never mixes two steps."""
-    train_state = {**train_state, 'rng': {'torch': torch.get_rng_state(), 'python': random.getstate()}}
+    the rest (optimizer, RNG, step, settings) as train_state.pt, written by rank 0 into a fresh directory that then
+    replaces ckpt whole: a crash never mixes two steps. Every rank calls it (an FSDP2 state is gathered from all)."""
+    state_dict, optim = full_state(model, None, fsdp), full_state(model, opt, fsdp)
+    if not ranks.master:
+        return
+    rng = {'torch': torch.get_rng_state(), 'python': random.getstate()}
+    train_state = {**train_state, 'optimizer': optim, 'rng': rng}
     def write(path):
         save_model(model, path, state_dict=state_dict)
         if tokenizer_dir is None:
@@ -291,14 +296,14 @@ def kl_reference(path, model, state_dict, ranks, device):
     ranks.barrier()
     return load_model(path, device=device, dtype=torch.float32, verbose=False).requires_grad_(False)
 
-def resume_plan(stages, state, steps, fsdp, path, say=print):
+def resume_plan(stages, state, config, path, say=print):
     """(stages left, first step, optimizer state) for --init_from=resume: the checkpoint's stage goes on from its step,
-    or is skipped once finished (unless its step count was raised), and the stages listed before it are skipped; a
-    --mode without that stage runs all its stages from step 0 on the checkpoint's weights. steps: {stage: length}."""
-    s, step = state['stage'], state['step']
+    or is skipped once finished (unless its step count, config's {stage}_steps, was raised), and the stages listed
+    before it are skipped; a --mode without that stage runs all its stages from step 0 on the checkpoint's weights."""
+    s, step, fsdp = state['stage'], state['step'], config['fsdp']
     if s not in stages:
         return stages, 0, None
-    i, total = stages.index(s), steps[s]
+    i, total = stages.index(s), config[f'{s}_steps']
     if state['extra'].get('done') or step >= total:
         say(f"resume: {path} finished {s} at step {step}/{total}" + ("" if state['extra'].get('done') else
             f"; raise --{s}_steps to train it further"))

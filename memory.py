@@ -80,6 +80,12 @@ def check_memory(m, device, verbose=True):
     if m['peak'] > 0.95 * have and verbose:
         print(f"WARNING: {msg}")
 
+def sampling_rows(cfg: ModelConfig, tokens, rollout_rows, mb):
+    """The most rows one sampling call may hold: as many as a GRPO rollout (which memory_estimate counts), or as many
+    as fit `mb` MiB of fp32 KV cache at `tokens` per row, whichever is more (the embedded tasks sample in one call)."""
+    row_bytes = 8 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * tokens
+    return max(rollout_rows, mb * 2**20 // row_bytes)
+
 def check_run(model, bridge, cfg, world, prompt_len, bf16, device, verbose):
     """The estimate of a train.py run (cfg: its settings) from the model it starts from and the Bridge it will have,
     printed; stops a CUDA run that cannot fit. Decides grad_checkpoint=None: on from 100M parameters, where

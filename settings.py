@@ -81,7 +81,7 @@ def rules(tasks, losses):
         'sft_max_seconds': number(0), 'warmup_steps': steps, 'warmup_lr': number(0, above=True),
         'warmup_data': text, 'warmup_problems': integer(1), 'warmup_samples': integer(2, 64),
         'warmup_temperature': number(0), 'warmup_set': text, 'warmup_groups': integer(1),
-        'warmup_source': choice('base', 'policy'), 'grpo_steps': steps, 'max_iters': steps, 'batch_prompts': integer(1),
+        'grpo_steps': steps, 'max_iters': steps, 'batch_prompts': integer(1),
         'width': integer(1), 'lr': number(0, above=True), 'min_lr': number(0), 'warmup_iters': steps,
         'weight_decay': number(0), 'beta1': number(0, 1, below=True), 'beta2': number(0, 1, below=True),
         'grad_clip': number(0), 'temperature': number(0), 'top_k': integer(0), 'top_p': number(0, 1, above=True),

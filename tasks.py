@@ -17,6 +17,7 @@ from functools import cached_property
 
 import torch
 
+from checkpoint import atomic_write
 from grading import extract_answer, gold_answer, is_equiv, math_reward
 
 class Task:
@@ -224,6 +225,12 @@ def group_batch(groups, tok, task):
             x[i, :len(p) + len(c)], y[i, len(p) - 1:len(p) + len(c) - 1] = torch.tensor(p + c), torch.tensor(c)
             alive[i, :len(p) + len(c) - 1] = True
     return x[:, :-1], y[:, :-1], alive[:, :-1], W
+
+def write_groups(path, groups, asked):
+    """Write a warm-up set (read_groups reads it) atomically, and say what it holds."""
+    atomic_write(path, ''.join(json.dumps(g) + '\n' for g in groups))
+    print(f"warm-up set: {len(groups)} groups kept of {asked} (>= 2 right answers, finished), "
+          f"{sum(len(g['responses']) for g in groups)} answers -> {path}")
 
 def parse_sets(spec, setting='data_test'):
     """'name=path,name=path' (or one bare path, named after its file) -> {name: path}."""

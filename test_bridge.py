@@ -2209,7 +2209,6 @@ def test_bridge_probe_through_generate(early_stops):
         probe = BridgeProbe(m)
         g = generate(m, P, width=w, max_new_tokens=n_new, stop_ids=[11] if early_stops else [], seed=3, env=env)
         probe.remove()
-        rows = torch.arange(len(P) * w, device=DEV)
         # decode step s (1..n_new-1) feeds each row's token s-1, at position prompt_len + s - 1
         pos = torch.stack([g.prompt_lens + s - 1 for s in range(1, n_new)], 1)  # (B, steps)
         live = g.alive.gather(1, pos)

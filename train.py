@@ -5,7 +5,6 @@ scratch on a procedural "draft;final" addition task, add zero-initialised Bridge
 warm up the Bridge weights on groups of the model's own correct answers (paper sec. 2.2), GRPO the full model + Bridge
 with each group sampled and scored jointly, and evaluate at widths 1-16 (out_dir/eval_grpo.json).
   python train.py                                     # the embedded default
-  python train.py config/rlvr.py                      # same budget, no Bridge (the RLVR-only baseline)
   python train.py --init_from=resume --mode=eval      # evaluate out/ckpt as it stands
   python train.py --init_from=resume --grpo_steps=600 # continue out/ckpt's GRPO to 600 steps
   torchrun --standalone --nproc_per_node=8 train.py config/r1_distill_qwen7b.py   # FSDP2: a 7B on 8 GPUs
@@ -28,10 +27,10 @@ from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model,
                         resume_settings, save_run)
 from distributed import Ranks, free_cores, full_state, full_tensors, gathered, shard, unfreeze_for_fsdp
 from fastpath import fuse
-from memory import check_run
+from memory import check_run, sampling_rows
 from model import ModelConfig, Transformer
 from sample import generate
-from tasks import EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl
+from tasks import EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl, write_groups
 from tokenizer import Tokenizer, no_tokenizer, write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -60,36 +59,27 @@ bridge_dim, bridge_heads = 64, 4  # d_B in heads (the paper-scale default is 512
 bridge_mode = 'bridge'  # 'bridge' | 'self' (same params, each row sees only itself) | 'pmatch'
 # SFT (from scratch): stop on a held-out accuracy target, checked every sft_eval_every steps, sampled at the rollout
 # temperature: what GRPO starts from is what it samples (issue 22: greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
-sft_lr, sft_batch = 3e-3, 256
-sft_steps = 1000        # step cap
-sft_target = 0.6        # stop once the held-out accuracy at sft_temperature reaches this
-sft_temperature = 1.0   # 0 = greedy
+sft_lr, sft_batch, sft_steps = 3e-3, 256, 1000  # the LR, sequences per step, and the step cap
+sft_target, sft_temperature = 0.6, 1.0  # stop once the held-out accuracy at this temperature reaches this (0: greedy)
 sft_eval_every = 50
 sft_max_seconds = 0     # also stop after this long (0 = never: a clock makes the run depend on the machine's load)
 # Bridge warm-up (paper sec. 2.2): once, before Bridge exists, the base model answers warmup_problems problems
 # warmup_samples times; the correct answers of problems with >= 2 of them form one group each (2-8 rows), on which
 # only the Bridge weights train, with cross-entropy
-warmup_steps, warmup_lr = 100, 1e-3
+warmup_steps, warmup_lr, warmup_groups = 100, 1e-3, 16  # warmup_groups: groups (problems) per warm-up step
 warmup_data = ''        # JSONL problems to build the set from (the paper: GSM8K's train split); '' = the task's own
 warmup_problems = 512   # problems the base model answers (a seeded sample of warmup_data)
-warmup_samples = 8      # answers per problem (the paper's 8), sampled at warmup_temperature
-warmup_temperature = 1.0
+warmup_samples, warmup_temperature = 8, 1.0  # answers per problem (the paper's 8), sampled at this temperature
 warmup_set = ''         # train from this set (an earlier run's out_dir/warmup_set.jsonl) instead of building one
-warmup_groups = 16      # groups (problems) per warm-up step
-warmup_source = 'base'  # 'base': the set above (the paper) | 'policy': sampled anew by the model being trained
 # GRPO
 grpo_steps = 300        # length of the LR schedule
 max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume continues from here
 batch_prompts = 32      # prompts per step (all ranks together); rows = batch_prompts * width
 width = 4               # generation width = GRPO group = Bridge group
 lr, min_lr, warmup_iters = 3e-4, 3e-5, 10  # AdamW: linear warm-up for warmup_iters, then cosine down to min_lr
-weight_decay = 0.0
-beta1, beta2 = 0.9, 0.99
-grad_clip = 1.0
-temperature, top_k, top_p = 1.0, 0, 1.0  # rollout sampling (top_k=0, top_p=1: no truncation)
-max_new_tokens = 16
-loss_type = 'dapo'      # 'dapo' (token-level, the paper's) | 'grpo' | 'dr_grpo'
-eps_low, eps_high = 0.2, 0.2
+weight_decay, beta1, beta2, grad_clip = 0.0, 0.9, 0.99, 1.0  # AdamW, and the gradient norm clip (0: none)
+temperature, top_k, top_p, max_new_tokens = 1.0, 0, 1.0, 16  # rollout sampling (top_k=0, top_p=1: no truncation)
+loss_type, eps_low, eps_high = 'dapo', 0.2, 0.2  # 'dapo' (token-level, the paper's) | 'grpo' | 'dr_grpo'; clip range
 beta = 0.0              # KL weight; a frozen reference model is kept only when > 0
 num_iterations = 1      # policy updates per batch of rollouts (> 1 uses the clipped ratio against old log-probs)
 scale_rewards = 'group' # 'group' = (r - mean) / (std + eps) | 'none' = Dr. GRPO
@@ -120,8 +110,7 @@ config_keys = [k for k, v in globals().items()
 model = raw_model = None  # the model the stages train (compiled if asked) and the module itself
 tok = None                # its tokenizer; main() also turns the `task` setting into its tasks.Task object
 dev, use_bf16, autocast = None, False, nullcontext()  # the device; bf16 autocast (fp32 master weights) or nothing
-ranks = None              # distributed.Ranks: rank, world size, sums over ranks
-log = None                # results.Log: a logged step on stdout, in out_dir/log.jsonl and in wandb
+ranks = log = None        # distributed.Ranks (rank, world, sums over ranks); results.Log (stdout, log.jsonl, wandb)
 config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
 
 def check_config(relate=True):  # every setting and every relation between settings (settings.py)
@@ -134,13 +123,6 @@ def get_lr(it, base, total):
         return base * (it + 1) / warmup_iters
     ratio = min(1.0, (it - warmup_iters) / max(1, total - warmup_iters))
     return min_lr * base / lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (base - min_lr * base / lr)
-
-def save_checkpoint(stage, step, opt, extra=None):
-    """out_dir/ckpt, whole: the model as HF safetensors, its tokenizer, and the training state (checkpoint.save_run)."""
-    sd, optim = full_state(raw_model, None, fsdp), full_state(raw_model, opt, fsdp)  # every rank takes part
-    if ranks.master:
-        save_run(os.path.join(out_dir, 'ckpt'), raw_model, sd, {'stage': stage, 'step': step, 'optimizer': optim,
-                                                                 'config': config, 'extra': extra or {}}, model_dir)
 
 def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
     """Runs step_fn(step, update) -> metrics for steps start..total-1 with AdamW. step_fn does its own backward
@@ -178,18 +160,18 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
         if should_stop and ranks.world > 1:  # ranks' clocks differ: all leave together, or their collectives mismatch
             done = ranks.all_sum(done)[0] > 0
         if done or (step + 1) % save_every == 0 or step + 1 == stop_at:
-            save_checkpoint(stage, step + 1, opt, {'done': True} if done else None)
+            save_run(os.path.join(out_dir, 'ckpt'), raw_model, opt, fsdp, ranks, {'stage': stage, 'step': step + 1,
+                     'config': config, 'extra': {'done': True} if done else {}}, model_dir)  # model, tokenizer, state
         if done:
             break
 
 def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None):
     """The one place that samples: `w` rows per problem -> ([Generation], texts, rewards, every row's problem). An
     evaluation or a warm-up set at paper scale (MATH-500 x 16 rows x 4,096 tokens: ~1 TB of KV cache at 1.5B) samples
-    in chunks, each with its own seed, whose KV cache is no larger than a GRPO rollout's (which the memory estimate
-    counts) or sample_mb MiB, whichever is more: the embedded tasks sample in one call."""
-    ids, c = [task.encode(tok, p['prompt']) for p in problems], raw_model.config
-    row_bytes = 8 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (max(map(len, ids)) + max_new_tokens)
-    per = max(1, max((batch_prompts // ranks.world) * width, sample_mb * 2**20 // row_bytes) // w)  # problems a call
+    in calls of whole groups, each with its own seed, no larger than memory.sampling_rows allows."""
+    ids = [task.encode(tok, p['prompt']) for p in problems]
+    per = max(1, sampling_rows(raw_model.config, max(map(len, ids)) + max_new_tokens, (batch_prompts // ranks.world)
+                               * width, sample_mb) // w)  # problems a call
     gens, texts = [], []
     for k in range(0, len(problems), per):
         with torch.no_grad(), autocast, gathered(raw_model, fsdp):
@@ -216,24 +198,22 @@ def sft(steps, start=0, opt_state=None):
     """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted), until the held-out accuracy at
     sft_temperature reaches sft_target (checked every sft_eval_every steps) or the step cap, which is said."""
     test, t_begin = next(iter(task.test_sets.values()))[:eval_problems or None][ranks.rank::ranks.world], time.time()
-    last = {'acc': None}
 
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + step * ranks.world + ranks.rank)  # salts: SFT 0, warm-up 200, GRPO 300
         m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in
                             (rng.choice(task.train_set) for _ in range(sft_batch // ranks.world))], update)
-        if (step + 1) % sft_eval_every == 0:  # held-out accuracy: the stopping rule
+        if (step + 1) % sft_eval_every == 0 or step + 1 == steps:  # held-out accuracy: the stopping rule
             s, n = ranks.all_sum(sample_and_score(test, 1, sft_temperature, seed)[2].sum(), len(test))
             m['acc'] = s / n
         return m
 
     def should_stop(step, m):
-        last['acc'] = m.get('acc', last['acc'])
+        if step + 1 == steps and m.get('acc', 1) < sft_target <= 1 and ranks.master:  # said at the cap
+            print(f"note: SFT reached its step cap below sft_target={sft_target} (held-out accuracy {m['acc']:.3f}):"
+                  " GRPO starts from a weaker model than asked for")
         return m.get('acc', 0) >= sft_target or 0 < sft_max_seconds < time.time() - t_begin
     run_stage('sft', list(model.parameters()), sft_lr, steps, step_fn, start, opt_state, should_stop)
-    if last['acc'] is not None and last['acc'] < sft_target and ranks.master and sft_target <= 1:
-        print(f"note: SFT stopped below sft_target={sft_target} (held-out accuracy {last['acc']:.3f}):"
-              " GRPO starts from a weaker model than asked for")
 
 def bridge_weights():
     return [p for b in raw_model.bridge_modules() for p in b.parameters()]
@@ -257,26 +237,17 @@ def build_warmup_set(given):
               for i, p in enumerate(probs)]
     groups = ranks.gather(g for g in groups if len(g['responses']) >= 2)  # a problem with <= 1 correct is dropped
     if ranks.master:
-        atomic_write(path, ''.join(json.dumps(g) + '\n' for g in groups))
-        print(f"warm-up set: {len(groups)} of {min(warmup_problems, len(source))} problems kept (>= 2 of {S} answers "
-              f"correct), {sum(len(g['responses']) for g in groups)} answers -> {path}")
+        write_groups(path, groups, f"{min(warmup_problems, len(source))} problems, {S} answers each")
     return groups
 
 def warmup(steps, groups, start=0, opt_state=None):
     """Paper sec. 2.2: cross-entropy of the Bridge weights only, on groups of one problem's correct answers
-    (build_warmup_set; warmup_source='policy' samples them from the model being trained at every step instead)."""
+    (build_warmup_set), each group at its own width."""
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + 200 + step * ranks.world + ranks.rank)
-        if warmup_source == 'policy':
-            probs = [rng.choice(task.train_set) for _ in range(warmup_groups // ranks.world)]
-            _, texts, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31))
-            batch = [{'prompt': p['prompt'], 'responses': [t for t, ok in zip(texts[i * width:i * width + width],
-                     r[i * width:i * width + width]) if ok > 0]} for i, p in enumerate(probs)]
-            batch = [g for g in batch if len(g['responses']) >= 2] or [{**batch[0], 'responses': [None, None]}]
-        else:
-            batch = [rng.choice(groups) for _ in range(warmup_groups // ranks.world)]
+        batch = [rng.choice(groups) for _ in range(warmup_groups // ranks.world)]
         return {**teacher_forced(batch, update), 'groups': len(batch)}
-    if groups or warmup_source == 'policy':
+    if groups:
         run_stage('warmup', bridge_weights(), warmup_lr, steps, step_fn, start, opt_state)
     elif ranks.master:
         print("WARNING: the warm-up set is empty (no problem had 2 or more correct answers): no warm-up step runs")
@@ -357,22 +328,20 @@ def main():
     ckpt = os.path.join(out_dir, 'ckpt')
     model_dir = ckpt if init_from == 'resume' else None if init_from == 'scratch' else init_from
     check_overwrite(init_from, model_dir, ckpt, {'sft', 'warmup', 'grpo'} & set(stages) and not dry_run, overwrite)
-    dev = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
-    ranks = Ranks(dev, fsdp)
-    dev = ranks.connect() if not dry_run else dev  # a dry run never communicates: it joins no process group
+    ranks = Ranks(torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device), fsdp)
+    dev = ranks.connect() if not dry_run else ranks.dev  # a dry run never communicates: it joins no process group
     torch.set_num_threads(threads or max(1, free_cores() // ranks.world))
     if ranks.master:
         print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ranks.world} rank(s)")
     torch.manual_seed(seed)
-    if init_from == 'resume':
-        state = load_train_state(ckpt, ranks)
+    state = load_train_state(ckpt, ranks) if init_from == 'resume' else None
+    if state:
         globals().update(resume_settings(state, config, _overrides))  # the run goes on as it was configured
         config = {k: globals()[k] for k in config_keys}
         check_config()
-        steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
-        stages, start, opt_state = resume_plan(stages, state, steps, fsdp, ckpt, print if ranks.master else id)
-        after = state['stage']
-        del state  # the optimizer state lives on in opt_state only until its stage has loaded it
+        stages, start, opt_state = resume_plan(stages, state, config, ckpt, print if ranks.master else id)
+        after, state = state['stage'], None  # the optimizer state lives on in opt_state until its stage loads it
+    steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and dev.type == 'cuda')  # fp32 master weights, bf16 compute
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction)
@@ -390,11 +359,10 @@ def main():
     new_bridge = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
     bcfg = raw_model.bridge_config or (new_bridge if use_bridge and {'warmup', 'grpo'} & set(stages) else None)
     raw_model.head_chunk = logprob_chunk
-    # every data line is read and every prompt rendered now, before the first step: a bad line or a prompt that
-    # does not fit stops the run here, not after hours of training
-    # the warm-up's own data too: a given set, or the problems a set is built from
-    warm = (read_groups(warmup_set) if warmup_set else read_jsonl(warmup_data) if warmup_data else []) \
-        if 'warmup' in stages and warmup_source == 'base' else []
+    # every data line (the warm-up's too) is read and every prompt rendered now, before the first step: a bad line or
+    # a prompt that does not fit stops the run here, not after hours of training
+    warm = [] if 'warmup' not in stages else \
+        read_groups(warmup_set) if warmup_set else read_jsonl(warmup_data) if warmup_data else []
     lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets,
                                       **({'the warm-up data': warm} if warm else {})}, ranks.master)
     settings.check_data(config, raw_model.config.max_position_embeddings, lens, ranks.master)
@@ -403,11 +371,11 @@ def main():
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
     log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config,
                       fresh=init_from != 'resume')
-    steps, evals = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}, []
+    evals = []
     for stage in stages:
         if stage == 'warmup' and not (use_bridge or raw_model.bridge_config):
             continue  # nothing to warm up in the RLVR-only baseline
-        groups = build_warmup_set(warm) if stage == 'warmup' and warmup_source == 'base' else None  # no Bridge yet
+        groups = build_warmup_set(warm) if stage == 'warmup' else None  # no Bridge yet
         if stage in ('warmup', 'grpo') and use_bridge and raw_model.bridge_config is None:
             raw_model = raw_model.with_bridge(new_bridge, full_tensors(raw_model) if fsdp else None)  # zero W_O
             raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp else fuse(raw_model)

@@ -34,7 +34,6 @@ sft_lr, sft_batch, sft_steps = 3e-3, 256, 1000
 sft_target, sft_temperature, sft_eval_every = 0.6, 1.0, 50   # SFT stops at 0.6 held-out accuracy at T=1, or step 1,000
 warmup_steps, warmup_lr, warmup_groups = 100, 1e-3, 16        # the paper's warm-up, set in advance (no Bridge run)
 warmup_problems, warmup_samples, warmup_temperature = 512, 8, 1.0
-warmup_source = 'base'
 grpo_steps, batch_prompts, width = 300, 32, 4
 lr, min_lr, warmup_iters = 3e-4, 3e-5, 10
 temperature, top_k, top_p, max_new_tokens = 1.0, 0, 1.0, 16
