@@ -174,14 +174,14 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
 
 class Health:
     """GRPO's warnings, each said once, in words (the log line's columns show the numbers step by step): no learning
-    signal (every group has zero reward std), every completion truncated, and a collapse: the reward's mean over the
+    signal (every group has zero reward std, `window` steps in a row), every completion truncated, and a collapse: the reward's mean over the
     last `window` steps has fallen below half of its best such mean (>= 0.1) and stayed there for `window` steps. A
     healthy run's 5-step mean moves by a few hundredths; a collapsing one keeps fewer right answers to learn from at
     every step, and rarely recovers (issue 22's collapsed run: 0.35 at step 10, then hovering just above 0)."""
     window = 5
 
     def __init__(self):
-        self.said, self.rewards, self.best, self.low = set(), [], (0.0, 0), 0
+        self.said, self.rewards, self.best, self.low, self.flat = set(), [], (0.0, 0), 0, 0
 
     def __call__(self, step, reward, zero_std, trunc, max_tokens):
         """The messages not said before, for this step's mean reward and its zero-std and truncated fractions."""
@@ -191,7 +191,9 @@ class Health:
         if len(r) >= w:  # a full window: one lucky step is not a best to fall from
             self.best = max(self.best, (mean, -step))
             self.low = self.low + 1 if mean < self.best[0] / 2 else 0
-        news = {'std': zero_std == 1 and reward < 1 and f"grpo step {step}: every group has zero reward std, so "
+        # a near-deterministic policy has a step of all-equal groups now and then; `w` in a row means no signal
+        self.flat = self.flat + 1 if zero_std == 1 and reward < 1 else 0
+        news = {'std': self.flat >= w and f"grpo steps {step - w + 1}-{step}: every group has zero reward std, so "
                 "there is no learning signal: check max_new_tokens, the reward and the prompt format (zero_std column)",
                 'trunc': trunc == 1 and f"grpo step {step}: every completion hit max_new_tokens={max_tokens}",
                 'collapse': self.low >= w and self.best[0] >= 0.1 and f"GRPO is collapsing: the reward, averaged over "
