@@ -2036,6 +2036,14 @@ def test_collapse_rule_on_logged_patterns():
         assert not any('collapsing' in m for s, r in enumerate(rewards, 1) for m in h(s, r, 0.5, 0.0, 16))
 
 
+def test_sft_says_when_its_cap_comes_before_its_target(tmp_path):
+    """SFT that reaches its step cap below sft_target says so, with the accuracy measured at the cap itself (3 is not
+    a multiple of sft_eval_every), so that a user knows GRPO starts from a model still learning (RESULTS.md)."""
+    out = train_py('--mode=sft', '--sft_steps=3', '--sft_eval_every=2', '--sft_target=0.99', *TINY, cwd=tmp_path)
+    assert re.search(r'^sft 3/3: .*acc ', out, re.M) and 'note: SFT reached its step cap (3) below sft_target=0.99 ' \
+        '(held-out accuracy 0.' in out, out[-2000:]
+
+
 def test_collapse_warning_in_a_real_run(sft_ckpt, tmp_path):
     """An lr that wrecks the SFT model: its reward falls from ~0.5 to 0 on every group and stays there. The log says
     so once, while it happens, not once per step; and its last line says the model ended below where it started."""

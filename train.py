@@ -210,8 +210,8 @@ def sft(steps, start=0, opt_state=None):
 
     def should_stop(step, m):
         if step + 1 == steps and m.get('acc', 1) < sft_target <= 1 and ranks.master:  # said at the cap
-            print(f"note: SFT reached its step cap below sft_target={sft_target} (held-out accuracy {m['acc']:.3f}):"
-                  " GRPO starts from a weaker model than asked for")
+            print(f"note: SFT reached its step cap ({steps}) below sft_target={sft_target} (held-out accuracy "
+                  f"{m['acc']:.3f}): GRPO from a model still learning can collapse (RESULTS.md); raise --sft_steps")
         return m.get('acc', 0) >= sft_target or 0 < sft_max_seconds < time.time() - t_begin
     run_stage('sft', list(model.parameters()), sft_lr, steps, step_fn, start, opt_state, should_stop)
 
