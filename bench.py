@@ -16,8 +16,8 @@ import train as T  # train.py's default config (its globals); its main part only
 from bridge import BridgeConfig
 from checkpoint import load_model, save_model
 from distributed import free_cores
+from bench_memory import TINY, clock, memory_rows  # train.py's embedded model, a timer, the memory rows
 from fastpath import Linear, fuse
-from memory import memory_estimate
 from model import ModelConfig, Transformer
 from sample import generate
 from tasks import Arithmetic
@@ -40,13 +40,13 @@ compile = False         # also race generate(compile=True) against eager, and co
 seed = 1337
 mem_tokens = '256,1024,4096'  # completion lengths of the GRPO-update memory rows ('' = skip them)
 only = ''               # 'memory': just the memory rows | 'linear': just fastpath.Linear against F.linear (CPU)
-mem_probe = ''          # internal: 'shape:tokens:new' measures one update in this (fresh) process, prints JSON
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 if only not in ('', 'memory', 'linear'):
     raise ValueError(f"only={only!r}: expected '', 'memory' or 'linear'")
 dev = torch.device(device)
-cuda = dev.type == 'cuda'
+cuda = dev.type == 'cuda'  # bf16 and a 1.5B shape on a GPU
+now = lambda: clock(cuda)  # seconds, once the device has finished
 if cuda and not torch.cuda.is_available():
     raise ValueError(f"device={device!r} but torch.cuda.is_available() is False")
 dt = torch.bfloat16 if cuda else torch.float32
@@ -55,16 +55,12 @@ threads = threads or free_cores()  # oversubscribed BLAS threads on a busy machi
 torch.set_num_threads(threads)
 warnings.filterwarnings('ignore')
 try:
-    if mem_probe:  # a memory probe measures only us: transformers would cost its process ~2 s of start-up
-        raise ImportError
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 except ImportError:
     transformers = None
-TINY = dict(hidden_size=T.n_embd, intermediate_size=T.ffn, num_hidden_layers=T.n_layer, num_attention_heads=T.n_head,
-            num_key_value_heads=T.n_kv_head, rope_theta=10000.0)  # train.py's embedded model; 0.5B = ModelConfig()
 QWEN15 = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
               num_key_value_heads=2)  # Qwen2.5-1.5B's shape (tied, like 0.5B)
 rows, tmp, med = [], tempfile.mkdtemp(prefix='nanobridge-bench-'), statistics.median
@@ -73,11 +69,6 @@ OPT = 'optimizer (clip + AdamW)'
 
 def log(msg):  # progress goes to stderr, the table to stdout
     print(f"# [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-def now():
-    if cuda:
-        torch.cuda.synchronize()  # GPU work is asynchronous: a timestamp means nothing until it has finished
-    return time.perf_counter()
 
 def race(fns, reps):
     """{name: fn()} -> {name: median seconds}: one warm-up each, then the repeats interleaved round-robin."""
@@ -371,81 +362,6 @@ def bench_oneshot(path, reps=3):
         note=f"per-run speedups {', '.join(f'{r:.2f}x' for r in ratios)}; seconds ours "
              f"{', '.join(f'{v:.1f}' for v in t['ours'])}, transformers {', '.join(f'{v:.1f}' for v in t['hf'])}")
 
-def full_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
-    """The log-prob pass as it was before the chunked head: every logit at once, log_softmax, gather."""
-    logits = model(tokens[:, :-1], width=width, alive=alive[:, :-1], start=start)[0].float() / temperature
-    return torch.nn.functional.pad(torch.log_softmax(logits, -1).gather(-1, tokens[:, start + 1:, None])[..., 0],
-                                   (start, 0))
-
-def rss(field='VmRSS'):
-    """This process's resident memory now (VmRSS) or at its peak (VmHWM). Not ru_maxrss: exec keeps the parent's."""
-    with open('/proc/self/status') as f:
-        return int(next(l for l in f if l.startswith(field)).split()[1]) * 1024
-
-def probe_update(spec):
-    """A GRPO update (policy_update + AdamW) of one group of 4 rows in this fresh process: its peak extra memory
-    (CPU: peak RSS; CUDA: max_memory_allocated), its time, and train.py's estimate of it. new = the chunked head
-    with grad_checkpoint; else the full-logits head without it, as before."""
-    shape, n, new = spec.split(':')
-    n, new = int(n), new == '1'
-    cfg = ModelConfig(vocab_size=151936, **(TINY if shape == 'tiny' else {}))
-    bcfg = BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads) if shape == 'tiny' else BridgeConfig()
-    torch.manual_seed(seed)
-    model = fuse(Transformer(cfg, bcfg).to(dev).train())
-    model.grad_checkpoint, model.head_chunk, w, P = new, 1024, 4, grpo_prompt_len
-    if not new:
-        grpo.token_logprobs = full_logprobs
-    tokens = torch.randint(0, cfg.vocab_size, (w, P + n), device=dev)
-    mask = (torch.arange(P + n, device=dev) >= P).expand(w, -1)[:, 1:]
-    ro = grpo.Rollout(tokens, torch.ones_like(tokens, dtype=torch.bool), mask, torch.randn(w, device=dev), w,
-                      torch.full((w,), P, device=dev))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    def update():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return 0.0
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    before = torch.cuda.memory_allocated() if cuda else rss()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):  # the second update is the steady state: AdamW's state is resident through its backward
-        t0 = now()
-        grpo.policy_update(model, ro, update, lambda *v: [float(u) for u in v], autocast=autocast)
-        dt = now() - t0
-    peak = torch.cuda.max_memory_allocated() if cuda else rss('VmHWM')
-    n_params = sum(p.numel() for p in model.parameters())
-    est = memory_estimate(cfg, bcfg, n_params=n_params, n_train=n_params, rows=w, mb_rows=w, tokens=P + n,
-                          new_tokens=n, chunk=1024, width=w, bf16=cuda)
-    est = sum(est[k] for k in ('gradients', 'AdamW state', 'AdamW step temporaries',
-                               'update activations, grad_checkpoint on'))
-    print(json.dumps({'extra': peak - before, 'seconds': dt, 'estimate': est}))
-
-def bench_memory(spec_tokens):
-    """Peak extra memory of one GRPO update per completion token, chunked + checkpointed vs the full-logits head,
-    each in a fresh process (peak RSS is a process high-water mark)."""
-    import subprocess
-    def run(spec):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), f'--mem_probe={spec}', f'--device={device}',
-                            f'--threads={threads}'], capture_output=True, text=True)
-        return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
-    cases = [('tiny', int(t)) for t in spec_tokens.split(',')] + [('0.5B', 1024)]
-    for shape, n in cases:
-        log(f"memory of one GRPO update: {shape}, 4 rows x {n} completion tokens")
-        # the full-logits head needs ~1.8 MB per token: past 1,024 tokens x 4 rows it does not fit on this CPU
-        new, old = run(f'{shape}:{n}:1'), run(f'{shape}:{n}:0') if cuda or 4 * n <= 4096 else None
-        if new is None:
-            continue
-        label = 'tiny (4L d128 V151936) + Bridge' if shape == 'tiny' else '0.5B (24L d896 V151936) + Bridge'
-        add(f'GRPO update peak extra MB (4 rows x {n} tok): chunked head + grad_checkpoint vs full logits', label, 4,
-            new['extra'] / 2**20, old['extra'] / 2**20 if old else None, speedup=None,
-            note=f"KB/token {new['extra'] / 4 / n / 1024:,.0f} vs " + (f"{old['extra'] / 4 / n / 1024:,.0f}" if old
-            else 'does not fit') + f"; estimate {new['estimate'] / 2**20:,.0f} MB; step {new['seconds']:.2f} s vs "
-            + (f"{old['seconds']:.2f} s" if old else '-'))
-
-if __name__ == '__main__' and mem_probe:
-    probe_update(mem_probe)
-    sys.exit(0)
-
 if __name__ == '__main__':
     t_start = time.time()
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), '?')
@@ -455,7 +371,8 @@ if __name__ == '__main__':
                f"{torch.cuda.get_device_name() if cuda else 'cpu'} ({str(dt)[6:]})")
     log(machine)
     if only in ('memory', 'linear'):
-        bench_memory(mem_tokens or '256,1024,4096') if only == 'memory' else bench_linear()
+        memory_rows(mem_tokens or '256,1024,4096', device, threads, cuda, log, add) if only == 'memory' else \
+            bench_linear()
         print(f"{machine}\n" + '\n'.join(f"| {b} | {m} | {w} | {fmt(a)} | {fmt(r)} | {fmt(s, 'x')} | {note} |"
                                           for b, m, w, a, r, s, bd, pct, note in rows))
         sys.exit(0)
@@ -470,8 +387,8 @@ if __name__ == '__main__':
     if real and transformers:
         bench_oneshot(real)
     bench_grpo_default(repeats)
-    if mem_tokens:
-        bench_memory(mem_tokens)
+    if mem_tokens:  # peak memory of one GRPO update: chunked head + checkpointing vs full logits
+        memory_rows(mem_tokens, device, threads, cuda, log, add)
     bench_trl(reps_big)
     print(f"machine: {machine}\n\n| benchmark | model | width | nanobridge | reference | speedup | bound | % of bound "
           "| note |\n|---|---|---|---|---|---|---|---|---|")

@@ -2566,7 +2566,7 @@ def test_grad_checkpoint_same_gradients():
 
 
 def bench_probe(spec, threads=1):
-    p = run_all([cmd(f'--mem_probe={spec}', f'--threads={threads}', f'--device={DEVICE}', script='bench.py')])[0]
+    p = run_all([cmd(f'--spec={spec}', f'--threads={threads}', f'--device={DEVICE}', script='bench_memory.py')])[0]
     return json.loads(ok(p).strip().splitlines()[-1])
 
 
