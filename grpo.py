@@ -174,10 +174,10 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
 
 class Health:
     """GRPO's warnings, each said once, in words (the log line's columns show the numbers step by step): no learning
-    signal (every group has zero reward std, `window` steps in a row), every completion truncated, and a collapse: the reward's mean over the
-    last `window` steps has fallen below half of its best such mean (>= 0.1) and stayed there for `window` steps. A
-    healthy run's 5-step mean moves by a few hundredths; a collapsing one keeps fewer right answers to learn from at
-    every step, and rarely recovers (issue 22's collapsed run: 0.35 at step 10, then hovering just above 0)."""
+    signal (every group with zero reward std, `window` steps in a row), every completion truncated, and a collapse:
+    the reward's mean over the last `window` steps has fallen below half of its best such mean (>= 0.1) and stayed
+    there for `window` steps. A healthy run's 5-step mean moves by a few hundredths; a collapsing one keeps fewer right
+    answers to learn from at every step, and rarely recovers (RESULTS.md, seed 4: 0.52 at step 1, 0.05 by step 30)."""
     window = 5
 
     def __init__(self):
