@@ -4,6 +4,8 @@ process, since peak RSS is a process high-water mark. `python bench.py --only=me
     python bench_memory.py --spec=tiny:1024:1 --threads=1   # prints {"extra": bytes, "seconds": s, "estimate": bytes}
 spec = shape:tokens:new. shape: 'tiny' (train.py's embedded model with Qwen's vocabulary) or '0.5B'; tokens: the
 completion tokens per row; new: 1 = the chunked head with grad_checkpoint, 0 = the full-logits head without it.
+--stage=warmup measures one step of the Bridge warm-up instead: cross-entropy of the Bridge weights alone on one
+group of 4 answers (train.teacher_forced's micro-batch), against train.py's estimate of it.
 """
 import contextlib, json, os, subprocess, sys, time
 
@@ -18,7 +20,7 @@ from model import ModelConfig, Transformer
 
 TINY = dict(hidden_size=T.n_embd, intermediate_size=T.ffn, num_hidden_layers=T.n_layer, num_attention_heads=T.n_head,
             num_key_value_heads=T.n_kv_head, rope_theta=10000.0)  # train.py's embedded model; 0.5B = ModelConfig()
-spec, device, threads, seed = 'tiny:256:1', 'cpu', 1, 1337
+spec, device, threads, seed, stage = 'tiny:256:1', 'cpu', 1, 1337, 'grpo'
 grpo_prompt_len = 16    # prompt tokens per row, as in bench.py's GRPO rows
 
 def clock(cuda):
@@ -37,7 +39,7 @@ def rss(field='VmRSS'):
     with open('/proc/self/status') as f:
         return int(next(l for l in f if l.startswith(field)).split()[1]) * 1024
 
-def probe_update(spec, dev):
+def probe_update(spec, dev, stage='grpo'):
     """A GRPO update (policy_update + AdamW) of one group of 4 rows in this fresh process: its peak extra memory
     (CPU: peak RSS; CUDA: max_memory_allocated), its time, and train.py's estimate of it. new = the chunked head
     with grad_checkpoint; else the full-logits head without it, as before."""
@@ -56,22 +58,36 @@ def probe_update(spec, dev):
     mask = (torch.arange(P + n, device=dev) >= P).expand(w, -1)[:, 1:]
     ro = grpo.Rollout(tokens, torch.ones_like(tokens, dtype=torch.bool), mask, torch.randn(w, device=dev), w,
                       torch.full((w,), P, device=dev))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    n_params = sum(p.numel() for p in model.parameters())
+    if stage == 'warmup':  # the Bridge weights alone train; targets are the answers' tokens, not the prompt's
+        model.requires_grad_(False)
+        for b in model.bridge_modules():
+            b.requires_grad_(True)
+        targets = torch.where(mask, tokens[:, 1:], -1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
     def update():
         opt.step()
         opt.zero_grad(set_to_none=True)
         return 0.0
+    def warmup_step(*_, autocast):
+        with autocast:
+            loss = model(tokens[:, :-1], targets, width=w)[1]
+        loss.backward()
+        update()
+    step = warmup_step if stage == 'warmup' else lambda ro, autocast: grpo.policy_update(
+        model, ro, update, lambda *v: [float(u) for u in v], autocast=autocast)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     before = torch.cuda.memory_allocated() if cuda else rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):  # the second update is the steady state: AdamW's state is resident through its backward
         t0 = clock(cuda)
-        grpo.policy_update(model, ro, update, lambda *v: [float(u) for u in v], autocast=autocast)
+        step(ro, autocast=autocast)
         dt = clock(cuda) - t0
     peak = torch.cuda.max_memory_allocated() if cuda else rss('VmHWM')
-    n_params = sum(p.numel() for p in model.parameters())
-    est = memory_estimate(cfg, bcfg, n_params=n_params, n_train=n_params, rows=w, mb_rows=w, tokens=P + n,
+    est = memory_estimate(cfg, bcfg, n_params=n_params, n_train=sum(p.numel() for p in params), mb_rows=w,
+                          rows=0 if stage == 'warmup' else w, tokens=P + n,
                           new_tokens=n, chunk=1024, width=w, bf16=cuda)
     est = sum(est[k] for k in ('gradients', 'AdamW state', 'AdamW step temporaries',
                                'update activations, grad_checkpoint on'))
@@ -100,4 +116,6 @@ def memory_rows(spec_tokens, device, threads, cuda, log, add):
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     torch.set_num_threads(threads)
-    probe_update(spec, torch.device(device))
+    if stage not in ('grpo', 'warmup'):
+        raise ValueError(f"stage={stage!r}: expected 'grpo' or 'warmup'")
+    probe_update(spec, torch.device(device), stage)

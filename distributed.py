@@ -125,14 +125,20 @@ def full_state(model, opt=None, fsdp=False, load=None):
 
 @contextmanager
 def gathered(model, fsdp):
-    """One all-gather of every unit per rollout, not one per layer per decoded token; sharded again after. Ranks
-    may then decode different numbers of steps: nothing is gathered inside the loop."""
+    """Every unit gathered once, in the same order on every rank, for a whole rollout, evaluation or warm-up set, not
+    once per layer per decoded token; sharded again after. Inside, a forward does no collective: ranks may make
+    different numbers of sampling calls (problems that do not split evenly) and decode different numbers of steps."""
+    units = fsdp_units(model) if fsdp else []
     if fsdp:
         model.set_reshard_after_forward(False)
-    yield
-    for m in fsdp_units(model) if fsdp else []:  # back to shard()'s layout (the head kept after forward), sharded
-        m.set_reshard_after_forward(m is not model.lm_head, recurse=False)
-        m.reshard()
+    for m in units:  # explicitly: a rank with fewer calls (or none) must still join every all-gather
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:  # back to shard()'s layout (the head kept after forward), sharded
+            m.set_reshard_after_forward(m is not model.lm_head, recurse=False)
+            m.reshard()
 
 def unfreeze_for_fsdp(model):
     """FSDP fixes a unit's gradient dtypes from requires_grad when it gathers: after changing requires_grad (a stage

@@ -51,7 +51,7 @@ fig_bench() {  # decode speed against transformers per model and width, and the 
 }
 fig_setup() { tail -n 1 "$1"; }
 fig_grpo() {  # the estimate printed at start against the peak measured in the step
-  echo "estimated peak $(grep -E '^  peak' "$1" | awk '{print $2, $3}'), measured $(grep -oE 'mem [0-9.]+G' "$1" | tail -n 1)"
+  echo "estimated peak $(grep -E '^grpo: peak' "$1" | awk '{print $3, $4}'), measured $(grep -oE 'mem [0-9.]+G' "$1" | tail -n 1)"
   grep -E '^grpo 1/1' "$1" | grep -oE 'tok/s [0-9.e+]+'
 }
 fig_fsdp() { grep -E '^(warmup|grpo) 1/1' "$1" | grep -oE '^(warmup|grpo) 1/1|mem [0-9.]+G'; }

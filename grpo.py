@@ -207,16 +207,18 @@ class Health:
 
 # -----------------------------------------------------------------------------
 # evaluation at every width
-def eval_metrics(texts, problems, w, task, lengths):
-    """(sum, count) pairs (so ranks can add them up) for one width. Rows come in groups of w.
+def eval_metrics(texts, problems, w, task, lengths, finished=None):
+    """(sum, count) pairs (so ranks can add them up) for one width. Rows come in groups of w. finished: False for a
+    row cut before its stop token, which scores 0 and gives no final answer (None: every row finished).
     acc: mean per-response accuracy; pass@w: >= 1 correct in the group; maj: the group's plurality answer is right;
     gpass@tau: >= ceil(tau * w) correct (G-Pass@w_tau, Liu et al. 2024, with n = k = w);
     agree: fraction of sibling pairs with the same final answer; fix: P(row correct | its own draft is wrong and the
     plurality of its siblings' drafts is right) - about 0 for independent rows, well above 0 if Bridge reads siblings
     (tasks whose answers carry a draft)."""
-    r = torch.tensor([task.reward(t, p) for t, p in zip(texts, problems)]).view(-1, w)
+    done = [True] * len(texts) if finished is None else [bool(f) for f in finished]
+    r = torch.tensor([task.reward(t, p) * f for t, p, f in zip(texts, problems, done)]).view(-1, w)
     G = r.size(0)
-    finals = [task.final(t) for t in texts]
+    finals = [task.final(t) if f else None for t, f in zip(texts, done)]
     m = {'acc': (r.sum().item(), r.numel()), 'pass@w': ((r.sum(1) > 0).sum().item(), G),
          'len': (float(lengths.sum()), r.numel())}
     for tau in (0.25, 0.5, 0.75, 1.0):

@@ -1,7 +1,9 @@
 """
-Memory at paper scale, from outside the model: what one rank holds at a GRPO run's peak (weights, gradients, AdamW,
-the KL reference, the rollout's KV cache, one micro-batch's activations and the chunked head), with the activations
-per token measured on one real Block. train.py prints it at start, and stops on CUDA if the run cannot fit.
+Memory at paper scale, from outside the model: what one rank holds at the peak of each stage a run runs. A training
+stage (SFT, the warm-up, GRPO) holds weights, gradients, AdamW, the KL reference, what it samples, one micro-batch's
+activations and the chunked head, with the activations per token measured on one real Block; a sampling stage (the
+warm-up set, evaluation) holds the weights and one call's KV cache. train.py prints every stage at start, and stops
+on CUDA if one cannot fit.
 """
 import torch
 
@@ -37,7 +39,7 @@ def memory_estimate(cfg: ModelConfig, bridge: BridgeConfig | None, *, n_params, 
     none), of which each keeps 1/fsdp of the weights and their state, and gathers in the compute dtype all weights for
     a rollout, or two blocks (one prefetched) and the head for the update, where a block's gradients meet too."""
     L, V, cdt, S = cfg.num_hidden_layers, cfg.vocab_size, 2 if bf16 else 4, fsdp or 1
-    kv_token = 2 * L * cfg.num_key_value_heads * cfg.head_dim * cdt  # K and V of every layer, per cached token
+    kv_token = kv_bytes(cfg, bf16)
     act = saved_bytes_per_token(cfg, bridge, width, bf16)
     head_tokens = min(chunk or mb_rows * new_tokens, mb_rows * new_tokens)
     # checkpointing keeps each block's fp32 input and recomputes one block at a time; the gradients flowing back
@@ -63,40 +65,101 @@ def memory_estimate(cfg: ModelConfig, bridge: BridgeConfig | None, *, n_params, 
     m['peak'] = fixed + max(sum(v for k, v in m.items() if k.startswith('rollout')), update)
     return m
 
-def check_memory(m, device, verbose=True):
-    """Print the estimate; stop with a one-line error on CUDA if it cannot fit, warn on CPU."""
+def sampling_estimate(cfg: ModelConfig, *, n_params, rows, tokens, bf16, fsdp=0):
+    """{item: bytes} on one rank of a stage that only samples (an evaluation, the warm-up set): the weights, under
+    FSDP gathered whole for the stage, and one sampling call's KV cache and last logits."""
+    S, cdt = fsdp or 1, 2 if bf16 else 4
+    m = {'weights (fp32)': 4 * n_params / S,
+         'bf16 weight copies (autocast)': 2 * n_params if bf16 and not fsdp else 0,
+         'weights gathered (FSDP)': cdt * n_params if fsdp else 0,
+         f'KV cache of one call: {rows} rows x {tokens:,} tokens': kv_bytes(cfg, bf16) * rows * tokens
+         + 4 * 4 * rows * cfg.vocab_size}
+    m['peak'] = sum(m.values())
+    return m
+
+def kv_bytes(cfg: ModelConfig, bf16):  # K and V of every layer, per cached token, in the compute dtype
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (2 if bf16 else 4)
+
+ADVICE = {'warm-up set sampling': 'lower sample_mb or max_new_tokens',
+          'sft': 'lower sft_batch or max_new_tokens, or set grad_checkpoint=True',
+          'warmup': 'lower micro_groups (groups per micro-batch) or max_new_tokens, or set grad_checkpoint=True',
+          'grpo': 'lower width, max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set '
+                  'grad_checkpoint=True',
+          'eval': 'lower sample_mb or eval_max_new_tokens'}
+
+def check_memory(stages, device, verbose=True):
+    """Print each stage's estimate ({stage: {item: bytes}}); stop with a one-line error on CUDA if a stage cannot
+    fit, warn on CPU."""
+    size = lambda v: f"{v / 2**30:8.2f} GiB" if v >= 2**30 else f"{v / 2**20:8.1f} MiB"
     if verbose:
-        print('memory estimate per rank:\n' + '\n'.join(f"  {k:<48} {v / 2**30:8.2f} GiB" if v >= 2**30 else
-                                                        f"  {k:<48} {v / 2**20:8.1f} MiB" for k, v in m.items()))
+        print('memory estimate per rank, for each stage this run runs:')
+        for stage, m in stages.items():
+            print(f"{stage}: peak {size(m['peak']).strip()}\n" + '\n'.join(f"  {k:<52} {size(v)}"
+                                                                        for k, v in m.items() if k != 'peak'))
     if device.type == 'cuda':  # the weights may already be on the device
         have = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
     else:
         with open('/proc/meminfo') as f:
             have = int(next(l for l in f if l.startswith('MemAvailable')).split()[1]) * 1024
-    msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank but {device} has {have / 2**30:.1f} GiB: lower width, "
-           "max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set grad_checkpoint=True")
-    if m['peak'] > 0.95 * have and device.type == 'cuda':
-        raise ValueError(msg)
-    if m['peak'] > 0.95 * have and verbose:
-        print(f"WARNING: {msg}")
+    for stage, m in stages.items():
+        msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank in its {stage} stage but {device} has "
+               f"{have / 2**30:.1f} GiB: {ADVICE[stage]}")
+        if m['peak'] > 0.95 * have and device.type == 'cuda':
+            raise ValueError(msg)
+        if m['peak'] > 0.95 * have and verbose:
+            print(f"WARNING: {msg}")
 
-def sampling_rows(cfg: ModelConfig, tokens, rollout_rows, mb):
-    """The most rows one sampling call may hold: as many as a GRPO rollout (which memory_estimate counts), or as many
-    as fit `mb` MiB of fp32 KV cache at `tokens` per row, whichever is more (the embedded tasks sample in one call)."""
+def sampling_rows(cfg: ModelConfig, tokens, run, world, w):
+    """The rows one sampling call holds, whole groups of w: as many as a GRPO rollout (which memory_estimate counts),
+    or as fit run['sample_mb'] MiB of fp32 KV cache at `tokens` per row, whichever is more (the embedded tasks sample
+    in one call); at least one group."""
     row_bytes = 8 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * tokens
-    return max(rollout_rows, mb * 2**20 // row_bytes)
+    return max(1, int(max(run['batch_prompts'] // world * run['width'], run['sample_mb'] * 2**20 // row_bytes))
+               // w) * w
 
-def check_run(model, bridge, cfg, world, prompt_len, bf16, device, verbose):
-    """The estimate of a train.py run (cfg: its settings) from the model it starts from and the Bridge it will have,
-    printed; stops a CUDA run that cannot fit. Decides grad_checkpoint=None: on from 100M parameters, where
-    activations grow to ~4 MB per token at 1.5B, off below, where recomputing is only a second forward pass."""
+def stage_estimates(model, bridge, run, world, lens, tests, stages, bf16):
+    """{stage: {item: bytes}} for every stage of a train.py run (run: its settings; stages: those it will run), each
+    at its own prompts: the test sets' for evaluation (lens: {set: longest prompt}; tests: the test sets' names),
+    the warm-up data's for the warm-up set and the warm-up, the training set's for SFT and GRPO."""
     with torch.device('meta'):
         extra, base = bridge_params(Transformer(model.config, bridge))
-    n_train = extra if cfg['bridge_only'] else extra + base
-    model.grad_checkpoint = extra + base >= 1e8 if cfg['grad_checkpoint'] is None else cfg['grad_checkpoint']
-    per_rank = cfg['batch_prompts'] // world
-    check_memory(memory_estimate(
-        model.config, bridge, n_params=extra + base, n_train=n_train, rows=per_rank * cfg['width'],
-        mb_rows=(cfg['micro_groups'] or per_rank) * cfg['width'], tokens=prompt_len + cfg['max_new_tokens'],
-        new_tokens=cfg['max_new_tokens'], chunk=cfg['logprob_chunk'], width=cfg['width'], bf16=bf16,
-        fsdp=world if cfg['fsdp'] else 0, beta=cfg['beta'], checkpointing=model.grad_checkpoint), device, verbose)
+    now = base + (extra if model.bridge_config else 0)  # before Bridge is added: the warm-up set, SFT
+    fsdp, new = world if run['fsdp'] else 0, run['max_new_tokens']
+    train_len, warm_len = lens['the training set'], lens.get('the warm-up data', lens['the training set'])
+    test_len = max(lens[t] for t in tests) + (run['eval_max_new_tokens'] or new)
+    common = dict(new_tokens=new, chunk=run['logprob_chunk'], bf16=bf16, fsdp=fsdp, checkpointing=model.grad_checkpoint)
+    out = {}
+    if 'warmup' in stages and bridge and not run['warmup_set']:
+        S = run['warmup_samples']
+        rows = sampling_rows(model.config, warm_len + new, run, world, S)
+        out['warm-up set sampling'] = sampling_estimate(model.config, n_params=now, rows=rows, tokens=warm_len + new,
+                                                        bf16=bf16, fsdp=fsdp)
+    if 'sft' in stages:
+        out['sft'] = memory_estimate(
+            model.config, model.bridge_config, n_params=now, n_train=now, width=1, tokens=train_len + new,
+            rows=sampling_rows(model.config, test_len, run, world, 1), mb_rows=run['sft_batch'] // world, **common)
+    if 'warmup' in stages and bridge:
+        groups = run['micro_groups'] or run['warmup_groups'] // world
+        out['warmup'] = memory_estimate(
+            model.config, bridge, n_params=extra + base, n_train=extra, width=run['warmup_samples'], rows=0,
+            mb_rows=groups * run['warmup_samples'], tokens=warm_len + new, **common)
+    if 'grpo' in stages:
+        per_rank = run['batch_prompts'] // world
+        out['grpo'] = memory_estimate(
+            model.config, bridge, n_params=extra + base, n_train=extra if run['bridge_only'] else extra + base,
+            rows=per_rank * run['width'], mb_rows=(run['micro_groups'] or per_rank) * run['width'],
+            tokens=train_len + new, width=run['width'], beta=run['beta'], **common)
+    if 'eval' in stages:
+        rows = max(sampling_rows(model.config, test_len, run, world, int(w)) for w in run['eval_widths'].split(','))
+        out['eval'] = sampling_estimate(model.config, n_params=extra + base if bridge else now, rows=rows,
+                                        tokens=test_len, bf16=bf16, fsdp=fsdp)
+    return out
+
+def check_run(model, bridge, run, world, lens, tests, stages, bf16, device, verbose):
+    """The estimate of a train.py run, stage by stage, from the model it starts from and the Bridge it will have,
+    printed; stops a CUDA run with a stage that cannot fit. Decides grad_checkpoint=None: on from 100M parameters,
+    where activations grow to ~4 MB per token at 1.5B, off below, where recomputing is only a second forward pass."""
+    with torch.device('meta'):
+        extra, base = bridge_params(Transformer(model.config, bridge))
+    model.grad_checkpoint = extra + base >= 1e8 if run['grad_checkpoint'] is None else run['grad_checkpoint']
+    check_memory(stage_estimates(model, bridge, run, world, lens, tests, stages, bf16), device, verbose)

@@ -13,7 +13,7 @@ import torch
 
 # the card's fields that change a metric other than the model: compare.py refuses results that differ in them
 PROTOCOL = ('chat_template', 'instruction', 'temperature', 'top_p', 'top_k', 'max_new_tokens', 'samples_per_problem',
-            'widths', 'parser', 'data', 'eval_problems')
+            'widths', 'parser', 'truncated', 'data', 'eval_problems')
 
 def sha256(path=None, data=None):
     h = hashlib.sha256(data if data is not None else b'')
@@ -35,8 +35,10 @@ def commit(where):
     except (OSError, subprocess.SubprocessError):
         return None
 
-def card(cfg, task, model, model_dir, device, bf16):
-    """The protocol of an evaluation: what produced its numbers, as one dict."""
+def card(cfg, task, model, model_dir, device, bf16, once=False):
+    """The protocol of an evaluation: what produced its numbers, as one dict. once: the rows were drawn once at
+    width 1 and grouped at every width (rows that do not read each other), which compare.py accepts beside rows
+    sampled at each width: the estimates are the same."""
     mcfg = json.dumps({k: getattr(model.config, k) for k in sorted(model.config.__dataclass_fields__)}, sort_keys=True)
     data = {}
     for name, probs in task.test_sets.items():
@@ -49,8 +51,11 @@ def card(cfg, task, model, model_dir, device, bf16):
         'bridge': model.bridge_config.to_dict() if model.bridge_config else None,
         'chat_template': cfg['chat_template'] if task.files else 'none (raw prompt)',
         'instruction': cfg['instruction'] if task.files else '',
-        'temperature': cfg['eval_temperature'], 'top_p': cfg['top_p'], 'top_k': cfg['top_k'],
-        'max_new_tokens': cfg['max_new_tokens'], 'samples_per_problem': cfg['eval_samples'],
+        'temperature': cfg['eval_temperature'], 'top_p': cfg['eval_top_p'] or cfg['top_p'], 'top_k': cfg['top_k'],
+        'max_new_tokens': cfg['eval_max_new_tokens'] or cfg['max_new_tokens'],
+        'samples_per_problem': cfg['eval_samples'],
+        'truncated': 'scores 0',  # a row cut at max_new_tokens, before its stop token
+        'sampling': 'once at width 1, grouped at every width' if once else 'at every width',
         'widths': cfg['eval_widths'], 'seed': cfg['seed'], 'parser': task.parser, 'data': data,
         'eval_problems': cfg['eval_problems'] or 'all',
         'commit': commit(os.path.dirname(os.path.abspath(__file__))), 'torch': torch.__version__,
@@ -66,7 +71,8 @@ def card_line(c):
                                                          if 'file' in v else '') for k, v in c['data'].items())
     return (f"protocol: model {c['model']} (config sha256 {c['model_config_sha256']}), chat {c['chat_template']}, "
             f"T={c['temperature']} top_p={c['top_p']} top_k={c['top_k']} max_new_tokens={c['max_new_tokens']}, "
-            f"{c['samples_per_problem']} samples per problem at widths {c['widths']}, seed {c['seed']}, parser: "
+            f"{c['samples_per_problem']} samples per problem at widths {c['widths']} (sampled "
+            f"{c.get('sampling', 'at every width')}), seed {c['seed']}, parser: "
             f"{c['parser']}; data: {data}; eval_problems {c['eval_problems']}; commit {c['commit']}, torch "
             f"{c['torch']}, {c['device']} {c['dtype']}")
 

@@ -90,7 +90,8 @@ def rules(tasks, losses):
         'scale_rewards': choice('group', 'none'), 'mask_truncated': boolean, 'micro_groups': integer(0),
         'logprob_chunk': integer(0), 'grad_checkpoint': optional_bool, 'bridge_only': boolean,
         'eval_widths': int_list, 'eval_problems': integer(0), 'eval_samples': integer(1),
-        'eval_temperature': number(0), 'probe': boolean, 'sample_mb': number(0), 'device': device_name,
+        'eval_temperature': number(0), 'eval_max_new_tokens': integer(0), 'eval_top_p': number(0, 1),
+        'answer_fallback': boolean, 'probe': boolean, 'sample_mb': number(0), 'device': device_name,
         'dtype': choice('auto', 'bfloat16', 'float32'),
         'compile': boolean, 'threads': integer(0), 'fsdp': boolean, 'dry_run': boolean, 'wandb_log': boolean,
         'wandb_project': nonempty,
@@ -153,14 +154,16 @@ def check(cfg, cuda, tasks, embedded, losses, relate=True):
     if bad:
         raise ValueError("config: " + "; ".join(bad))
 
-def check_data(cfg, context, prompt_lens, verbose=True):
-    """After loading: every prompt (train and every test set, rendered in the chat format) plus max_new_tokens fits the
-    model's context. prompt_lens: {set name: the longest prompt in tokens}. A limit on the test sets is said."""
+def check_data(cfg, context, prompt_lens, tests, verbose=True):
+    """After loading: every prompt (train, the warm-up data and every test set, rendered in the chat format) plus its
+    answer length (max_new_tokens; for a test set, eval_max_new_tokens) fits the model's context. prompt_lens: {set
+    name: the longest prompt in tokens}; tests: the test sets' names. A limit on the test sets is said."""
     if cfg['eval_problems'] and verbose:
         n = cfg['eval_problems']
         print(f"eval_problems={n}: every test set is cut to its first {n} problems")
     for name, n in prompt_lens.items():
-        if n + cfg['max_new_tokens'] > context:
-            raise ValueError(f"max_new_tokens={cfg['max_new_tokens']}: the longest prompt of {name} has {n} tokens, "
-                             f"and {n} + {cfg['max_new_tokens']} exceeds the model's context of {context} "
-                             f"(max_position_embeddings): expected max_new_tokens <= {context - n}")
+        key = 'eval_max_new_tokens' if name in tests and cfg['eval_max_new_tokens'] else 'max_new_tokens'
+        if n + cfg[key] > context:
+            raise ValueError(f"{key}={cfg[key]}: the longest prompt of {name} has {n} tokens, and {n} + {cfg[key]} "
+                             f"exceeds the model's context of {context} (max_position_embeddings): expected "
+                             f"{key} <= {context - n}")

@@ -243,11 +243,14 @@ def parse_sets(spec, setting='data_test'):
     return sets
 
 class MathJSONL(Task):
+    """Math problems from JSONL files. fallback=False grades the last \\boxed{} (or '#### n') alone, never the last
+    number of a text that gave no final answer (the R1 configs: a reasoning trace is full of scratch numbers)."""
     name = 'math'
-    parser = 'last \\boxed{} else #### n else the last number; equal as exact fractions or normalised text'
 
-    def __init__(self, data_train, data_test, test_keys='', chat_template='auto', instruction=''):
-        self.data_train, self.sets = data_train, parse_sets(data_test)
+    def __init__(self, data_train, data_test, test_keys='', chat_template='auto', instruction='', fallback=True):
+        self.data_train, self.sets, self.fallback = data_train, parse_sets(data_test), fallback
+        self.parser = ('last \\boxed{} else #### n' + (' else the last number' if fallback else ' (no fallback)')
+                       + '; equal as exact fractions or normalised text')
         self.keys = tuple(test_keys.split(',')) if test_keys else None
         self.template, self.instruction = chat_template, instruction
         self.files = tuple(f for f in (data_train, *self.sets.values()) if f)
@@ -264,13 +267,13 @@ class MathJSONL(Task):
         return tok.encode_chat(text + self.instruction, template='plain' if self.template == 'plain' else None)
 
     def final(self, text):
-        return extract_answer(text)
+        return extract_answer(text, self.fallback)
 
     def correct(self, final, problem):
         return is_equiv(final, gold_answer(problem['answer']))
 
     def reward(self, text, problem):  # grading.math_reward: bounded, exact, and it never raises
-        return math_reward(text, problem['answer'])
+        return math_reward(text, problem['answer'], self.fallback)
 
 def prompt_lengths(task, tok, sets, verbose=True):
     """{set name: its longest prompt in tokens}, every prompt rendered in the task's format: a prompt the format
@@ -285,9 +288,10 @@ def prompt_lengths(task, tok, sets, verbose=True):
 EMBEDDED = (*Arithmetic.KINDS, 'maxdigit')
 TASKS = (*EMBEDDED, 'gsm8k', 'math', 'jsonl')  # the last three are one: JSONL math, layout read from each file
 
-def make_task(task, digits=2, data_train='', data_test='', test_keys='', chat_template='auto', instruction=''):
+def make_task(task, digits=2, data_train='', data_test='', test_keys='', chat_template='auto', instruction='',
+              fallback=True):
     if task in Arithmetic.KINDS:
         return Arithmetic(task, digits)
     if task == 'maxdigit':
         return MaxDigit()
-    return MathJSONL(data_train, data_test, test_keys, chat_template, instruction)
+    return MathJSONL(data_train, data_test, test_keys, chat_template, instruction, fallback)

@@ -36,6 +36,7 @@ import grpo
 from bridge import BridgeConfig, BridgeProbe, bridge_params, bridge_report
 import tasks
 from checkpoint import load_model, save_model
+from distributed import Ranks
 from grading import extract_answer, gold_answer, is_equiv, math_reward, normalize_answer
 from grpo import group_advantages, grpo_loss
 from model import ModelConfig, Transformer, rope_inv_freq
@@ -1875,6 +1876,23 @@ def test_torchrun_fsdp_equals_ddp(sft_ckpt, tmp_path):
     assert any(not torch.equal(a[k], base[k]) for k in base)
 
 
+@gloo
+def test_torchrun_fsdp_uneven_split_finishes_and_equals_ddp(sft_ckpt, tmp_path):
+    """Odd numbers of problems over 2 ranks, in calls of 4 rows: the 7 test problems (4 and 3) make the ranks' numbers
+    of sampling calls differ in the evaluation (4 against 3, at widths 1 and 4), and the 9 warm-up problems (5 and 4)
+    in building the warm-up set (3 against 2). Under FSDP every collective must still match (the weights are
+    gathered once around each); the tables and the warm-up set equal DDP's. The previous code hung here."""
+    args = [f'--init_from={sft_ckpt}', '--mode=eval,warmup,eval', '--eval_problems=9', '--warmup_problems=9',
+            '--warmup_samples=2', '--warmup_steps=1', '--warmup_groups=2', '--batch_prompts=2', '--sample_mb=0', *TINY]
+    outs = [ok(p) for p in run_all([cmd(*args, f'--fsdp={kind}', f'--out_dir={kind}', cwd=tmp_path, torchrun=True)
+                                    for kind in (False, True)], timeout=150)]
+    assert all('warmup 1/1' in o and 'warm-up set' in o for o in outs)
+    ddp, fsdp = [json.load(open(tmp_path / kind / 'eval_init.json')) for kind in ('False', 'True')]
+    assert ddp['sets'] == fsdp['sets'] and ddp['card']['sampling'].startswith('once')
+    assert (tmp_path / 'False/warmup_set.jsonl').read_text() == (tmp_path / 'True/warmup_set.jsonl').read_text()
+    assert all((tmp_path / kind / 'eval_warmup.json').exists() for kind in ('False', 'True'))
+
+
 @pytest.fixture(scope='module')
 def untied_ckpt(sft_ckpt, tmp_path_factory):
     """sft_ckpt with its own lm_head, as the paper's 7B/8B bases have: FSDP makes the embedding a unit of its own."""
@@ -2067,7 +2085,8 @@ def test_baselines_and_a_second_grpo_stage(sft_ckpt, grpo_run, tmp_path):
     rlvr, self_only, pmatch, second = map(ok, runs)
     assert 'warmup 1/' not in rlvr and 'bridge:' not in rlvr and 'grpo 2/2' in rlvr
     assert 'self: 2 blocks' in self_only and 'pmatch: 2 blocks' in pmatch
-    assert json.load(open(tmp_path / 'out-self' / 'eval_grpo.json'))['4']['sibling'] == 0
+    res = json.load(open(tmp_path / 'out-self' / 'eval_grpo.json'))  # its rows read nothing: drawn once, no probe
+    assert res['card']['sampling'].startswith('once') and 'sibling' not in res['4']
     assert 'grpo 1/2' in second and 'bridge: 2 blocks' in second
     assert json.load(open(tmp_path / 'second/ckpt/config.json'))['bridge']['dim'] == 16
 
@@ -2128,11 +2147,13 @@ def test_real_protocol(tmp_path):
              '--warmup_groups=1', '--grpo_steps=2', '--batch_prompts=2', '--width=2']
     base = train_py(*common, '--mode=eval', '--out_dir=base', cwd=tmp_path, timeout=1800)
     assert 'a:' in base and 'b:' in base and 'average over the 2 test sets:' in base
-    arms = {'rlvr': ['--use_bridge=False'], 'pmatch': ['--bridge_mode=pmatch'], 'bridge': []}
+    # as the README runs them: Bridge builds the warm-up set, P-Match trains from the same set
+    arms = {'bridge': [], 'pmatch': ['--bridge_mode=pmatch', '--warmup_set=bridge/warmup_set.jsonl'],
+            'rlvr': ['--use_bridge=False']}
     for arm, extra in arms.items():
         out = train_py(*common, *train, '--mode=warmup,grpo,eval', f'--out_dir={arm}', *extra, cwd=tmp_path,
                        timeout=1800)
-        assert 'grpo 2/2' in out and bool(re.search(r'^warm-up set: ', out, re.M)) == (arm != 'rlvr')
+        assert 'grpo 2/2' in out and bool(re.search(r'^warm-up set: ', out, re.M)) == (arm == 'bridge')
     table = ok(run_all([cmd('base=base/eval_init.json', *[f'{a}=' + f'{a}/eval_grpo.json' for a in arms],
                             script='compare.py', cwd=tmp_path)])[0])
     assert table.count('| bridge |') == 2 and 'relative gain of bridge over the next best' in table, table
@@ -2161,6 +2182,67 @@ def test_eval_metrics_known_values():
     got = {k: s / n for k, (s, n) in m.items()}
     assert got == {'acc': 3 / 8, 'pass@w': 1 / 2, 'len': 7.0, 'gpass@0.25': 1 / 2, 'gpass@0.5': 1 / 2,
                    'gpass@0.75': 1 / 2, 'gpass@1.0': 0.0, 'maj': 1 / 2, 'agree': 9 / 12, 'fix': 1 / 2}
+    # the same texts, rows 0, 1 and 3 cut before their stop token: they score 0 and give no final answer to the vote
+    finished = torch.tensor([False, False, True, False] + [True] * 4)
+    got = {k: s / n for k, (s, n) in grpo.eval_metrics(texts, probs, 4, tasks.Arithmetic(), torch.full((8,), 7),
+                                                       finished).items() if n}
+    assert got['acc'] == 0 and got['pass@w'] == 0 and got['maj'] == 0 and got['agree'] == 6 / 12
+
+
+def test_sample_once_equals_sampling_in_groups(sft_ckpt, tmp_path):
+    """A model without Bridge blocks: train.evaluate draws eval_samples rows per problem once, at width 1, and groups
+    them at every width. Sampled at width 4 with the same seed, the rows are the same, and so are the metrics at
+    width 4: same rows, same numbers."""
+    import train as T
+    T.raw_model = T.model = load_model(str(sft_ckpt), verbose=False)
+    T.tok, T.task, T.ranks = Tokenizer.from_pretrained(str(sft_ckpt)), tasks.Arithmetic('add', 1), Ranks(DEV)
+    T.dev, T.out_dir, T.eval_problems, T.eval_samples, T.eval_widths = DEV, str(tmp_path), 8, 8, '1,2,4'
+    T.config = {k: getattr(T, k) for k in T.config_keys}
+    res = T.evaluate('init')
+    assert res['card']['sampling'].startswith('once') and (tmp_path / 'eval_init.json').exists()
+    probs = T.task.test_sets['add'][:8]
+    gens, texts, _, each = T.sample_and_score([p for p in probs for _ in range(2)], 4, T.eval_temperature,
+                                              T.seed + 1)
+    assert len(set(texts)) > 4  # rows that differ
+    m = grpo.eval_metrics(texts, each, 4, T.task, T.per_row(gens, 'lengths'), T.per_row(gens, 'finished'))
+    want = {k: s / n for k, (s, n) in m.items() if n}
+    got = res['sets']['add'][4]
+    assert want == {k: got[k] for k in want} and 0 < want['acc'] < 1 and want['pass@w'] > want['acc']
+
+
+def test_strict_r1_grade():
+    """The R1 configs (answer_fallback=False): the last \\boxed{} or '#### n' only. A trace cut mid-thought ends on a
+    scratch number, which the default fallback would grade; strict, it scores 0, and the card's parser says so."""
+    trace = "Let me compute 6 * 7 = 42. Hmm, so far 42, but wait"
+    loose, strict = tasks.MathJSONL('', ''), tasks.MathJSONL('', '', fallback=False)
+    assert loose.reward(trace, {'answer': '42'}) == 1.0 and strict.reward(trace, {'answer': '42'}) == 0.0
+    assert strict.reward(trace + r" ... </think> so \boxed{42}", {'answer': '42'}) == 1.0
+    assert strict.final(trace) is None and 'no fallback' in strict.parser and 'last number' in loose.parser
+
+
+class AlwaysRight(tasks.Arithmetic):
+    """Every text is right: only the truncation rule can make a reward 0."""
+    def reward(self, text, problem):
+        return 1.0
+
+
+def test_truncated_rollout_scores_zero():
+    """train.sample_and_score, the one place that samples for rollouts, evaluation and the warm-up set: a row cut at
+    max_new_tokens before its stop token gets reward 0, however right its text, and a finished row keeps its reward."""
+    import train as T
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        T.tok = write_byte_tokenizer(d)
+    T.raw_model = Transformer(ModelConfig(vocab_size=T.tok.n_vocab, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=64, eos_token_id=T.tok.eos_id))
+    T.tok.stop_ids = list(range(40))  # 40 of the 259 tokens stop a row: about a third run to the cap of 6
+    T.task, T.ranks = AlwaysRight(), Ranks(torch.device('cpu'))
+    T.config = {k: getattr(T, k) for k in T.config_keys}
+    gens, texts, r, _ = T.sample_and_score([{'prompt': '12+34='}] * 8, 4, 1.0, 3, new_tokens=6)
+    done = T.per_row(gens, 'finished')
+    assert 0 < int(done.sum()) < len(texts)  # some of each
+    assert torch.equal(r, done.float())
 
 
 def test_bridge_norm_probe():
@@ -2352,6 +2434,10 @@ def test_warmup_set_is_the_papers(sft_ckpt, tmp_path):
                                   '--out_dir=given', cwd=tmp_path)])
     assert 'warmup 4/4' in ok(resumed) and 'warm-up set: ' not in resumed.stdout
     assert 'warmup 3/3' in ok(given) and 'warm-up set: ' not in given.stdout
+    # micro-batches of one group (the paper configs' memory plan): the same steps as the 16 groups in one piece
+    ok(run_all([cmd(*common, '--mode=warmup', f'--warmup_set={tmp_path}/out/warmup_set.jsonl', '--micro_groups=1',
+                    '--out_dir=micro', cwd=tmp_path)])[0])
+    assert same_weights(tmp_path / 'given', tmp_path / 'micro', atol=tol(1e-6, 1e-3))
 
 
 def test_warmup_groups_attend_at_their_own_width(tmp_path):
@@ -2419,11 +2505,13 @@ def result_file(path, acc, **card):
 
 def test_relative_gain_on_the_papers_numbers(tmp_path):
     """compare.py reproduces the paper's headline on its own DS-Qwen-7B Avg figures: (5.85 - 4.20) / 4.20 = 39%
-    (base 33.55, RLVR-only 37.75, P-Match 36.68, Bridge 39.40), lists different commits, and refuses results
-    evaluated under different protocols with one line."""
+    (base 33.55, RLVR-only 37.75, P-Match 36.68, Bridge 39.40), lists different commits, sets rows drawn once and
+    grouped (the arms whose rows do not read each other) beside Bridge's, sampled at every width, and refuses
+    results evaluated under different protocols with one line."""
     paper = {'base': 0.3355, 'rlvr': 0.3775, 'pmatch': 0.3668, 'bridge': 0.3940}
-    files = [f"{n}={result_file(tmp_path / f'{n}.json', a, commit='b1d9e' if n == 'bridge' else 'c0ffee')}"
-             for n, a in paper.items()]
+    once = {n: 'at every width' if n == 'bridge' else 'once at width 1, grouped at every width' for n in paper}
+    files = [n + '=' + result_file(tmp_path / f'{n}.json', a, commit='b1d9e' if n == 'bridge' else 'c0ffee',
+                                   sampling=once[n]) for n, a in paper.items()]
     wrong = result_file(tmp_path / 'hot.json', 0.40, temperature=1.0)
     good, bad = run_all([cmd(*files, script='compare.py'), cmd(*files[:3], f'bridge={wrong}', script='compare.py')])
     out = ok(good)
@@ -2465,9 +2553,12 @@ def test_paper_configs_dry_run_from_config_json_alone(tmp_path):
         cmds.append({**c, 'env': {**c['env'], 'WORLD_SIZE': str(world)}})
     for (name, (world, _)), p in zip(PAPER_BASES.items(), run_all(cmds, timeout=600, workers=1)):
         out = ok(p)
-        peak = float(re.search(r'peak\s+([\d.]+) GiB', out)[1])
+        peaks = {k: float(v) for k, v in re.findall(r'^([\w -]+): peak ([\d.]+) GiB', out, re.M)}
         assert f'{world} rank(s)' in out and 'no tokenizer files' in out and 'rollout KV cache' in out, out[-2000:]
-        assert 5 < peak < 80 and not (tmp_path / 'out').exists(), (name, peak)  # fits an 80 GB GPU, nothing ran
+        stages = {'warm-up set sampling', 'warmup', 'grpo', 'eval'}  # every stage the config runs
+        assert set(peaks) == stages, (name, out[-3000:])
+        assert all(3 < v < 80 for v in peaks.values()), (name, peaks)  # each fits an 80 GB GPU
+        assert not (tmp_path / 'out').exists()  # nothing ran
 
 
 def test_train_bf16_autocast(sft_ckpt, tmp_path):
@@ -2565,8 +2656,9 @@ def test_grad_checkpoint_same_gradients():
         torch.testing.assert_close(out[1][1][n], g, atol=tol(1e-7, 1e-4), rtol=tol(1e-6, 1e-2))
 
 
-def bench_probe(spec, threads=1):
-    p = run_all([cmd(f'--spec={spec}', f'--threads={threads}', f'--device={DEVICE}', script='bench_memory.py')])[0]
+def bench_probe(spec, threads=1, stage='grpo'):
+    p = run_all([cmd(f'--spec={spec}', f'--threads={threads}', f'--device={DEVICE}', f'--stage={stage}',
+                     script='bench_memory.py')])[0]
     return json.loads(ok(p).strip().splitlines()[-1])
 
 
@@ -2576,6 +2668,15 @@ def test_memory_estimate_matches_measured_rss():
     the peak RSS it really adds: tiny shape, the real 151,936 vocabulary, 4 rows x 256 tokens, in a fresh process."""
     r = bench_probe('tiny:256:1', threads=2)  # nothing else runs meanwhile
     assert abs(r['estimate'] - r['extra']) <= 0.25 * r['extra'], r
+
+
+@cpu_only('peak RSS of a fresh process measures CPU memory')
+def test_warmup_memory_estimate_matches_measured_rss():
+    """train.py's estimate of one warm-up micro-batch (the Bridge weights' gradients and AdamW state, the activations
+    of the whole model, the chunked head) is within 15% of the peak RSS it adds: one group of 4 answers x 256 tokens,
+    the tiny shape with the real 151,936 vocabulary, in a fresh process (2% measured)."""
+    r = bench_probe('tiny:256:1', threads=2, stage='warmup')
+    assert abs(r['estimate'] - r['extra']) <= 0.15 * r['extra'], r
 
 
 @needs_cuda
@@ -2601,7 +2702,9 @@ def test_memory_estimate_printed_and_warns_on_cpu(tmp_path):
     out = train_py('--dry_run=True', '--max_new_tokens=200', '--batch_prompts=4096', '--width=64', *TINY[:-5],
                    cwd=tmp_path)
     assert 'memory estimate per rank' in out and 'rollout KV cache' in out and 'AdamW state' in out
-    assert 'WARNING: the run needs' in out and 'lower width, max_new_tokens' in out and 'sft 1/' not in out
+    assert re.search(r'^eval: peak', out, re.M) and re.search(r'^sft: peak', out, re.M)
+    assert 'WARNING: the run needs' in out and 'in its grpo stage' in out and 'lower width, max_new_tokens' in out
+    assert 'sft 1/' not in out
 
 
 # ====================================================================================================

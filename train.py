@@ -51,6 +51,7 @@ data_test = ''          # test sets, 'name=PATH,name=PATH' (or one PATH): every 
 test_keys = ''          # 'prompt_key,answer_key' for test files of another layout (default: tasks.LAYOUTS)
 chat_template = 'auto'  # 'auto' = the checkpoint's own template | 'plain'
 instruction = ' Please reason step by step, and put your final answer within \\boxed{}.'
+answer_fallback = True  # math: with no \boxed{} and no '#### n', grade the last number (the R1 configs: False)
 # model built from scratch (init_from='scratch')
 n_layer, n_embd, n_head, n_kv_head, ffn = 4, 128, 4, 2, 336
 # Bridge
@@ -93,6 +94,8 @@ eval_widths = '1,2,4,8,16'
 eval_problems = 0       # 0 = every problem of every test set (the embedded tasks' test sets have 256); N = the first N
 eval_samples = 16       # rows per problem at every width: eval_samples / w groups of w (a multiple of every width)
 eval_temperature = 1.0
+eval_max_new_tokens = 0 # the evaluation's answer length (0 = max_new_tokens, the rollout's)
+eval_top_p = 0.0        # the evaluation's nucleus (0 = top_p, the rollout's)
 probe = True            # read what Bridge does during evaluation (bridge.BridgeProbe); it turns off compile
 sample_mb = 256         # KV cache one sampling call may hold beyond a GRPO rollout's (evaluation, the warm-up set)
 # system
@@ -165,32 +168,45 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
         if done:
             break
 
-def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None):
-    """The one place that samples: `w` rows per problem -> ([Generation], texts, rewards, every row's problem). An
-    evaluation or a warm-up set at paper scale (MATH-500 x 16 rows x 4,096 tokens: ~1 TB of KV cache at 1.5B) samples
-    in calls of whole groups, each with its own seed, no larger than memory.sampling_rows allows."""
-    ids = [task.encode(tok, p['prompt']) for p in problems]
-    per = max(1, sampling_rows(raw_model.config, max(map(len, ids)) + max_new_tokens, (batch_prompts // ranks.world)
-                               * width, sample_mb) // w)  # problems a call
+def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None, new_tokens=0, nucleus=0.0):
+    """The one place that samples: `w` rows per problem -> ([Generation], texts, rewards, every row's problem). A row
+    cut at new_tokens (default max_new_tokens) before its stop token scores 0, whatever its text holds: its last
+    scratch number is no answer. An evaluation or a warm-up set at paper scale (MATH-500 x 16 rows x 4,096 tokens:
+    ~1 TB of KV cache at 1.5B) samples in calls of whole groups, each with its own seed, no larger than
+    memory.sampling_rows allows. Under FSDP the caller holds the weights gathered (distributed.gathered): a call
+    does no collective, so ranks may make different numbers of calls."""
+    new_tokens, ids = new_tokens or max_new_tokens, [task.encode(tok, p['prompt']) for p in problems]
+    per = sampling_rows(raw_model.config, max(map(len, ids), default=0) + new_tokens, config, ranks.world, w) // w
     gens, texts = [], []
     for k in range(0, len(problems), per):
-        with torch.no_grad(), autocast, gathered(raw_model, fsdp):
-            gens.append(generate(raw_model, ids[k:k + per], w, max_new_tokens, temp, top_k or None, top_p,
+        with torch.no_grad(), autocast:
+            gens.append(generate(raw_model, ids[k:k + per], w, new_tokens, temp, top_k or None, nucleus or top_p,
                                  tok.stop_ids, seed=gen_seed + k // per, entropy=entropy,
                                  compile=compile if compiled is None else compiled,
                                  env=task.env(tok, gen_seed + k // per + 7919 * (ranks.rank + 1))))
         texts += [tok.decode(c) for c in gens[-1].completions()]
     rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
-    return gens, texts, torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]), rows
+    rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]) * per_row(gens, 'finished')
+    return gens, texts, rewards, rows
 
-def teacher_forced(groups, update):
+def per_row(gens, field):  # one Generation field over the rows of every call, on the CPU
+    return torch.cat([getattr(g, field).cpu() for g in gens]) if gens else torch.zeros(0, dtype=torch.long)
+
+def teacher_forced(groups, update, micro=0):
     """One cross-entropy step on groups of answers to one prompt each (SFT: groups of one; the warm-up: a problem's
-    correct answers, each group at its own width, tasks.group_batch); -> the loss averaged over ranks."""
-    x, y, alive, W = group_batch(groups, tok, task)
-    with autocast:
-        _, loss = model(x.to(dev), y.to(dev), width=W, alive=alive.to(dev))
-    (loss / ranks.world).backward()  # ranks' gradients are summed by sync_grads
-    return {'loss': ranks.all_sum(loss.item())[0] / ranks.world, 'gnorm': update()}
+    correct answers, each group at its own width, tasks.group_batch); -> the loss averaged over ranks. micro: groups
+    per micro-batch (0 = all at once); a group is never split, and each micro-batch's mean is weighted by its share
+    of the step's targets, so the gradient is the same however the step is split."""
+    parts = [group_batch(groups[i:i + micro], tok, task) for i in range(0, len(groups), micro)] if micro else \
+        [group_batch(groups, tok, task)]
+    n, total = sum(int((y >= 0).sum()) for _, y, _, _ in parts), 0.0
+    for x, y, alive, W in parts:
+        share = int((y >= 0).sum()) / n  # 1.0 for a step in one piece
+        with autocast:
+            _, loss = model(x.to(dev), y.to(dev), width=W, alive=alive.to(dev))
+        (loss * share / ranks.world).backward()  # ranks' gradients are summed by sync_grads
+        total += loss.item() * share
+    return {'loss': ranks.all_sum(total)[0] / ranks.world, 'gnorm': update()}
 
 # -----------------------------------------------------------------------------
 # stages
@@ -204,7 +220,8 @@ def sft(steps, start=0, opt_state=None):
         m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in
                             (rng.choice(task.train_set) for _ in range(sft_batch // ranks.world))], update)
         if (step + 1) % sft_eval_every == 0 or step + 1 == steps:  # held-out accuracy: the stopping rule
-            s, n = ranks.all_sum(sample_and_score(test, 1, sft_temperature, seed)[2].sum(), len(test))
+            with gathered(raw_model, fsdp):
+                s, n = ranks.all_sum(sample_and_score(test, 1, sft_temperature, seed)[2].sum(), len(test))
             m['acc'] = s / n
         return m
 
@@ -230,8 +247,9 @@ def build_warmup_set(given):
     probs = random.Random(seed).sample(source, min(warmup_problems, len(source)))[ranks.rank::ranks.world]
     S = warmup_samples
     w = 1 if raw_model.bridge_config else S  # the rows of a Bridge model would read each other: then one at a time
-    gens, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, seed + 5)
-    ok = (r > 0) & torch.cat([g.finished for g in gens]).cpu()  # a right answer cut at max_new_tokens has no stop
+    with gathered(raw_model, fsdp):  # once for the whole set: ranks may hold different numbers of problems
+        _, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, seed + 5)
+    ok = r > 0  # right and finished: a right answer cut at max_new_tokens scored 0
     groups = [{'prompt': p['prompt'], 'answer': p['answer'],
                'responses': [t for t, good in zip(texts[i * S:i * S + S], ok[i * S:i * S + S]) if good]}
               for i, p in enumerate(probs)]
@@ -246,7 +264,7 @@ def warmup(steps, groups, start=0, opt_state=None):
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + 200 + step * ranks.world + ranks.rank)
         batch = [rng.choice(groups) for _ in range(warmup_groups // ranks.world)]
-        return {**teacher_forced(batch, update), 'groups': len(batch)}
+        return {**teacher_forced(batch, update, micro_groups), 'groups': len(batch)}
     if groups:
         run_stage('warmup', bridge_weights(), warmup_lr, steps, step_fn, start, opt_state)
     elif ranks.master:
@@ -266,7 +284,8 @@ def grpo_stage(steps, start=0, opt_state=None):
         # everything random comes from (seed, stage, step, rank): that is what makes resume exact
         rng = random.Random(seed * 1000 + 300 + step * ranks.world + ranks.rank)
         probs = [rng.choice(task.train_set) for _ in range(batch_prompts // ranks.world)]
-        (gen,), _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
+        with gathered(raw_model, fsdp):
+            (gen,), _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
         t_sample = time.time() - t0
         ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
         stats = grpo.policy_update(model, ro, update, ranks.all_sum, micro_groups=micro_groups, ref=ref,
@@ -287,37 +306,52 @@ def grpo_stage(steps, start=0, opt_state=None):
               opt_state)
 
 def evaluate(after='init'):
-    """The paper's metrics (grpo.eval_metrics) at every width on every test set and their average, the width gain, and
-    the probe's norm ratio and sibling share per layer at width 4 (the paper's training width), with the protocol card
-    in out_dir/eval_{after}.json, `after` being the stage before it (init, sft, warmup, grpo)."""
+    """The paper's metrics (grpo.eval_metrics) at every width on every test set and their average, the width
+    gain, and the probe's norm ratio and sibling share per layer at width 4 (the paper's training width), with the
+    protocol card in out_dir/eval_{after}.json, `after` being the stage before it (init, sft, warmup, grpo). A model
+    whose rows do not read each other (no Bridge blocks, self-only, P-Match) draws its eval_samples rows per problem
+    once, at width 1, and every width groups those rows: the same estimates for a fraction of the cost."""
     widths, res, shares = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in task.test_sets}}, {}
-    reader = BridgeProbe(raw_model) if probe else None
-    for w in widths:
-        if reader:
-            reader.reset()
-        for i, (name, test) in enumerate(task.test_sets.items()):
-            mine = test[:eval_problems or None][ranks.rank::ranks.world]
-            probs = [p for p in mine for _ in range(eval_samples // w)]  # eval_samples / w groups of w per problem
-            gens, texts, _, rows = sample_and_score(probs, w, eval_temperature, seed + w + 7919 * i,
-                                                    compiled=compile and not reader)
-            m = grpo.eval_metrics(texts, rows, w, task, torch.cat([g.lengths for g in gens]))
-            v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
-            r = res['sets'][name][w] = {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
-            r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
-            if task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
-                r['chance'] = task.chance(w)
-        shares[w] = reader.sibling_shares() if reader else {}  # over all sets at width w; {} without Bridge blocks
-        if shares[w] and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
-            res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares[w], 'probe_width': w}
+    once = not reads_siblings(raw_model)
+    reader = BridgeProbe(raw_model) if probe and not once else None
+    drawn = {}  # each set's rows, kept for every width when they are drawn once
+    with gathered(raw_model, fsdp):  # the weights, gathered once: ranks may hold different numbers of problems
+        for w in widths:
+            if reader:
+                reader.reset()
+            for i, (name, test) in enumerate(task.test_sets.items()):
+                n = 1 if once else w  # the width the rows are sampled at
+                if name not in drawn or not once:
+                    mine = test[:eval_problems or None][ranks.rank::ranks.world]
+                    probs = [p for p in mine for _ in range(eval_samples // n)]  # eval_samples / n groups of n
+                    gens, texts, _, _ = sample_and_score(probs, n, eval_temperature, seed + n + 7919 * i,
+                                                         compiled=compile and not reader,
+                                                         new_tokens=eval_max_new_tokens, nucleus=eval_top_p)
+                    each = [probs[i // n] for i in range(len(texts))]  # every row's problem
+                    drawn[name] = each, texts, per_row(gens, 'lengths'), per_row(gens, 'finished')
+                each, texts, lengths, finished = drawn[name]
+                m = grpo.eval_metrics(texts, task.rows(each, texts, w), w, task, lengths, finished)
+                v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
+                r = res['sets'][name][w] = {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
+                r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
+                if task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
+                    r['chance'] = task.chance(w)
+            shares[w] = reader.sibling_shares() if reader else {}  # over all sets at width w
+            if shares[w] and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
+                res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares[w],
+                        'probe_width': w}
     if reader:
         reader.remove()
     res |= {str(w): m | ({'sibling': sum(shares[w].values()) / len(shares[w])} if shares[w] else {})
             for w, m in results.average(res['sets']).items()}
-    res['card'] = results.card(config, task, raw_model, model_dir, dev, use_bf16)
+    res['card'] = results.card(config, task, raw_model, model_dir, dev, use_bf16, once)
     if ranks.master:
         print(results.report(res))
         atomic_write(os.path.join(out_dir, f'eval_{after}.json'), json.dumps(res, indent=1))
     return res
+
+def reads_siblings(m):  # only Bridge proper mixes rows; self-only and P-Match blocks act on each row alone
+    return m.bridge_config is not None and m.bridge_config.mode == 'bridge'
 
 # -----------------------------------------------------------------------------
 def main():
@@ -344,7 +378,8 @@ def main():
     steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and dev.type == 'cuda')  # fp32 master weights, bf16 compute
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction)
+    task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction,
+                     answer_fallback)
     os.makedirs(out_dir, exist_ok=True)
     if model_dir is None:  # the embedded tiny Qwen-shaped model, with a byte-level tokenizer
         with tempfile.TemporaryDirectory() as d:
@@ -365,8 +400,8 @@ def main():
         read_groups(warmup_set) if warmup_set else read_jsonl(warmup_data) if warmup_data else []
     lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets,
                                       **({'the warm-up data': warm} if warm else {})}, ranks.master)
-    settings.check_data(config, raw_model.config.max_position_embeddings, lens, ranks.master)
-    check_run(raw_model, bcfg, config, ranks.world, lens['the training set'], use_bf16, dev, ranks.master)
+    settings.check_data(config, raw_model.config.max_position_embeddings, lens, task.test_sets, ranks.master)
+    check_run(raw_model, bcfg, config, ranks.world, lens, task.test_sets, stages, use_bf16, dev, ranks.master)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
     log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config,

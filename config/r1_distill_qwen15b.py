@@ -6,13 +6,14 @@
 # DIR holds config.json, the safetensors, tokenizer.json and tokenizer_config.json: its own DeepSeek chat template
 # is used, which ends the prompt with a forced '<think>\n'. The data files are the README's conversions, in data/.
 out_dir = 'out-r1-qwen1.5b'
-mode = 'eval,warmup,grpo,eval'  # the base model's table first: compare.py needs it (base=out_dir/eval_init.json)
+mode = 'warmup,grpo,eval'   # the base model's table is its own run, once for every arm (--mode=eval: README)
 task = 'math'               # JSONL, the layout read from each file: problem/solution, problem/answer, question/answer
 data_train = 'data/math_train.jsonl'  # the RL problems (the paper's RL set is not known: MATH's train split)
 data_test = ('math500=data/math500.jsonl,aime24=data/aime24.jsonl,aime25=data/aime25.jsonl,amc23=data/amc23.jsonl,'
              'brumo25=data/brumo25.jsonl,cmimc25=data/cmimc25.jsonl,hmmt_feb25=data/hmmt_feb25.jsonl')
 # DeepSeek's advice for these models: no system prompt, this instruction after the problem
 instruction = ' Please reason step by step, and put your final answer within \\boxed{}.'
+answer_fallback = False     # the last \boxed{} only: a trace cut mid-thought ends on a scratch number
 bridge_dim = 512            # 4 heads x 128: 4.96% of the 1.5B base (the paper: 2.8-5.1%)
 bridge_heads = 4
 width = 4                   # the paper's training width (tested at 1-16)
