@@ -117,29 +117,30 @@ def sampling_rows(cfg: ModelConfig, tokens, run, world, w):
     return max(1, int(max(run['batch_prompts'] // world * run['width'], run['sample_mb'] * 2**20 // row_bytes))
                // w) * w
 
-def stage_estimates(model, bridge, run, world, lens, tests, stages, bf16):
-    """{stage: {item: bytes}} for every stage of a train.py run (run: its settings; stages: those it will run), each
-    at its own prompts: the test sets' for evaluation (lens: {set: longest prompt}; tests: the test sets' names),
-    the warm-up data's for the warm-up set and the warm-up, the training set's for SFT and GRPO."""
+def stage_estimates(model, bridge, run, world, lens, stages, bf16):
+    """{stage: {item: bytes}} for every stage of a train.py run (run: its settings; stages: those it will run; lens:
+    {set: longest prompt}). Sampling holds one cache of the longest prompt of any set + the stage's answer length
+    (eval_max_new_tokens for evaluation); the warm-up trains on the warm-up data's prompts."""
     with torch.device('meta'):
         extra, base = bridge_params(Transformer(model.config, bridge))
     now = base + (extra if model.bridge_config else 0)  # before Bridge is added: the warm-up set, SFT
     fsdp, new = world if run['fsdp'] else 0, run['max_new_tokens']
-    train_len, warm_len = lens['the training set'], lens.get('the warm-up data', lens['the training set'])
-    test_len = max(lens[t] for t in tests) + (run['eval_max_new_tokens'] or new)
+    # the sampling engine's cache: the longest prompt of any set + the answer, for every call of the run
+    cap = lambda n: min(max(lens.values()) + n, model.config.max_position_embeddings)
+    warm_len = lens.get('the warm-up data', lens['the training set'])
     common = dict(new_tokens=new, chunk=run['logprob_chunk'], bf16=bf16, fsdp=fsdp, checkpointing=model.grad_checkpoint)
     out = {}
     if 'warmup' in stages and bridge and not run['warmup_set']:
         S = run['warmup_samples']
-        rows = sampling_rows(model.config, warm_len + new, run, world, S)
-        out['warm-up set sampling'] = sampling_estimate(model.config, n_params=now, rows=rows, tokens=warm_len + new,
+        rows = sampling_rows(model.config, cap(new), run, world, S)
+        out['warm-up set sampling'] = sampling_estimate(model.config, n_params=now, rows=rows, tokens=cap(new),
                                                         bf16=bf16, fsdp=fsdp)
     if 'sft' in stages:
         out['sft'] = memory_estimate(
-            model.config, model.bridge_config, n_params=now, n_train=now, width=1, tokens=train_len + new,
-            rows=sampling_rows(model.config, test_len, run, world, 1), mb_rows=run['sft_batch'] // world, **common)
+            model.config, model.bridge_config, n_params=now, n_train=now, width=1, tokens=cap(new),
+            rows=sampling_rows(model.config, cap(new), run, world, 1), mb_rows=run['sft_batch'] // world, **common)
     if 'warmup' in stages and bridge:
-        groups = run['micro_groups'] or run['warmup_groups'] // world
+        groups = min(run['micro_groups'] or run['warmup_groups'], run['warmup_groups'] // world)
         out['warmup'] = memory_estimate(
             model.config, bridge, n_params=extra + base, n_train=extra, width=run['warmup_samples'], rows=0,
             mb_rows=groups * run['warmup_samples'], tokens=warm_len + new, **common)
@@ -148,18 +149,20 @@ def stage_estimates(model, bridge, run, world, lens, tests, stages, bf16):
         out['grpo'] = memory_estimate(
             model.config, bridge, n_params=extra + base, n_train=extra if run['bridge_only'] else extra + base,
             rows=per_rank * run['width'], mb_rows=(run['micro_groups'] or per_rank) * run['width'],
-            tokens=train_len + new, width=run['width'], beta=run['beta'], **common)
+            tokens=cap(new), width=run['width'], beta=run['beta'], **common)
     if 'eval' in stages:
-        rows = max(sampling_rows(model.config, test_len, run, world, int(w)) for w in run['eval_widths'].split(','))
+        widths = [1] + [int(w) for w in run['eval_widths'].split(',')]  # 1: rows drawn once, then grouped
+        tokens = cap(run['eval_max_new_tokens'] or new)
+        rows = max(sampling_rows(model.config, tokens, run, world, w) for w in widths)
         out['eval'] = sampling_estimate(model.config, n_params=extra + base if bridge else now, rows=rows,
-                                        tokens=test_len, bf16=bf16, fsdp=fsdp)
+                                        tokens=tokens, bf16=bf16, fsdp=fsdp)
     return out
 
-def check_run(model, bridge, run, world, lens, tests, stages, bf16, device, verbose):
+def check_run(model, bridge, run, world, lens, stages, bf16, device, verbose):
     """The estimate of a train.py run, stage by stage, from the model it starts from and the Bridge it will have,
     printed; stops a CUDA run with a stage that cannot fit. Decides grad_checkpoint=None: on from 100M parameters,
     where activations grow to ~4 MB per token at 1.5B, off below, where recomputing is only a second forward pass."""
     with torch.device('meta'):
         extra, base = bridge_params(Transformer(model.config, bridge))
     model.grad_checkpoint = extra + base >= 1e8 if run['grad_checkpoint'] is None else run['grad_checkpoint']
-    check_memory(stage_estimates(model, bridge, run, world, lens, tests, stages, bf16), device, verbose)
+    check_memory(stage_estimates(model, bridge, run, world, lens, stages, bf16), device, verbose)

@@ -39,10 +39,9 @@ class Generation:
 @functools.cache  # the largest divisor of V up to sqrt(V): K chunks of V // K (K = 1 for a prime V)
 def n_chunks(V): return next(d for d in range(math.isqrt(V), 0, -1) if V % d == 0)
 
-def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
-    """logits (B, V) -> (token (B,), log-prob (B,) of that token under softmax(logits / T), entropy (B,) of that
-    distribution or None). The log-prob and the entropy are the ones GRPO uses (temperature-scaled, before
-    top-k/top-p truncation; T = 0 reports them at T = 1)."""
+def distribution(logits, temperature, top_k, top_p, entropy=False):
+    """logits (B, V) -> (probs (B, V) of softmax(logits / T), the weights to draw from (probs after top-k/top-p, not
+    renormalised), entropy (B,) of probs or None). T = 0 leaves probs at T = 1 (greedy draws the argmax)."""
     x = logits.float() / temperature if temperature not in (0, 1) else logits.float()
     # one fused softmax, not log_softmax + exp: with a 150k vocabulary every full pass costs ~0.05 ms per row
     probs = torch.softmax(x, -1)
@@ -51,9 +50,6 @@ def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
         pmax, imax = probs.max(-1, keepdim=True)
         with torch.autocast(x.device.type, enabled=False):  # a bf16 dot over 150k terms is off by ~0.1 nats
             ent = (x.gather(-1, imax) - pmax.log())[:, 0] - (probs[:, None] @ x[:, :, None])[:, 0, 0]
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
     sample = probs
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -62,17 +58,31 @@ def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
         sorted_p, order = torch.sort(sample, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p * sorted_p.sum(-1, keepdim=True)  # keep the smallest
         sample = sample.masked_fill(drop.scatter(-1, order, drop), 0.0)                    # prefix with mass >= p
-    # exact sampling in two levels, first a chunk of the vocabulary by its mass, then a token inside it, each by
-    # the exponential race (argmax_i w_i / E_i with E_i ~ Exp(1) picks i with probability w_i / sum w). A scan over
-    # all V entries (cumsum, or the V random draws of torch.multinomial) costs more than the matmul that made the
-    # logits; this needs one sum and ~2 sqrt(V) random numbers, and never syncs with the host.
+    return probs, sample, ent
+
+def race(sample, exponentials):
+    """Exact sampling in two levels, first a chunk of the vocabulary by its mass, then a token inside it, each by the
+    exponential race (argmax_i w_i / E_i with E_i ~ Exp(1) picks i with probability w_i / sum w). A scan over all V
+    entries (cumsum, or the V random draws of torch.multinomial) costs more than the matmul that made the logits;
+    this needs one sum and ~2 sqrt(V) random numbers, and never syncs with the host. exponentials(w, level) -> E,
+    shaped like w (level 0: the chunks, 1: the tokens of the chosen chunk)."""
     B, V = sample.shape
     K = n_chunks(V)
     chunks = sample.reshape(B, K, V // K)
-    # (E is clamped above 0: exponential_ may return exactly 0, and 0 / 0 would let a zero-mass entry win)
-    race = lambda w: (w / torch.empty_like(w).exponential_(generator=generator).clamp_(min=1e-30)).argmax(-1)
-    j = race(chunks.sum(-1))
-    tok = j * (V // K) + race(torch.take_along_dim(chunks, j[:, None, None], 1)[:, 0])
+    # (E is clamped above 0: a draw may be exactly 0, and 0 / 0 would let a zero-mass entry win)
+    pick = lambda w, level: (w / exponentials(w, level).clamp_(min=1e-30)).argmax(-1)
+    j = pick(chunks.sum(-1), 0)
+    return j * (V // K) + pick(torch.take_along_dim(chunks, j[:, None, None], 1)[:, 0], 1)
+
+def sample_token(logits, temperature, top_k, top_p, generator, entropy=False):
+    """logits (B, V) -> (token (B,), log-prob (B,) of that token under softmax(logits / T), entropy (B,) of that
+    distribution or None). The log-prob and the entropy are the ones GRPO uses (temperature-scaled, before
+    top-k/top-p truncation; T = 0 reports them at T = 1)."""
+    probs, sample, ent = distribution(logits, temperature, top_k, top_p, entropy)
+    if temperature == 0:
+        tok = logits.argmax(-1)
+    else:
+        tok = race(sample, lambda w, level: torch.empty_like(w).exponential_(generator=generator))
     return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
 
 @torch.no_grad()
@@ -81,8 +91,9 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
     """prompts: list of token-id lists (lengths may differ). Returns a Generation with len(prompts) * width rows;
     the `width` rows of prompt p are rows p*width .. p*width+width-1 and always sit at the same timestep, which
     is what Bridge needs: at every step its siblings' hidden states exist at the same position.
-    env: an environment or tool that writes tokens itself (multi-turn RL): env(s, tokens, pos) is called at every
-    step s with the (B, T) tokens so far and the (B,) positions about to be written; it returns None or (B,) ids,
+    env: an environment or tool that writes tokens itself (multi-turn RL): env(steps, tokens, pos, u) is called at
+    every step with each row's step s (B,), the (B, T) tokens so far, the (B,) positions about to be written and a
+    (B,) uniform for the environment's own draws; it returns None or (B,) ids,
     where an id >= 0 replaces that row's sampled token. Rows and siblings read it like any token, but it is marked
     in from_env and gets log-prob 0: the policy did not choose it, so GRPO leaves it out of the loss."""
     for bad, msg in ((width < 1, f"width={width} must be >= 1"), (temperature < 0, f"temperature={temperature} must "
@@ -142,7 +153,8 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
             logits, _ = step(tok[:, None], width=width, alive=(~finished)[:, None], cache=cache, pos=pos)
             logits = logits[:, 0]
         tok, lp, ent = sample_token(logits, temperature, top_k, top_p, gen, entropy)
-        if env is not None and (forced := env(s, tokens, plen + s)) is not None:  # the environment's tokens win
+        if env is not None and (forced := env(torch.full_like(plen, s), tokens, plen + s,
+                                              torch.rand(B, generator=gen, device=dev))) is not None:  # env wins
             hit = (forced >= 0) & ~finished
             from_env[rows, plen + s] = hit
             tok, lp = torch.where(hit, forced, tok), torch.where(hit, 0.0, lp)

@@ -161,8 +161,11 @@ def check_data(cfg, context, prompt_lens, tests, verbose=True):
     if cfg['eval_problems'] and verbose:
         n = cfg['eval_problems']
         print(f"eval_problems={n}: every test set is cut to its first {n} problems")
+    sft = 'sft' in cfg['mode'].split(',')  # SFT's held-out check samples a test set at max_new_tokens
     for name, n in prompt_lens.items():
         key = 'eval_max_new_tokens' if name in tests and cfg['eval_max_new_tokens'] else 'max_new_tokens'
+        if name in tests and sft and cfg['max_new_tokens'] > cfg[key]:
+            key = 'max_new_tokens'
         if n + cfg[key] > context:
             raise ValueError(f"{key}={cfg[key]}: the longest prompt of {name} has {n} tokens, and {n} + {cfg[key]} "
                              f"exceeds the model's context of {context} (max_position_embeddings): expected "

@@ -40,7 +40,7 @@ class Task:
     def reward(self, text, problem):  # the verifiable reward: 1 for a correct final answer, else 0
         return 1.0 if self.correct(self.final(text), problem) else 0.0
 
-    def env(self, tok, seed):  # generate's env hook, or None
+    def env(self, tok):  # the sampler's env hook (sample.generate, engine.sample), or None
         return None
 
     def rows(self, problems, texts, w):  # each sampled row's problem (maxdigit: the gold depends on the group)
@@ -101,10 +101,10 @@ class Arithmetic(Task):
     def final(self, text):
         return final_answer(text)[1]
 
-def skewed_digits(n, generator, k=10):
-    """n symbols floor(k u^4), u ~ U(0, 1): the largest of 4 is uniform over 0..k-1, so at width 4 no answer is
-    likelier than another, and a row that sees only its own symbol can do no better than answer it."""
-    return (k * torch.rand(n, generator=generator) ** 4).long()
+def skewed_digits(u, k=10):
+    """Symbols floor(k u^4) of uniforms u ~ U(0, 1): the largest of 4 is uniform over 0..k-1, so at width 4 no answer
+    is likelier than another, and a row that sees only its own symbol can do no better than answer it."""
+    return (k * u ** 4).long().clamp(max=k - 1)
 
 def max_chance(w, k=10):
     """The Bayes limit of a row that sees only its own symbol s (skewed_digits) when the answer is the largest of
@@ -127,18 +127,18 @@ class MaxDigit(Arithmetic):
     def split(self, split):
         n = self.n_train if split == 'train' else self.n_test
         g = torch.Generator().manual_seed(int(split == 'test'))
-        d, r = skewed_digits(n, g), torch.randint(10, (n,), generator=g)
+        d, r = skewed_digits(torch.rand(n, generator=g)), torch.randint(10, (n,), generator=g)
         f = torch.where(torch.rand(n, generator=g) < 0.5, r, d)
         return [{'prompt': 'max?', 'answer': None, 'response': f"{x};{y}"} for x, y in zip(d.tolist(), f.tolist())]
 
-    def env(self, tok, seed):
-        """The environment writes 'd;' and the stop token, the policy only F. Its digits come from a generator of
-        their own, not the sampler's random stream."""
-        g, fixed = torch.Generator().manual_seed(seed), {1: tok.encode(';')[0], 3: tok.eos_id}
-        def env(s, tokens, pos):
-            if s == 0:  # a digit the policy cannot choose
-                return torch.tensor(tok.encode('0123456789'))[skewed_digits(len(pos), g)].to(pos.device)
-            return torch.full_like(pos, fixed[s]) if s in fixed else None
+    def env(self, tok):
+        """The environment writes 'd;' and the stop token, the policy only F. Its digit comes from the uniform the
+        sampler keys on the row and its position (a draw of the environment's, not the policy's)."""
+        digits, semi = torch.tensor(tok.encode('0123456789')), tok.encode(';')[0]
+        def env(steps, tokens, pos, u):
+            out = torch.where(steps == 0, digits.to(pos.device)[skewed_digits(u)], -1)  # a digit not chosen
+            out = torch.where(steps == 1, semi, out)
+            return torch.where(steps == 3, tok.eos_id, out)
         return env
 
     def rows(self, problems, texts, w):

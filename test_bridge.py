@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
+import engine
 import grpo
 from bridge import BridgeConfig, BridgeProbe, bridge_params, bridge_report
 import tasks
@@ -40,7 +41,7 @@ from distributed import Ranks
 from grading import extract_answer, gold_answer, is_equiv, math_reward, normalize_answer
 from grpo import group_advantages, grpo_loss
 from model import ModelConfig, Transformer, rope_inv_freq
-from sample import Generation, generate, sample_token
+from sample import Generation, distribution, generate, sample_token
 from tokenizer import Tokenizer, write_byte_tokenizer
 
 DEVICE, DTYPE = os.environ.get('NANOBRIDGE_DEVICE', 'cpu'), os.environ.get('NANOBRIDGE_DTYPE', 'float32')
@@ -720,7 +721,7 @@ def test_bridge_probe_reports_known_attention():
     # every row reads its next sibling: share digit 9 (0.98), most-read sibling r+2 in 1-based answer numbers
     from sample import bridge_view
     probe.reset()
-    g = generate(m, [[5]], width=4, max_new_tokens=2, seed=0, env=lambda s, t, pos: r if s == 0 else None)
+    g = generate(m, [[5]], width=4, max_new_tokens=2, seed=0, env=lambda s, t, pos, u: r if s[0] == 0 else None)
     lines = bridge_view(probe, g)
     assert [l.splitlines()[:2] for l in lines] == [['  share  .9', f'  reads  .{(i + 1) % 4 + 1}'] for i in range(4)]
     assert all(l.endswith(f'read most overall: answer {(i + 1) % 4 + 1}') for i, l in enumerate(lines))
@@ -739,7 +740,7 @@ def max_batch(groups, width, gen):
     """Row = [BOS, s, SEP]; the target at SEP is the max of its group's s (-1 = no loss elsewhere). s is skewed
     (tasks.skewed_digits) so that at width 4 every answer is equally frequent: with s uniform, groups with
     max <= 5 are 2% of the data and some seeds stall at ~0.98 on them."""
-    s = tasks.skewed_digits(groups * width, gen, MAXK).view(groups, width)
+    s = tasks.skewed_digits(torch.rand(groups * width, generator=gen), MAXK).view(groups, width)
     idx = torch.stack([torch.full_like(s, BOS), s, torch.full_like(s, SEP)], -1).view(-1, 3)
     tgt = torch.full_like(idx, -1)
     tgt[:, 2] = s.amax(1, keepdim=True).expand(-1, width).reshape(-1)
@@ -1629,6 +1630,76 @@ def test_ratio_is_exactly_one_before_first_update():
     assert (wrong[ro.mask] - old[ro.mask]).abs().max() > tol(1e-4, 1e-2)
 
 
+# ---- the sampling engine (engine.py) against sample.generate, the reference
+
+ENGINE_PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [3, 3], [7, 1, 2, 5], [11, 12]]
+
+
+@pytest.mark.parametrize('compute_dtype', [None], indirect=True)  # fp32: token-for-token equality
+def test_engine_greedy_equals_generate(compute_dtype):
+    """Greedy, a Bridge model, 6 groups of 4 with prompts of 1-5 tokens and rows that stop at different steps: the
+    engine's rows equal generate's token for token (and their alive masks, lengths, finished flags), for 1, 2, 3
+    and 6 slots (slots refilled as groups finish) and for two orders of the groups."""
+    m = random_bridge_model()
+    ref = generate(m, ENGINE_PROMPTS, width=4, max_new_tokens=12, temperature=0, stop_ids=[9, 10, 13], seed=0)
+    n = ref.tokens.size(1)
+    assert len(set(ref.lengths.tolist())) > 2  # groups end at different steps: refills happen mid-decode
+    for S in (1, 2, 3, 6):
+        for order in (list(range(6)), [5, 3, 1, 0, 2, 4]):
+            keys = [engine.key(i, r) for i in order for r in range(4)]
+            g = engine.sample(m, [ENGINE_PROMPTS[i] for i in order], keys, width=4,
+                              max_new_tokens=12, temperature=0, stop_ids=[9, 10, 13], slots=S)
+            rows = torch.tensor([order.index(i) * 4 + r for i in range(6) for r in range(4)], device=DEV)
+            assert torch.equal(g.tokens[rows, :n], ref.tokens) and torch.equal(g.alive[rows, :n], ref.alive)
+            assert torch.equal(g.lengths[rows], ref.lengths) and torch.equal(g.finished[rows], ref.finished)
+            torch.testing.assert_close(g.logprobs[rows, :n], ref.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('compute_dtype', [None], indirect=True)
+def test_engine_draws_do_not_depend_on_slots(compute_dtype):
+    """Sampled at T = 1: each group's draws are keyed on (its key, its row, its position), so 1, 4 and 6 slots give
+    the same tokens (log-probs within fp32 rounding of different batch sizes)."""
+    m = random_bridge_model()
+    outs = [engine.sample(m, ENGINE_PROMPTS, [engine.key(7, i) for i in range(24)], width=4, max_new_tokens=12,
+                          stop_ids=[9, 10, 13], slots=S, entropy=True) for S in (1, 4, 6)]
+    assert len(set(outs[0].lengths.tolist())) > 2
+    for o in outs[1:]:
+        assert torch.equal(o.tokens, outs[0].tokens) and torch.equal(o.lengths, outs[0].lengths)
+        torch.testing.assert_close(o.logprobs, outs[0].logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(o.entropy, outs[0].entropy, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('top_p', [1.0, 0.7])
+def test_engine_samples_the_references_distribution(top_p):
+    """20,000 first tokens of one prompt, each row keyed apart: their frequencies are the distribution sample.generate
+    draws from (softmax at T = 0.8, then top-p), within sampling noise (total variation < 0.025; noise alone gives
+    ~0.01), and no token outside the nucleus is ever drawn."""
+    m, n = random_bridge_model(3), 20000
+    g = engine.sample(m, [[1, 2, 3]] * n, [engine.key(5, i) for i in range(n)], width=1, max_new_tokens=1,
+                      temperature=0.8, top_p=top_p)
+    with torch.no_grad():
+        logits = m(torch.tensor([[1, 2, 3]], device=DEV))[0][:, -1]
+    _, weights, _ = distribution(logits, 0.8, None, top_p)
+    want = (weights / weights.sum())[0].float()
+    got = torch.bincount(g.tokens[:, 3], minlength=want.numel()).float() / n
+    assert 0.5 * (got - want).abs().sum() < 0.025 and (got[want == 0] == 0).all()
+
+
+def test_engine_refill_keeps_slots_busy():
+    """Each row's stop drawn i.i.d. uniform on [1, 32] by the test's own rule (an environment that writes the stop
+    token at step s with probability 1 / (32 - s), else token 1), 96 groups of 4 through 8 slots: the slots stay
+    >= 0.9 occupied, and each group's kept share of its row-steps is near (w + 1) / 2w, the lock-step bound."""
+    m, n, w = random_bridge_model(), 32, 4
+
+    def stop_rule(steps, tokens, pos, u):
+        return torch.where(u < 1 / (n - steps).clamp(min=1), 9, 1)
+    g = engine.sample(m, [[1, 2]] * 96, [engine.key(3, i) for i in range(96 * w)], width=w, max_new_tokens=n,
+                      stop_ids=[9], slots=8, env=stop_rule)
+    assert g.finished.all() and abs(g.lengths.float().mean() - (n + 1) / 2) < 1.0  # uniform on [1, n]
+    assert g.stats.occupancy >= 0.9, g.stats.line(w)
+    assert abs(g.stats.kept - (w + 1) / (2 * w)) < 0.05, g.stats.line(w)
+
+
 def test_env_written_tokens():
     """generate's env hook (an environment or tool writes some rows' tokens): the tokens appear in the output, are
     marked from_env with log-prob 0, stay out of the GRPO loss, leave the alive mask alone, the ratio is exactly 1
@@ -1638,7 +1709,7 @@ def test_env_written_tokens():
 
     def env(val):  # step 1: rows 0, 2 and 5 get `val`, row 6 gets a stop token (a tool may end a row); -1 = sampled
         ids = torch.tensor([val, -1, val, -1, -1, val, 9, -1], device=DEV)
-        return lambda s, tokens, pos: ids if s == 1 else None
+        return lambda s, tokens, pos, u: ids if s[0] == 1 else None
     rows = torch.arange(8, device=DEV)
     # a seed where the written rows have not ended at step 0 and rows 3, 4, 7 still run at step 2
     seed, gen = seeded(lambda s: generate(m, P, width=W, max_new_tokens=10, temperature=0.8, stop_ids=stop, seed=s,
@@ -1882,8 +1953,8 @@ def test_torchrun_fsdp_uneven_split_finishes_and_equals_ddp(sft_ckpt, tmp_path):
     of sampling calls differ in the evaluation (4 against 3, at widths 1 and 4), and the 9 warm-up problems (5 and 4)
     in building the warm-up set (3 against 2). Under FSDP every collective must still match (the weights are
     gathered once around each); the tables and the warm-up set equal DDP's. The previous code hung here."""
-    args = [f'--init_from={sft_ckpt}', '--mode=eval,warmup,eval', '--eval_problems=9', '--warmup_problems=9',
-            '--warmup_samples=2', '--warmup_steps=1', '--warmup_groups=2', '--batch_prompts=2', '--sample_mb=0', *TINY]
+    args = [*TINY, f'--init_from={sft_ckpt}', '--mode=eval,warmup,eval', '--eval_problems=9', '--warmup_problems=9',
+            '--warmup_samples=2', '--warmup_steps=1', '--warmup_groups=2', '--batch_prompts=2', '--sample_mb=0']
     outs = [ok(p) for p in run_all([cmd(*args, f'--fsdp={kind}', f'--out_dir={kind}', cwd=tmp_path, torchrun=True)
                                     for kind in (False, True)], timeout=150)]
     assert all('warmup 1/1' in o and 'warm-up set' in o for o in outs)
@@ -2197,14 +2268,14 @@ def test_sample_once_equals_sampling_in_groups(sft_ckpt, tmp_path):
     T.raw_model = T.model = load_model(str(sft_ckpt), verbose=False)
     T.tok, T.task, T.ranks = Tokenizer.from_pretrained(str(sft_ckpt)), tasks.Arithmetic('add', 1), Ranks(DEV)
     T.dev, T.out_dir, T.eval_problems, T.eval_samples, T.eval_widths = DEV, str(tmp_path), 8, 8, '1,2,4'
-    T.config = {k: getattr(T, k) for k in T.config_keys}
+    T.config, T.longest_prompt = {k: getattr(T, k) for k in T.config_keys}, 4  # 'a+b='
     res = T.evaluate('init')
     assert res['card']['sampling'].startswith('once') and (tmp_path / 'eval_init.json').exists()
     probs = T.task.test_sets['add'][:8]
-    gens, texts, _, each = T.sample_and_score([p for p in probs for _ in range(2)], 4, T.eval_temperature,
-                                              T.seed + 1)
+    keys = [engine.key(T.seed, T.EVAL, 0, p, j) for p in range(len(probs)) for j in range(8)]  # evaluate's
+    gen, texts, _, each = T.sample_and_score([p for p in probs for _ in range(2)], 4, T.eval_temperature, keys)
     assert len(set(texts)) > 4  # rows that differ
-    m = grpo.eval_metrics(texts, each, 4, T.task, T.per_row(gens, 'lengths'), T.per_row(gens, 'finished'))
+    m = grpo.eval_metrics(texts, each, 4, T.task, gen.lengths, gen.finished)
     want = {k: s / n for k, (s, n) in m.items() if n}
     got = res['sets']['add'][4]
     assert want == {k: got[k] for k in want} and 0 < want['acc'] < 1 and want['pass@w'] > want['acc']
@@ -2237,10 +2308,10 @@ def test_truncated_rollout_scores_zero():
                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                           max_position_embeddings=64, eos_token_id=T.tok.eos_id))
     T.tok.stop_ids = list(range(40))  # 40 of the 259 tokens stop a row: about a third run to the cap of 6
-    T.task, T.ranks = AlwaysRight(), Ranks(torch.device('cpu'))
+    T.task, T.ranks, T.longest_prompt = AlwaysRight(), Ranks(torch.device('cpu')), 6
     T.config = {k: getattr(T, k) for k in T.config_keys}
-    gens, texts, r, _ = T.sample_and_score([{'prompt': '12+34='}] * 8, 4, 1.0, 3, new_tokens=6)
-    done = T.per_row(gens, 'finished')
+    gen, texts, r, _ = T.sample_and_score([{'prompt': '12+34='}] * 8, 4, 1.0, list(range(32)), new_tokens=6)
+    done = gen.finished
     assert 0 < int(done.sum()) < len(texts)  # some of each
     assert torch.equal(r, done.float())
 
@@ -2304,7 +2375,8 @@ def test_bridge_probe_through_generate(early_stops):
         # early stops: the environment writes the stop token 11 into rows 1 and 2 at step 1, row 5 at step 3, and
         # rows 6, 7 at step 2 (row 4 then runs alone in its group); no other token stops a row
         forced = {1: {1: 11, 2: 11}, 2: {6: 11, 7: 11}, 3: {5: 11}} if early_stops else {}
-        env = lambda s, t, pos: torch.tensor([forced.get(s, {}).get(r, -1) for r in range(len(pos))], device=DEV)
+        env = lambda s, t, pos, u: torch.tensor([forced.get(int(s[0]), {}).get(r, -1) for r in range(len(pos))],
+                                                device=DEV)
         probe = BridgeProbe(m)
         g = generate(m, P, width=w, max_new_tokens=n_new, stop_ids=[11] if early_stops else [], seed=3, env=env)
         probe.remove()

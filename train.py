@@ -19,6 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
+import engine
 import grpo
 import results
 import settings
@@ -29,7 +30,6 @@ from distributed import Ranks, free_cores, full_state, full_tensors, gathered, s
 from fastpath import fuse
 from memory import check_run, sampling_rows
 from model import ModelConfig, Transformer
-from sample import generate
 from tasks import EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl, write_groups
 from tokenizer import Tokenizer, no_tokenizer, write_byte_tokenizer
 
@@ -115,6 +115,9 @@ tok = None                # its tokenizer; main() also turns the `task` setting 
 dev, use_bf16, autocast = None, False, nullcontext()  # the device; bf16 autocast (fp32 master weights) or nothing
 ranks = log = None        # distributed.Ranks (rank, world, sums over ranks); results.Log (stdout, log.jsonl, wandb)
 config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
+longest_prompt = 0        # of every data set, in tokens: the sampling engine's cache holds it + the answer
+# what every sampled group is keyed on beside the seed (engine.key): the draw it serves
+SFT_CHECK, WARMUP_SET, ROLLOUT, EVAL = 1, 2, 3, 4
 
 def check_config(relate=True):  # every setting and every relation between settings (settings.py)
     settings.check(config, torch.cuda.is_available(), TASKS, EMBEDDED, grpo.LOSS_TYPES, relate)
@@ -168,29 +171,32 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
         if done:
             break
 
-def sample_and_score(problems, w, temp, gen_seed, entropy=False, compiled=None, new_tokens=0, nucleus=0.0):
-    """The one place that samples: `w` rows per problem -> ([Generation], texts, rewards, every row's problem). A row
-    cut at new_tokens (default max_new_tokens) before its stop token scores 0, whatever its text holds: its last
-    scratch number is no answer. An evaluation or a warm-up set at paper scale (MATH-500 x 16 rows x 4,096 tokens:
-    ~1 TB of KV cache at 1.5B) samples in calls of whole groups, each with its own seed, no larger than
-    memory.sampling_rows allows. Under FSDP the caller holds the weights gathered (distributed.gathered): a call
-    does no collective, so ranks may make different numbers of calls."""
+def sample_and_score(problems, w, temp, keys, entropy=False, compiled=None, new_tokens=0, nucleus=0.0):
+    """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's problem), through
+    the sampling engine (engine.py: group slots refilled as groups finish; row k's draws keyed on keys[k], so they
+    do not depend on how many groups run at once). A row cut at new_tokens (default max_new_tokens) before its
+    stop token scores 0, whatever its text holds: its last scratch number is no answer. At paper scale (MATH-500 x
+    16 rows x 4,096 tokens: ~1 TB of KV cache at 1.5B) the slots hold no more than memory.sampling_rows allows.
+    Under FSDP the caller holds the weights gathered (distributed.gathered): sampling does no collective, so ranks
+    may hold different numbers of problems."""
+    if not problems:
+        return None, [], torch.zeros(0), []
     new_tokens, ids = new_tokens or max_new_tokens, [task.encode(tok, p['prompt']) for p in problems]
-    per = sampling_rows(raw_model.config, max(map(len, ids), default=0) + new_tokens, config, ranks.world, w) // w
-    gens, texts = [], []
-    for k in range(0, len(problems), per):
-        with torch.no_grad(), autocast:
-            gens.append(generate(raw_model, ids[k:k + per], w, new_tokens, temp, top_k or None, nucleus or top_p,
-                                 tok.stop_ids, seed=gen_seed + k // per, entropy=entropy,
-                                 compile=compile if compiled is None else compiled,
-                                 env=task.env(tok, gen_seed + k // per + 7919 * (ranks.rank + 1))))
-        texts += [tok.decode(c) for c in gens[-1].completions()]
+    # one cache length for every call of the run (a compiled step is captured once); settings.check_data made each
+    # set's prompts + answers fit the context
+    cap = min(longest_prompt + new_tokens, raw_model.config.max_position_embeddings)
+    slots = sampling_rows(raw_model.config, cap, config, ranks.world, w) // w
+    with torch.no_grad(), autocast:
+        gen = engine.sample(raw_model, ids, keys, w, new_tokens, temp, top_k or None, nucleus or top_p, tok.stop_ids,
+                            slots, entropy=entropy, env=task.env(tok), cap=cap,
+                            compile=compile if compiled is None else compiled)
+    texts = [tok.decode(c) for c in gen.completions()]
     rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
-    rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]) * per_row(gens, 'finished')
-    return gens, texts, rewards, rows
+    rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]) * gen.finished.cpu()
+    return gen, texts, rewards, rows
 
-def per_row(gens, field):  # one Generation field over the rows of every call, on the CPU
-    return torch.cat([getattr(g, field).cpu() for g in gens]) if gens else torch.zeros(0, dtype=torch.long)
+def rows_of(gen, field):  # one Generation field of every row, on the CPU (none when nothing was sampled)
+    return getattr(gen, field).cpu() if gen is not None else torch.zeros(0, dtype=torch.long)
 
 def teacher_forced(groups, update, micro=0):
     """One cross-entropy step on groups of answers to one prompt each (SFT: groups of one; the warm-up: a problem's
@@ -199,7 +205,7 @@ def teacher_forced(groups, update, micro=0):
     of the step's targets, so the gradient is the same however the step is split."""
     parts = [group_batch(groups[i:i + micro], tok, task) for i in range(0, len(groups), micro)] if micro else \
         [group_batch(groups, tok, task)]
-    n, total = sum(int((y >= 0).sum()) for _, y, _, _ in parts), 0.0
+    n, total = max(1, sum(int((y >= 0).sum()) for _, y, _, _ in parts)), 0.0
     for x, y, alive, W in parts:
         share = int((y >= 0).sum()) / n  # 1.0 for a step in one piece
         with autocast:
@@ -213,15 +219,19 @@ def teacher_forced(groups, update, micro=0):
 def sft(steps, start=0, opt_state=None):
     """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted), until the held-out accuracy at
     sft_temperature reaches sft_target (checked every sft_eval_every steps) or the step cap, which is said."""
-    test, t_begin = next(iter(task.test_sets.values()))[:eval_problems or None][ranks.rank::ranks.world], time.time()
+    held, t_begin = next(iter(task.test_sets.values()))[:eval_problems or None], time.time()
+    mine = range(ranks.rank, len(held), ranks.world)  # this rank's problems, by their index in the set
+    test = [held[i] for i in mine]
 
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + step * ranks.world + ranks.rank)  # salts: SFT 0, warm-up 200, GRPO 300
         m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in
                             (rng.choice(task.train_set) for _ in range(sft_batch // ranks.world))], update)
         if (step + 1) % sft_eval_every == 0 or step + 1 == steps:  # held-out accuracy: the stopping rule
-            with gathered(raw_model, fsdp):
-                s, n = ranks.all_sum(sample_and_score(test, 1, sft_temperature, seed)[2].sum(), len(test))
+            with gathered(raw_model, fsdp):  # the same draws at every check: keyed on the problem alone
+                keys = [engine.key(seed, SFT_CHECK, i) for i in mine]  # one row per problem
+                r = sample_and_score(test, 1, sft_temperature, keys)[2]
+            s, n = ranks.all_sum(r.sum(), len(test))
             m['acc'] = s / n
         return m
 
@@ -244,11 +254,15 @@ def build_warmup_set(given):
     if warmup_set or (init_from == 'resume' and os.path.exists(path)):
         return given if warmup_set else read_groups(path)
     source = given or task.train_set
-    probs = random.Random(seed).sample(source, min(warmup_problems, len(source)))[ranks.rank::ranks.world]
-    S = warmup_samples
-    w = 1 if raw_model.bridge_config else S  # the rows of a Bridge model would read each other: then one at a time
+    chosen = random.Random(seed).sample(source, min(warmup_problems, len(source)))
+    mine = range(ranks.rank, len(chosen), ranks.world)  # this rank's problems, by their index in the sample
+    probs, S = [chosen[i] for i in mine], warmup_samples
+    w = 1 if reads_siblings(raw_model) else S  # rows that would read each other are drawn one at a time
+    keys = [engine.key(seed, WARMUP_SET, i, j) for i in mine for j in range(S)]  # answer j of problem i
     with gathered(raw_model, fsdp):  # once for the whole set: ranks may hold different numbers of problems
-        _, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, seed + 5)
+        gen, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, keys)
+    if ranks.master and gen is not None:
+        print(f"warm-up set {gen.stats.line(w)}")
     ok = r > 0  # right and finished: a right answer cut at max_new_tokens scored 0
     groups = [{'prompt': p['prompt'], 'answer': p['answer'],
                'responses': [t for t, good in zip(texts[i * S:i * S + S], ok[i * S:i * S + S]) if good]}
@@ -284,8 +298,10 @@ def grpo_stage(steps, start=0, opt_state=None):
         # everything random comes from (seed, stage, step, rank): that is what makes resume exact
         rng = random.Random(seed * 1000 + 300 + step * ranks.world + ranks.rank)
         probs = [rng.choice(task.train_set) for _ in range(batch_prompts // ranks.world)]
+        draw = rng.randrange(2**31)  # the step's groups are keyed on it: (seed, step, rank) as everything else
+        keys = [engine.key(draw, ROLLOUT, i, j) for i in range(len(probs)) for j in range(width)]
         with gathered(raw_model, fsdp):
-            (gen,), _, r, _ = sample_and_score(probs, width, temperature, rng.randrange(2**31), entropy=True)
+            gen, _, r, _ = sample_and_score(probs, width, temperature, keys, entropy=True)
         t_sample = time.time() - t0
         ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
         stats = grpo.policy_update(model, ro, update, ranks.all_sum, micro_groups=micro_groups, ref=ref,
@@ -322,13 +338,18 @@ def evaluate(after='init'):
             for i, (name, test) in enumerate(task.test_sets.items()):
                 n = 1 if once else w  # the width the rows are sampled at
                 if name not in drawn or not once:
-                    mine = test[:eval_problems or None][ranks.rank::ranks.world]
-                    probs = [p for p in mine for _ in range(eval_samples // n)]  # eval_samples / n groups of n
-                    gens, texts, _, _ = sample_and_score(probs, n, eval_temperature, seed + n + 7919 * i,
-                                                         compiled=compile and not reader,
-                                                         new_tokens=eval_max_new_tokens, nucleus=eval_top_p)
-                    each = [probs[i // n] for i in range(len(texts))]  # every row's problem
-                    drawn[name] = each, texts, per_row(gens, 'lengths'), per_row(gens, 'finished')
+                    test = test[:eval_problems or None]
+                    mine = range(ranks.rank, len(test), ranks.world)  # this rank's problems, by their index
+                    probs = [test[p] for p in mine for _ in range(eval_samples // n)]  # eval_samples / n groups
+                    # row j of problem p has one key at every width: rows that read nothing are the same rows
+                    keys = [engine.key(seed, EVAL, i, p, j) for p in mine for j in range(eval_samples)]
+                    gen, texts, _, _ = sample_and_score(probs, n, eval_temperature, keys,
+                                                        compiled=compile and not reader,
+                                                        new_tokens=eval_max_new_tokens, nucleus=eval_top_p)
+                    each = [probs[r // n] for r in range(len(texts))]  # every row's problem
+                    if ranks.master and gen is not None:
+                        print(f"{name}: {gen.stats.line(n)}")
+                    drawn[name] = each, texts, rows_of(gen, 'lengths'), rows_of(gen, 'finished')
                 each, texts, lengths, finished = drawn[name]
                 m = grpo.eval_metrics(texts, task.rows(each, texts, w), w, task, lengths, finished)
                 v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
@@ -355,7 +376,7 @@ def reads_siblings(m):  # only Bridge proper mixes rows; self-only and P-Match b
 
 # -----------------------------------------------------------------------------
 def main():
-    global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, log, config, model_dir
+    global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, log, config, model_dir, longest_prompt
     config = {k: globals()[k] for k in config_keys}
     check_config(relate=init_from != 'resume')  # a resumed run's relations: once its own settings are read back
     stages, start, opt_state, after = mode.split(','), 0, None, 'init'
@@ -401,7 +422,8 @@ def main():
     lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets,
                                       **({'the warm-up data': warm} if warm else {})}, ranks.master)
     settings.check_data(config, raw_model.config.max_position_embeddings, lens, task.test_sets, ranks.master)
-    check_run(raw_model, bcfg, config, ranks.world, lens, task.test_sets, stages, use_bf16, dev, ranks.master)
+    longest_prompt = max(lens.values())
+    check_run(raw_model, bcfg, config, ranks.world, lens, stages, use_bf16, dev, ranks.master)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
     log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config,
