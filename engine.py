@@ -131,7 +131,10 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
     group_of = [None] * S    # the group each slot holds (None: empty)
     started = [0] * S        # the decode step at which it was prefilled
     length = [0] * S         # its prompt's length
-    out, queue, stats, it = [None] * n_groups, list(range(n_groups)), Stats(), 0
+    queue, stats, it = list(range(n_groups)), Stats(), 0
+    # every group's rows, in the order of the prompts, copied out when the group is done
+    fields = (tokens, logprobs, alive, from_env, ents, plen, lengths, finished)
+    out = [torch.empty((n_groups * w, *f.shape[1:]), dtype=f.dtype, device=dev) for f in fields]
     logits = None
     while queue or any(g is not None for g in group_of):
         # 1) one decode step for every row whose group has already started; empty and new slots' rows are dead
@@ -187,24 +190,23 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
         it += 1
         # 4) a group is done when its rows have all stopped (checked every check_every steps: a host sync) or when
         # it has drawn max_new_tokens; its rows are copied out and its slot is free
-        full = [j for j in range(S) if group_of[j] is not None and it - started[j] >= max_new_tokens]
-        done = full
-        if it % check_every == 0 or full or not queue:
+        done = [j for j in range(S) if group_of[j] is not None and it - started[j] >= max_new_tokens]
+        if it % check_every == 0 or done or not queue:
             stopped = finished.view(S, w).all(1).tolist()
-            done = [j for j in range(S) if group_of[j] is not None and (stopped[j] or j in full)]
-        for j in done:
-            sl = slice(j * w, j * w + w)
-            n = int((plen[sl] + lengths[sl]).max())
-            out[group_of[j]] = (tokens[sl, :n].clone(), plen[sl].clone(), lengths[sl].clone(),
-                                finished[sl].clone(), logprobs[sl, :n].clone(), alive[sl, :n].clone(),
-                                from_env[sl, :n].clone(), ents[sl, :n].clone())
-            group_of[j] = None
-            finished[sl], held[sl] = True, False
-    stats.kept_row_steps = int(sum(o[2].sum() for o in out))  # every kept token is one row-step
-    n = max(o[0].size(1) for o in out)
-    cat = lambda i, fill: torch.cat([torch.nn.functional.pad(o[i], (0, n - o[i].size(1)), value=fill) for o in out])
-    gen = Generation(cat(0, pad), torch.cat([o[1] for o in out]), torch.cat([o[2] for o in out]),
-                     torch.cat([o[3] for o in out]), cat(4, 0.0), cat(5, False), cat(6, False), w,
-                     cat(7, 0.0) if entropy else None)
+            done = [j for j in range(S)
+                    if group_of[j] is not None and (stopped[j] or it - started[j] >= max_new_tokens)]
+        if done:  # all done groups' rows in one copy per field
+            src = torch.tensor([j * w + i for j in done for i in range(w)], device=dev)
+            dst = torch.tensor([group_of[j] * w + i for j in done for i in range(w)], device=dev)
+            for o, f in zip(out, fields):
+                o[dst] = f[src]
+            finished[src], held[src] = True, False
+            for j in done:
+                group_of[j] = None
+    tokens, logprobs, alive, from_env, ents, plen, lengths, finished = out
+    stats.kept_row_steps = int(lengths.sum())  # every kept token is one row-step
+    n = int((plen + lengths).max())
+    gen = Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], from_env[:, :n], w,
+                     ents[:, :n] if entropy else None)
     gen.stats = stats
     return gen
