@@ -1,18 +1,20 @@
 """
-The sampling engine: what train.py samples with (evaluation, the warm-up set, GRPO's rollouts). It draws from the
-same distribution as sample.generate, the readable reference (the tests hold it to that), and differs in how rows
-are laid out in time:
-  slots       a static KV cache of S group slots, each one group of `width` rows. When every row of a group has
-              stopped, its slot takes the next group (that prompt is prefilled into the slot) and decoding goes on.
-              Each group advances at its own position, its rows in lock-step; Bridge never mixes slots (groups are
-              contiguous rows, and the rows of an empty slot are dead).
-  one shape   the decode step keeps its shapes for the whole call (the cache, and attention over all of it under
-              each row's mask), so compiled it is captured once per width (CUDA graphs on a GPU).
-  randomness  a row's draws are keyed on (its key, its position) by a counter-based hash, not drawn from a
-              shared stream: its samples do not depend on S, on the order groups run in, or on the GPU. Rows that
-              do not read each other give the same samples in groups of any width, given the same keys.
-    gen = sample(model, prompts, [key(seed, i, r) for i in range(len(prompts)) for r in range(4)], width=4,
-                 max_new_tokens=64, stop_ids=[eos], slots=8)
+The sampling engine: what train.py samples with (evaluation, the warm-up set, GRPO's rollouts). It
+draws from the same distribution as sample.generate, the readable reference (the tests hold it to
+that), and differs in how rows are laid out in time:
+  slots       a static KV cache of S group slots, each one group of `width` rows. When every row
+              of a group has stopped, its slot takes the next group (that prompt is prefilled into
+              the slot) and decoding goes on. Each group advances at its own position, its rows in
+              lock-step; Bridge never mixes slots (groups are contiguous rows, and the rows of an
+              empty slot are dead).
+  one shape   compiled, the decode step keeps its shapes for the whole call (the cache, and
+              attention over all of it under each row's mask), so it is captured once per width.
+  randomness  a row's draws are keyed on (its key, its position) by a counter-based hash, not drawn
+              from a shared stream: its samples do not depend on S, on the order groups run in, or
+              on the GPU. Rows that do not read each other give the same samples in groups of any
+              width, given the same keys.
+    keys = [key(seed, i, r) for i in range(len(prompts)) for r in range(4)]  # one per row
+    gen = sample(model, prompts, keys, width=4, max_new_tokens=64, stop_ids=[eos], slots=8)
 """
 from dataclasses import dataclass
 
@@ -23,8 +25,9 @@ from sample import Generation, distribution, race
 M32 = 0xFFFFFFFF
 
 def mix(x):
-    """murmur3's 32-bit finaliser, on Python ints or int64 tensors holding 32-bit words: a bijection that scrambles
-    every bit. A tensor's products may wrap past 2^63; their low 32 bits, all that is kept, are still exact."""
+    """murmur3's 32-bit finaliser, on Python ints or int64 tensors holding 32-bit words: a
+    bijection that scrambles every bit. A tensor's products may wrap past 2^63; their low 32 bits,
+    all that is kept, are still exact."""
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & M32
     x = x ^ (x >> 13)
@@ -32,7 +35,7 @@ def mix(x):
     return x ^ (x >> 16)
 
 def key(*parts):
-    """A 32-bit key from integers (a seed, a set, a problem, a group ...), on the host."""
+    """A 32-bit key from integers (a seed, a set, a problem, a row ...), on the host."""
     h = 0x9E3779B9
     for p in parts:
         h = mix((h ^ (int(p) & M32)) * 0x01000193 & M32)
@@ -45,19 +48,21 @@ def uniforms(keys, n, salt):
     return (h.double() + 0.5) / 2**32
 
 def sample_keyed(logits, temperature, top_k, top_p, keys, entropy=False):
-    """sample.sample_token, with each row's exponentials drawn from its own key (B,) instead of a generator."""
+    """sample.sample_token, with each row's exponentials drawn from its own key (B,)."""
     probs, weights, ent = distribution(logits, temperature, top_k, top_p, entropy)
     if temperature == 0:
         tok = logits.argmax(-1)
     else:
-        tok = race(weights, lambda w, level: (-uniforms(keys, w.size(-1), level).log()).to(w.dtype))
+        noise = lambda w, level: (-uniforms(keys, w.size(-1), level).log()).to(w.dtype)
+        tok = race(weights, noise)
     return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
 
 @dataclass
 class Stats:
-    """What a call's layout cost. occupancy: slot-steps holding an unfinished group over all slot-steps; kept: row-
-    steps that produced a kept token over the row-steps of occupied slots, whose lock-step bound for stop lengths
-    i.i.d. uniform on [1, n] is (w + 1) / 2w (a group decodes until its longest row stops)."""
+    """What a call's layout cost. occupancy: slot-steps holding a group over all slot-steps. kept:
+    row-steps that produced a kept token over the row-steps of occupied slots; for stop lengths
+    i.i.d. uniform on [1, n] its lock-step bound is (w + 1) / 2w (a group decodes until its
+    longest row stops)."""
     steps: int = 0
     slot_steps: int = 0
     busy_slot_steps: int = 0
@@ -73,10 +78,13 @@ class Stats:
         return self.kept_row_steps / max(self.row_steps, 1)
 
     def line(self, width):
-        return (f"sampling at width {width}: {self.steps} decode steps, slot occupancy {self.occupancy:.3f}, "
-                f"kept row-steps {self.kept:.3f} (lock-step bound for uniform lengths {(width + 1) / (2 * width):.3f})")
+        bound = (width + 1) / (2 * width)
+        return (f"sampling at width {width}: {self.steps} decode steps, slot occupancy "
+                f"{self.occupancy:.3f}, kept row-steps {self.kept:.3f} (lock-step bound for "
+                f"uniform lengths {bound:.3f})")
 
-CACHES = {}  # (model, rows, length, dtype) -> KVCache: a compiled step keeps its static addresses across calls
+# a compiled step keeps its static addresses across calls: one cache per (model, B, T, dtype)
+CACHES = {}
 
 def cached(model, B, T):
     dtype = model.make_cache(1, 1).k.dtype
@@ -87,91 +95,106 @@ def cached(model, B, T):
     return CACHES[k]
 
 @torch.no_grad()
-def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, top_k=None, top_p=1.0, stop_ids=(),
-           slots=None, pad_id=None, entropy=False, env=None, compile=False, cap=None, check_every=None):
-    """prompts: token-id lists, one group of `width` rows each; keys: one integer per row (engine.key). Returns a
-    Generation whose rows are in the order of the prompts, as sample.generate would lay them out, plus its Stats as
-    `.stats`. slots: groups decoded at once (None: all). cap: the cache length (prompt + answer), fixed for a run
-    so that a compiled step is reused across calls; default the longest prompt + max_new_tokens. env(steps (B,),
-    tokens (B, T), pos (B,), u (B,)): a per-row step, and a uniform keyed on the row and its position, as for the
-    sampler's own draws; returns None or (B,) ids, >= 0 where the environment writes that row's token."""
-    if not prompts or len(keys) != len(prompts) * width:
-        raise ValueError(f"{len(prompts)} prompts of {width} rows need {len(prompts) * width} keys (one per row), "
-                         f"not {len(keys)}")
+def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, top_k=None,
+           top_p=1.0, stop_ids=(), slots=None, pad_id=None, entropy=False, env=None,
+           compile=False, cap=None, check_every=None):
+    """prompts: token-id lists, one group of `width` rows each; keys: one integer per row
+    (engine.key). Returns a Generation whose rows are in the order of the prompts, as
+    sample.generate lays them out, with its Stats as `.stats`.
+      slots   groups decoded at once (None: all)
+      cap     the cache length (prompt + answer), fixed for a run so that a compiled step is
+              reused across calls (default: the longest prompt + max_new_tokens)
+      env     env(steps (B,), tokens (B, T), pos (B,), u (B,)): each row's step, the tokens so far,
+              the positions about to be written, and a uniform keyed on the row and its position;
+              returns None or (B,) ids, >= 0 where the environment writes that row's token."""
     n_groups, w, dev = len(prompts), width, model.lm_head.weight.device
+    if not prompts or len(keys) != n_groups * w:
+        raise ValueError(f"{n_groups} prompts of {w} rows need {n_groups * w} keys (one per row), "
+                         f"not {len(keys)}")
+    longest = max(map(len, prompts))
     S = min(slots or n_groups, n_groups)
-    B, T = S * w, cap or max(map(len, prompts)) + max_new_tokens
-    if max(map(len, prompts)) + max_new_tokens > T:
-        raise ValueError(f"a prompt of {max(map(len, prompts))} tokens + max_new_tokens={max_new_tokens} exceeds "
+    B, T = S * w, cap or longest + max_new_tokens
+    if longest + max_new_tokens > T:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                          f"the engine's cache of {T}")
     if T > model.config.max_position_embeddings:
-        raise ValueError(f"cache of {T} tokens exceeds the model's context of {model.config.max_position_embeddings}")
+        raise ValueError(f"cache of {T} tokens exceeds the model's context of "
+                         f"{model.config.max_position_embeddings}")
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     pad = int(stop[0]) if pad_id is None and stop_ids else (pad_id or 0)
-    check_every = check_every or (1 if dev.type == 'cpu' else 8)  # a host sync is free on CPU, costly on GPU
+    # a host sync is free on CPU, costly on GPU
+    check_every = check_every or (1 if dev.type == 'cpu' else 8)
     refill = max(1, S // 8)  # free slots refilled together: a prefill costs about a decode step
-    cache = model.make_cache(B, T) if not compile else cached(model, B, T)
-    step_fn = torch.compile(model, dynamic=False, mode='reduce-overhead' if dev.type == 'cuda' else None) \
-        if compile else model
+    cache = cached(model, B, T) if compile else model.make_cache(B, T)
+    step_fn = model
     if compile:  # written in place at fixed addresses: say so, or CUDA graphs are not captured
+        mode = 'reduce-overhead' if dev.type == 'cuda' else None
+        step_fn = torch.compile(model, dynamic=False, mode=mode)
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
     # every row's state, on the device; a slot's rows are rows slot*w .. slot*w+w-1
     tokens = torch.full((B, T), pad, dtype=torch.long, device=dev)
-    logprobs, ents = torch.zeros(B, T, device=dev), torch.zeros(B, T, device=dev)
+    logprobs = torch.zeros(B, T, device=dev)
+    ents = torch.zeros(B, T, device=dev)
     alive = torch.zeros(B, T, dtype=torch.bool, device=dev)
     from_env = torch.zeros(B, T, dtype=torch.bool, device=dev)
     plen = torch.zeros(B, dtype=torch.long, device=dev)
-    step = torch.zeros(B, dtype=torch.long, device=dev)  # the step s each row is at: it writes position plen + s
+    step = torch.zeros(B, dtype=torch.long, device=dev)  # row's step s: it writes plen + s next
     lengths = torch.zeros(B, dtype=torch.long, device=dev)
-    finished = torch.ones(B, dtype=torch.bool, device=dev)  # an empty slot's rows are finished: dead to Bridge
-    held = torch.zeros(B, dtype=torch.bool, device=dev)     # the rows of a slot that holds a group
+    finished = torch.ones(B, dtype=torch.bool, device=dev)  # an empty slot's rows: dead to Bridge
+    held = torch.zeros(B, dtype=torch.bool, device=dev)  # the rows of a slot that holds a group
     row_keys = torch.zeros(B, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)
-    group_of = [None] * S    # the group each slot holds (None: empty)
-    started = [0] * S        # the decode step at which it was prefilled
-    length = [0] * S         # its prompt's length
+    group_of = [None] * S  # the group each slot holds (None: empty)
+    started = [0] * S      # the decode step at which it was prefilled
+    length = [0] * S       # its prompt's length
     queue, stats, it = list(range(n_groups)), Stats(), 0
     # every group's rows, in the order of the prompts, copied out when the group is done
     fields = (tokens, logprobs, alive, from_env, ents, plen, lengths, finished)
     out = [torch.empty((n_groups * w, *f.shape[1:]), dtype=f.dtype, device=dev) for f in fields]
     logits = None
     while queue or any(g is not None for g in group_of):
-        # 1) one decode step for every row whose group has already started; empty and new slots' rows are dead
+        # 1) one decode step for the rows of every started group; empty slots' rows are dead
         if logits is not None:
             pos = (plen + step - 1).clamp(max=T - 1)  # (an empty slot's rows stay where they were)
             alive[rows, pos] = ~finished
-            # compiled, attention reads the whole cache (one shape); eager, only up to the furthest running row
-            cache.kv_len = T if compile else min(T, max([n + it - s for n, s, g in zip(length, started, group_of)
-                                                         if g is not None], default=0) + 1)
-            logits = step_fn(tokens.gather(1, pos[:, None]), width=w, alive=(~finished)[:, None], cache=cache,
-                             pos=pos)[0][:, 0]
-        # 2) refill: each empty slot takes the next group; its prompt is prefilled into its rows
+            # compiled, attention reads the whole cache (one shape); eager, up to the furthest row
+            furthest = [n + it - s for n, s, g in zip(length, started, group_of) if g is not None]
+            cache.kv_len = T if compile else min(T, max(furthest, default=0) + 1)
+            last = tokens.gather(1, pos[:, None])
+            logits = step_fn(last, width=w, alive=(~finished)[:, None], cache=cache, pos=pos)[0]
+            logits = logits[:, 0]
+        # 2) refill: empty slots take the next groups; their prompts are prefilled into their rows
         free = [j for j in range(S) if group_of[j] is None][:len(queue)]
         if free and (len(free) >= refill or len(free) == len(queue)):
             new = [queue.pop(0) for _ in free]
             lens = torch.tensor([len(prompts[g]) for g in new], device=dev)
-            x = torch.tensor([prompts[g] + [pad] * (int(lens.max()) - len(prompts[g])) for g in new], device=dev)
-            pre = model.make_cache(len(new), x.size(1))
-            first, _ = model(x, cache=pre, last=lens - 1)
-            r = torch.tensor([j * w + i for j in free for i in range(w)], device=dev)  # the new groups' rows
-            cache.k[:, r, :, :x.size(1)] = pre.k.repeat_interleave(w, 1)
-            cache.v[:, r, :, :x.size(1)] = pre.v.repeat_interleave(w, 1)
-            logits = first[:, 0].repeat_interleave(w, 0) if logits is None else logits.index_copy(
-                0, r, first[:, 0].repeat_interleave(w, 0).to(logits.dtype))
+            L = int(lens.max())
+            x = torch.tensor([prompts[g] + [pad] * (L - len(prompts[g])) for g in new], device=dev)
+            pre = model.make_cache(len(new), L)
+            first = model(x, cache=pre, last=lens - 1)[0][:, 0].repeat_interleave(w, 0)
+            r = torch.tensor([j * w + i for j in free for i in range(w)], device=dev)  # their rows
+            cache.k[:, r, :, :L] = pre.k.repeat_interleave(w, 1)
+            cache.v[:, r, :, :L] = pre.v.repeat_interleave(w, 1)
+            if logits is None:
+                logits = first
+            else:
+                logits = logits.index_copy(0, r, first.to(logits.dtype))
             tokens[r] = pad
-            tokens[r, :x.size(1)] = x.repeat_interleave(w, 0)
-            plen[r], step[r], lengths[r], finished[r], held[r] = lens.repeat_interleave(w), 0, 0, False, True
+            tokens[r, :L] = x.repeat_interleave(w, 0)
+            plen[r] = lens.repeat_interleave(w)
+            step[r], lengths[r], finished[r], held[r] = 0, 0, False, True
             alive[r] = torch.arange(T, device=dev) < plen[r][:, None]
             logprobs[r], ents[r], from_env[r] = 0.0, 0.0, False
             row_keys[r] = torch.tensor([keys[g * w + i] for g in new for i in range(w)], device=dev)
             for j, g in zip(free, new):
                 group_of[j], started[j], length[j] = g, it, len(prompts[g])
-        # 3) every running row draws its token at position plen + step, from its own key and position
+        # 3) every running row draws its token at position plen + step, keyed on row and position
         at = (plen + step).clamp(max=T - 1)
-        tok, lp, ent = sample_keyed(logits, temperature, top_k, top_p, mix(row_keys ^ at), entropy)
-        if env is not None and (forced := env(step, tokens, at, uniforms(mix(row_keys ^ at), 1, 2)[:, 0])) \
-                is not None:  # the environment's tokens win
+        draw = mix(row_keys ^ at)
+        tok, lp, ent = sample_keyed(logits, temperature, top_k, top_p, draw, entropy)
+        forced = env(step, tokens, at, uniforms(draw, 1, 2)[:, 0]) if env is not None else None
+        if forced is not None:  # the environment's tokens win
             hit = (forced >= 0) & ~finished
             from_env[rows, at] = hit
             tok, lp = torch.where(hit, forced, tok), torch.where(hit, 0.0, lp)
@@ -181,20 +204,21 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
         if entropy:
             ents[rows, at] = torch.where(finished, 0.0, ent)
         busy = sum(g is not None for g in group_of)
-        stats.steps, stats.slot_steps, stats.busy_slot_steps = stats.steps + 1, stats.slot_steps + S, \
-            stats.busy_slot_steps + busy
+        stats.steps += 1
+        stats.slot_steps += S
+        stats.busy_slot_steps += busy
         stats.row_steps += busy * w
         lengths += ~finished
         finished |= torch.isin(tok, stop)
         step += held
         it += 1
-        # 4) a group is done when its rows have all stopped (checked every check_every steps: a host sync) or when
-        # it has drawn max_new_tokens; its rows are copied out and its slot is free
-        done = [j for j in range(S) if group_of[j] is not None and it - started[j] >= max_new_tokens]
+        # 4) a group is done when its rows have all stopped (checked every check_every steps: a
+        # host sync) or it has drawn max_new_tokens; its rows are copied out, its slot freed
+        capped = lambda j: it - started[j] >= max_new_tokens
+        done = [j for j in range(S) if group_of[j] is not None and capped(j)]
         if it % check_every == 0 or done or not queue:
             stopped = finished.view(S, w).all(1).tolist()
-            done = [j for j in range(S)
-                    if group_of[j] is not None and (stopped[j] or it - started[j] >= max_new_tokens)]
+            done = [j for j in range(S) if group_of[j] is not None and (stopped[j] or capped(j))]
         if done:  # all done groups' rows in one copy per field
             src = torch.tensor([j * w + i for j in done for i in range(w)], device=dev)
             dst = torch.tensor([group_of[j] * w + i for j in done for i in range(w)], device=dev)
@@ -206,7 +230,7 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
     tokens, logprobs, alive, from_env, ents, plen, lengths, finished = out
     stats.kept_row_steps = int(lengths.sum())  # every kept token is one row-step
     n = int((plen + lengths).max())
-    gen = Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n], from_env[:, :n], w,
-                     ents[:, :n] if entropy else None)
+    gen = Generation(tokens[:, :n], plen, lengths, finished, logprobs[:, :n], alive[:, :n],
+                     from_env[:, :n], w, ents[:, :n] if entropy else None)
     gen.stats = stats
     return gen
