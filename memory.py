@@ -117,12 +117,11 @@ def sampling_rows(cfg: ModelConfig, tokens, run, world, w):
     return max(1, int(max(run['batch_prompts'] // world * run['width'], run['sample_mb'] * 2**20 // row_bytes))
                // w) * w
 
-def stage_estimates(model, bridge, run, world, lens, stages, bf16):
+def stage_estimates(model, bridge, extra, base, run, world, lens, stages, bf16):
     """{stage: {item: bytes}} for every stage of a train.py run (run: its settings; stages: those it will run; lens:
-    {set: longest prompt}). Sampling holds one cache of the longest prompt of any set + the stage's answer length
-    (eval_max_new_tokens for evaluation); the warm-up trains on the warm-up data's prompts."""
-    with torch.device('meta'):
-        extra, base = bridge_params(Transformer(model.config, bridge))
+    {set: longest prompt}; extra, base: the Bridge's and the base model's parameters). Sampling holds one cache of the
+    longest prompt of any set + the stage's answer length (eval_max_new_tokens for evaluation); the warm-up trains on
+    the warm-up data's prompts."""
     now = base + (extra if model.bridge_config else 0)  # before Bridge is added: the warm-up set, SFT
     fsdp, new = world if run['fsdp'] else 0, run['max_new_tokens']
     # the sampling engine's cache: the longest prompt of any set + the answer, for every call of the run
@@ -165,4 +164,4 @@ def check_run(model, bridge, run, world, lens, stages, bf16, device, verbose):
     with torch.device('meta'):
         extra, base = bridge_params(Transformer(model.config, bridge))
     model.grad_checkpoint = extra + base >= 1e8 if run['grad_checkpoint'] is None else run['grad_checkpoint']
-    check_memory(stage_estimates(model, bridge, run, world, lens, stages, bf16), device, verbose)
+    check_memory(stage_estimates(model, bridge, extra, base, run, world, lens, stages, bf16), device, verbose)
