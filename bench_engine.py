@@ -48,6 +48,8 @@ def slots(model, prompts, w):
     return g.stats.kept_row_steps, g.stats.slot_steps * w  # every slot's row-steps, busy or not
 
 if __name__ == '__main__':
+    if not all(v.strip().isdigit() and int(v) >= 1 for v in widths.split(',')):
+        raise ValueError(f"widths={widths!r}: expected integers >= 1, comma-separated, e.g. '1,4'")
     torch.set_num_threads(threads or free_cores())
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=260, hidden_size=T.n_embd, intermediate_size=T.ffn,
