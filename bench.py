@@ -20,6 +20,7 @@ from bench_memory import TINY, clock, memory_rows  # train.py's embedded model, 
 from fastpath import Linear, fuse
 from model import ModelConfig, Transformer
 from sample import generate
+from settings import UserError
 from tasks import Arithmetic
 from tokenizer import write_byte_tokenizer
 
@@ -43,12 +44,12 @@ only = ''               # 'memory': just the memory rows | 'linear': just fastpa
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 if only not in ('', 'memory', 'linear'):
-    raise ValueError(f"only={only!r}: expected '', 'memory' or 'linear'")
+    raise UserError(f"only={only!r}: expected '', 'memory' or 'linear'")
 dev = torch.device(device)
 cuda = dev.type == 'cuda'  # bf16 and a 1.5B shape on a GPU
 now = lambda: clock(cuda)  # seconds, once the device has finished
 if cuda and not torch.cuda.is_available():
-    raise ValueError(f"device={device!r} but torch.cuda.is_available() is False")
+    raise UserError(f"device={device!r} but torch.cuda.is_available() is False")
 dt = torch.bfloat16 if cuda else torch.float32
 new_tokens, repeats = (8, 1) if quick else (new_tokens, repeats)
 threads = threads or free_cores()  # oversubscribed BLAS threads on a busy machine run many times slower

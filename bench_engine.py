@@ -20,6 +20,7 @@ from distributed import free_cores
 from fastpath import fuse
 from model import ModelConfig, Transformer
 from sample import generate
+from settings import UserError
 
 widths = '1,4'          # sampling widths
 problems = 64           # problems, each sampled `samples` times (evaluation's eval_samples)
@@ -27,6 +28,7 @@ samples = 16
 new_tokens = 64         # the stop rule's range: lengths uniform on [1, new_tokens]
 rows = 64               # rows one call (or the engine's slots) holds
 repeats = 3             # interleaved timed repeats after one warm-up (median)
+n_layer, n_embd, n_head, n_kv_head, ffn = T.n_layer, T.n_embd, T.n_head, T.n_kv_head, T.ffn
 threads = 0             # 0 = the free cores
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 
@@ -49,12 +51,12 @@ def slots(model, prompts, w):
 
 if __name__ == '__main__':
     if not all(v.strip().isdigit() and int(v) >= 1 for v in widths.split(',')):
-        raise ValueError(f"widths={widths!r}: expected integers >= 1, comma-separated, e.g. '1,4'")
+        raise UserError(f"widths={widths!r}: expected integers >= 1, comma-separated, e.g. '1,4'")
     torch.set_num_threads(threads or free_cores())
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=260, hidden_size=T.n_embd, intermediate_size=T.ffn,
-                      num_hidden_layers=T.n_layer, num_attention_heads=T.n_head,
-                      num_key_value_heads=T.n_kv_head, max_position_embeddings=256)
+    cfg = ModelConfig(vocab_size=260, hidden_size=n_embd, intermediate_size=ffn,
+                      num_hidden_layers=n_layer, num_attention_heads=n_head,
+                      num_key_value_heads=n_kv_head, max_position_embeddings=256)
     model = fuse(Transformer(cfg))
     cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo')
                 if l.startswith('model name')), '?')

@@ -17,6 +17,7 @@ from bridge import BridgeConfig
 from fastpath import fuse
 from memory import memory_estimate
 from model import ModelConfig, Transformer
+from settings import UserError
 
 TINY = dict(hidden_size=T.n_embd, intermediate_size=T.ffn, num_hidden_layers=T.n_layer, num_attention_heads=T.n_head,
             num_key_value_heads=T.n_kv_head, rope_theta=10000.0)  # train.py's embedded model; 0.5B = ModelConfig()
@@ -45,7 +46,7 @@ def probe_update(spec, dev, stage='grpo'):
     with grad_checkpoint; else the full-logits head without it, as before."""
     shape, n, new, cuda = *spec.split(':'), dev.type == 'cuda'
     if shape not in ('tiny', '0.5B'):
-        raise ValueError(f"spec={spec!r}: expected shape:tokens:new with shape 'tiny' or '0.5B'")
+        raise UserError(f"spec={spec!r}: expected shape:tokens:new with shape 'tiny' or '0.5B'")
     n, new = int(n), new == '1'
     cfg = ModelConfig(vocab_size=151936, **(TINY if shape == 'tiny' else {}))
     bcfg = BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads) if shape == 'tiny' else BridgeConfig()
@@ -117,5 +118,5 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     torch.set_num_threads(threads)
     if stage not in ('grpo', 'warmup'):
-        raise ValueError(f"stage={stage!r}: expected 'grpo' or 'warmup'")
+        raise UserError(f"stage={stage!r}: expected 'grpo' or 'warmup'")
     probe_update(spec, torch.device(device), stage)

@@ -16,6 +16,7 @@ import torch
 from bridge import BridgeConfig, bridge_report
 from distributed import full_state
 from model import ModelConfig, Transformer, rope_inv_freq
+from settings import UserError
 from tokenizer import write_byte_tokenizer
 
 ARCHS = {'qwen2': 'Qwen2ForCausalLM', 'llama': 'LlamaForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
@@ -25,9 +26,9 @@ def config_from_hf(d, where='config.json'):
     """ModelConfig from a config.json dict, as transformers 4.x and 5.x write it."""
     d = dict(d)
     if d.get('use_sliding_window'):
-        raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+        raise UserError(f"{where}: use_sliding_window=true is not supported (full attention only)")
     if 'model_type' not in d:
-        raise ValueError(f"{where}: missing field 'model_type'")
+        raise UserError(f"{where}: missing field 'model_type'")
     # transformers 5.x moved rope_theta/rope_scaling into rope_parameters and torch_dtype to dtype
     rp = d.get('rope_parameters') or {}
     if 'rope_theta' not in d and 'rope_theta' in rp:
@@ -38,13 +39,13 @@ def config_from_hf(d, where='config.json'):
         d['torch_dtype'] = d['dtype']
     rs = d.get('rope_scaling')
     if rs and rs.get('rope_type', rs.get('type')) not in ('default', 'llama3'):
-        raise ValueError(f"{where}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported "
-                         "(supported: default, llama3)")
+        raise UserError(f"{where}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported "
+                        "(supported: default, llama3)")
     names = ModelConfig.__dataclass_fields__
     try:
         return ModelConfig(**{k: v for k, v in d.items() if k in names})
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
 
 def config_to_hf(cfg: ModelConfig):
     d = {k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__}
@@ -65,17 +66,17 @@ def read_safetensors(path):
         try:
             n = int.from_bytes(f.read(8), 'little')
             if n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
+                raise UserError(f"header of {n} bytes in a file of {size}")
             header = json.loads(f.read(n))
             entries = [(k, v['dtype'], tuple(v['shape']), v['data_offsets']) for k, v in header.items()
                        if k != '__metadata__']
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+            raise UserError(f"{path}: corrupt or truncated safetensors file ({e})") from None
         for k, dt, shape, (start, end) in entries:
             if dt not in ST_DTYPES:
-                raise ValueError(f"{path}: tensor {k} has unsupported dtype {dt}")
+                raise UserError(f"{path}: tensor {k} has unsupported dtype {dt}")
             if 8 + n + end > size or end - start != math.prod(shape) * ST_DTYPES[dt].itemsize:
-                raise ValueError(f"{path}: corrupt or truncated safetensors file (tensor {k} is out of bounds)")
+                raise UserError(f"{path}: corrupt or truncated safetensors file (tensor {k} is out of bounds)")
 
             def read(k=k, dt=dt, shape=shape, start=start):
                 t = torch.empty(shape, dtype=ST_DTYPES[dt])
@@ -91,29 +92,33 @@ def weight_files(path):
             with open(index) as f:
                 shards = sorted(set(json.load(f)['weight_map'].values()))
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: invalid shard index ({e})") from None
+            raise UserError(f"{index}: invalid shard index ({e})") from None
         for s in shards:
             if not os.path.isfile(os.path.join(path, s)):
-                raise FileNotFoundError(f"shard {s} named in {index} is missing")
+                raise UserError(f"shard {s} named in {index} is missing")
         return [os.path.join(path, s) for s in shards]
     single = os.path.join(path, 'model.safetensors')
     if not os.path.isfile(single):
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        raise UserError(f"no model.safetensors or model.safetensors.index.json in {path}")
     return [single]
 
 def read_config(path):
     """(ModelConfig, the Bridge config saved with it or None) of an HF checkpoint directory."""
     cfg_path = os.path.join(path, 'config.json')
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        raise UserError(f"checkpoint directory {path!r} does not exist")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
+        raise UserError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
     try:
         with open(cfg_path) as f:
             raw = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
-    return config_from_hf(raw, cfg_path), BridgeConfig.from_dict(raw['bridge']) if raw.get('bridge') else None
+        raise UserError(f"{cfg_path}: invalid JSON ({e})") from None
+    try:
+        bridge = BridgeConfig.from_dict(raw['bridge']) if raw.get('bridge') else None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{cfg_path}: {e}") from None
+    return config_from_hf(raw, cfg_path), bridge
 
 def load_model(path, device=None, dtype=None, bridge: BridgeConfig | None = None, verbose=True):
     """A Transformer from an HF checkpoint directory; with a `bridge` config that the checkpoint lacks, fresh
@@ -146,7 +151,7 @@ def load_model(path, device=None, dtype=None, bridge: BridgeConfig | None = None
     if missing or unexpected or bad:
         hint = " (Bridge weights do not match the Bridge config)" if any('.bridge.' in k for k in
                                                                           missing + unexpected + bad) else ""
-        raise ValueError(f"checkpoint {path} does not match {config.model_type} config{hint}:\n" + "\n".join(
+        raise UserError(f"checkpoint {path} does not match {config.model_type} config{hint}:\n" + "\n".join(
             [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected] +
             [f"  wrong shape: {b}" for b in bad]))
     model.load_state_dict(tensors, strict=False, assign=True)
@@ -277,13 +282,13 @@ def load_train_state(ckpt, ranks):
     ranks.barrier()
     path = os.path.join(ckpt, 'train_state.pt')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--init_from=resume but {path} does not exist (no checkpoint in "
-                                f"out_dir={os.path.dirname(ckpt)!r})")
+        raise UserError(f"--init_from=resume but {path} does not exist (no checkpoint in "
+                        f"out_dir={os.path.dirname(ckpt)!r})")
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)  # each rank moves its optimizer state
     except Exception as e:
-        raise ValueError(f"{path} is not a readable training state, refusing to load it "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path} is not a readable training state, refusing to load it "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     torch.set_rng_state(state['rng']['torch'])
     random.setstate(state['rng']['python'])
     return state
@@ -309,7 +314,7 @@ def resume_plan(stages, state, config, path, say=print):
             f"; raise --{s}_steps to train it further"))
         return stages[i + 1:], 0, None
     if state['config'].get('fsdp', False) != fsdp:  # DDP's AdamW state is by index, FSDP's by name
-        raise ValueError(f"{path} was written with fsdp={not fsdp}; resume it with --fsdp={not fsdp}")
+        raise UserError(f"{path} was written with fsdp={not fsdp}; resume it with --fsdp={not fsdp}")
     return stages[i:], step, state['optimizer']
 
 # what concerns one invocation alone: never read back from a checkpoint's settings
@@ -328,7 +333,7 @@ def check_overwrite(init_from, model_dir, ckpt, trains, overwrite):
         return
     same = model_dir and os.path.realpath(model_dir) == os.path.realpath(ckpt)
     if same or any(os.path.exists(ckpt + s) for s in ('', '.new', '.old')):
-        raise ValueError((f"--init_from={init_from} is the checkpoint this run would overwrite (it saves to {ckpt})" if
-                          same else f"{ckpt} holds another run's checkpoint, which this run (--init_from={init_from}) "
-                          "would replace") + ": continue that run with --init_from=resume, write to another --out_dir, "
-                         "or pass --overwrite=True to replace it")
+        raise UserError((f"--init_from={init_from} is the checkpoint this run would overwrite (it saves to {ckpt})" if
+                         same else f"{ckpt} holds another run's checkpoint, which this run (--init_from={init_from}) "
+                         "would replace") + ": continue that run with --init_from=resume, write to another --out_dir, "
+                        "or pass --overwrite=True to replace it")

@@ -18,6 +18,7 @@ import os
 import sys
 
 from results import PROTOCOL
+from settings import UserError
 
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom (no scipy at run time)
 T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -28,11 +29,11 @@ def load(name, path):
         with open(path) as f:
             r = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{name}={path}: no such result file") from None
+        raise UserError(f"{name}={path}: no such result file") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{name}={path}: not a JSON result file ({e})") from None
+        raise UserError(f"{name}={path}: not a JSON result file ({e})") from None
     if 'sets' not in r or 'card' not in r:
-        raise ValueError(f"{name}={path}: no 'sets' and 'card' (written by an older train.py?)")
+        raise UserError(f"{name}={path}: no 'sets' and 'card' (written by an older train.py?)")
     return r
 
 def protocol(c):
@@ -46,9 +47,9 @@ def check_cards(runs):
         diff = [k for k, v in protocol(r['card']).items() if v != protocol(ref['card'])[k]]
         if diff:
             k = diff[0]
-            raise ValueError(f"{name} and {ref_name} were evaluated under different protocols: {k} is "
-                             f"{protocol(r['card'])[k]!r} against {protocol(ref['card'])[k]!r} (also differ: "
-                             f"{', '.join(diff[1:]) or 'nothing else'}); rerun the evaluation with the same settings")
+            raise UserError(f"{name} and {ref_name} were evaluated under different protocols: {k} is "
+                            f"{protocol(r['card'])[k]!r} against {protocol(ref['card'])[k]!r} (also differ: "
+                            f"{', '.join(diff[1:]) or 'nothing else'}); rerun the evaluation with the same settings")
     commits = {name: r['card'].get('commit') for name, r in runs.items()}
     if len(set(commits.values())) > 1:
         print("commits differ: " + ", ".join(f"{n} {c}" for n, c in commits.items()))
@@ -59,7 +60,7 @@ def gain_table(runs, widths, metric):
     sets = list(runs['base']['sets'])
     for name, r in runs.items():
         if list(r['sets']) != sets:
-            raise ValueError(f"{name} has test sets {list(r['sets'])}, base has {sets}")
+            raise UserError(f"{name} has test sets {list(r['sets'])}, base has {sets}")
     out = []
     for w in widths or sorted(int(k) for k in runs['base']['sets'][sets[0]]):
         val = {n: {s: 100 * r['sets'][s][str(w)][metric] for s in sets} for n, r in runs.items()}
@@ -111,7 +112,7 @@ def int_list(spec, name, example):
     except (ValueError, IndexError):
         xs = []
     if not xs:
-        raise ValueError(f"{name}={spec!r}: expected e.g. {example}")
+        raise UserError(f"{name}={spec!r}: expected e.g. {example}")
     return xs
 
 if __name__ == '__main__':
@@ -125,16 +126,16 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     named = dict(a.split('=', 1) for a in arms)
     if len(named) < len(arms):
-        raise ValueError(f"each name=PATH needs its own name: {sorted(a.split('=', 1)[0] for a in arms)}")
+        raise UserError(f"each name=PATH needs its own name: {sorted(a.split('=', 1)[0] for a in arms)}")
     if paired:
         if not named or any('{seed}' not in p for p in named.values()):
-            raise ValueError("--paired=True needs arms as name=PATH with {seed} in each PATH")
+            raise UserError("--paired=True needs arms as name=PATH with {seed} in each PATH")
         args = named, int_list(seeds, 'seeds', "'1-5' or '1,2,3'"), int_list(widths, 'widths', "'1,4,8'"), metric
     elif 'base' not in named or len(named) < 2:
-        raise ValueError("expected base=PATH and at least one more name=PATH (e.g. rlvr=, pmatch=, bridge=)")
+        raise UserError("expected base=PATH and at least one more name=PATH (e.g. rlvr=, pmatch=, bridge=)")
     else:
         args = {n: load(n, p) for n, p in named.items()}, [width] if width else None, metric
     try:
         print((paired_table if paired else gain_table)(*args))
     except KeyError as e:  # a metric or width that a result does not have
-        raise ValueError(f"metric={metric!r} at the widths asked: {e} is missing from a result") from None
+        raise UserError(f"metric={metric!r} at the widths asked: {e} is missing from a result") from None

@@ -5,17 +5,19 @@ config lives in plain globals:
 A bare argument is a Python config file that is exec'd; --key=value overrides one global, with the type
 checked against the default. Unknown keys are errors, so a typo never silently trains the wrong thing. The names
 set are kept in _overrides.
-It also makes a user's mistake (a bad value, a missing or corrupt file: ValueError or OSError) end the script with
-one line on stderr, "error: <message>", printed by the first rank only under torchrun; any other exception is a
-bug and keeps its traceback, and NANOBRIDGE_TRACEBACK=1 shows it for every error.
+It also makes a user's mistake (settings.UserError: a bad value, a missing or corrupt file) end the script with
+one line on stderr, "error: <message>", printed by the first rank only under torchrun. Any other exception is a bug,
+in nanobridge or in a fork, and keeps its traceback; NANOBRIDGE_TRACEBACK=1 shows one for a UserError too.
 """
 import os
 import sys
 from ast import literal_eval
 
+from settings import UserError
+
 
 def _user_errors(kind, e, tb):
-    if issubclass(kind, (ValueError, OSError)) and not os.environ.get('NANOBRIDGE_TRACEBACK'):
+    if issubclass(kind, UserError) and not os.environ.get('NANOBRIDGE_TRACEBACK'):
         if int(os.environ.get('RANK', 0)) == 0:  # every rank meets the same bad input: say it once
             msg = '; '.join(l.strip() for l in str(e).splitlines() if l.strip())
             print(f"error: {msg[:600]}{' ...' if len(msg) > 600 else ''}", file=sys.stderr)
@@ -28,7 +30,9 @@ _overrides = set()  # the names this command set (train.py --init_from=resume re
 for arg in sys.argv[1:]:
     if '=' not in arg:
         if arg.startswith('--'):
-            raise ValueError(f"expected --key=value or a config file, got {arg!r}")
+            raise UserError(f"expected --key=value or a config file, got {arg!r}")
+        if not os.path.isfile(arg):
+            raise UserError(f"config file {arg!r} does not exist")
         print(f"Overriding config with {arg}:")
         with open(arg) as f:
             print(f.read())
@@ -36,15 +40,15 @@ for arg in sys.argv[1:]:
         exec(open(arg).read(), globals(), _set)
         unknown = sorted(k for k, v in _set.items() if k not in globals() and type(v) is not type(sys))  # (modules)
         if unknown:  # a typo in a config file would otherwise set a global nothing reads, silently
-            raise ValueError(f"{arg}: unknown config key(s) {', '.join(unknown)}")
+            raise UserError(f"{arg}: unknown config key(s) {', '.join(unknown)}")
         globals().update(_set)
         _overrides |= set(_set)
     else:
         if not arg.startswith('--'):
-            raise ValueError(f"expected --key=value, got {arg!r}")
+            raise UserError(f"expected --key=value, got {arg!r}")
         key, val = arg[2:].split('=', 1)
         if key not in globals():
-            raise ValueError(f"Unknown config key: {key}")
+            raise UserError(f"Unknown config key: {key}")
         default = globals()[key]
         try:
             attempt = val if isinstance(default, str) else literal_eval(val)  # numbers, bools...
@@ -54,7 +58,7 @@ for arg in sys.argv[1:]:
             if isinstance(default, float) and isinstance(attempt, int):
                 attempt = float(attempt)
             else:
-                raise ValueError(f"--{key}={val!r}: expected {type(default).__name__}, got {type(attempt).__name__}")
+                raise UserError(f"--{key}={val!r}: expected {type(default).__name__}, got {type(attempt).__name__}")
         print(f"Overriding: {key} = {attempt}")
         globals()[key] = attempt
         _overrides.add(key)

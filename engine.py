@@ -3,10 +3,13 @@ The sampling engine: what train.py samples with (evaluation, the warm-up set, GR
 draws from the same distribution as sample.generate, the readable reference (the tests hold it to
 that), and differs in how rows are laid out in time:
   slots       a static KV cache of S group slots, each one group of `width` rows. When every row
-              of a group has stopped, its slot takes the next group (that prompt is prefilled into
-              the slot) and decoding goes on. Each group advances at its own position, its rows in
+              of a group has stopped, its slot takes the next group and decoding goes on: prompts
+              are prefilled ahead, many in one call, and a staged prompt's cache is copied into the
+              slot the step it frees. Each group advances at its own position, its rows in
               lock-step; Bridge never mixes slots (groups are contiguous rows, and the rows of an
               empty slot are dead).
+  weights     under bf16 autocast, train.py decodes from inference_copy(model): the Linear
+              weights cast once per call, not at every step.
   one shape   compiled, the decode step keeps its shapes for the whole call (the cache, and
               attention over all of it under each row's mask), so it is captured once per width.
   randomness  a row's draws are keyed on (its key, its position) by a counter-based hash, not drawn
@@ -16,11 +19,15 @@ that), and differs in how rows are laid out in time:
     keys = [key(seed, i, r) for i in range(len(prompts)) for r in range(4)]  # one per row
     gen = sample(model, prompts, keys, width=4, max_new_tokens=64, stop_ids=[eos], slots=8)
 """
+import functools
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
+import torch.nn as nn
 
-from sample import Generation, distribution, race
+from model import Transformer
+from sample import Generation, distribution, n_chunks, race
 
 M32 = 0xFFFFFFFF
 
@@ -41,20 +48,29 @@ def key(*parts):
         h = mix((h ^ (int(p) & M32)) * 0x01000193 & M32)
     return h
 
-def uniforms(keys, n, salt):
-    """(B, n) uniforms in (0, 1), element i of row b a function of (keys[b], salt, i) alone."""
-    i = torch.arange(n, device=keys.device)
-    h = mix(mix(keys[:, None] ^ (salt * 0x27D4EB2F & M32)) ^ (i + 1))
-    return (h.double() + 0.5) / 2**32
+@functools.lru_cache
+def columns(sizes, device):
+    """Each column's salt and index for uniforms(keys, sizes): block s's columns 1 .. n_s."""
+    salts = torch.cat([torch.full((n,), s * 0x27D4EB2F & M32) for s, n in enumerate(sizes)])
+    index = torch.cat([torch.arange(1, n + 1) for n in sizes])
+    return salts.to(device), index.to(device)
 
-def sample_keyed(logits, temperature, top_k, top_p, keys, entropy=False):
-    """sample.sample_token, with each row's exponentials drawn from its own key (B,)."""
+def uniforms(keys, sizes):
+    """Uniforms in (0, 1), one (B, n) block per n in `sizes`: element i of block s in row b is a
+    function of (keys[b], s, i) alone. One pass for all of a step's draws (a decode step is
+    short: each tensor op costs about as much as its arithmetic)."""
+    salts, index = columns(tuple(sizes), keys.device)
+    h = mix(mix(keys[:, None] ^ salts) ^ index)
+    return ((h.double() + 0.5) / 2**32).split(list(sizes), -1)
+
+def sample_keyed(logits, temperature, top_k, top_p, u, entropy=False):
+    """sample.sample_token, with each row's exponentials from its own uniforms u: (B, K) for the
+    race's chunks and (B, V / K) for the tokens of the chosen chunk (K = sample.n_chunks(V))."""
     probs, weights, ent = distribution(logits, temperature, top_k, top_p, entropy)
     if temperature == 0:
         tok = logits.argmax(-1)
     else:
-        noise = lambda w, level: (-uniforms(keys, w.size(-1), level).log()).to(w.dtype)
-        tok = race(weights, noise)
+        tok = race(weights, lambda w, level: (-u[level].log()).to(w.dtype))
     return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
 
 @dataclass
@@ -94,6 +110,44 @@ def cached(model, B, T):
         CACHES[k] = model.make_cache(B, T)
     return CACHES[k]
 
+# prompt tokens one staging prefill holds at most: its activations stay small beside the cache
+STAGE_TOKENS = 16384
+COPIES = WeakKeyDictionary()  # model -> its bf16 inference copy, freed with the model
+
+@torch.no_grad()
+def inference_copy(model):
+    """The model with its Linear weights in bf16, as autocast would cast them at every step:
+    decoding from it under bf16 autocast computes exactly what decoding from the fp32 weights
+    does, without casting every weight at every step (compiled, inside every captured step).
+    Made once per model (2 bytes per parameter, which memory.py counts) and refreshed from the
+    model's weights at every call: one read of the weights, against thousands of steps."""
+    c = COPIES.get(model)
+    if c is None:
+        with torch.device('meta'):
+            c = Transformer(model.config, model.bridge_config)
+        c.to_empty(device=model.lm_head.weight.device)
+        if model.config.tie_word_embeddings:  # a bf16 head beside the fp32 embedding, as autocast
+            c.lm_head.weight = nn.Parameter(torch.empty_like(c.lm_head.weight))
+        for m in c.modules():
+            if isinstance(m, nn.Linear):
+                m.to(torch.bfloat16)
+        COPIES[model] = c.requires_grad_(False)
+    c.load_state_dict(model.state_dict())  # copy_ casts to each copy's dtype
+    for name, b in model.named_buffers():  # RoPE's frequencies are not in the state dict
+        c.get_buffer(name).copy_(b)
+    return c
+
+def stage(model, groups, prompts, pad):
+    """Prefill the prompts of `groups` in one call: [groups, (K, V) stacked (2, layers, n, heads,
+    L, dim), each one's first logits (n, vocab), its length (n,), its padded tokens (n, L)]."""
+    dev = model.lm_head.weight.device
+    lens = torch.tensor([len(prompts[g]) for g in groups], device=dev)
+    L = int(lens.max())
+    x = torch.tensor([prompts[g] + [pad] * (L - len(prompts[g])) for g in groups], device=dev)
+    pre = model.make_cache(len(groups), L)
+    first = model(x, cache=pre, last=lens - 1)[0][:, 0]
+    return [groups, torch.stack([pre.k, pre.v]), first, lens, x]
+
 @torch.no_grad()
 def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, top_k=None,
            top_p=1.0, stop_ids=(), slots=None, pad_id=None, entropy=False, env=None,
@@ -124,7 +178,6 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
     pad = int(stop[0]) if pad_id is None and stop_ids else (pad_id or 0)
     # a host sync is free on CPU, costly on GPU
     check_every = check_every or (1 if dev.type == 'cpu' else 8)
-    refill = max(1, S // 8)  # free slots refilled together: a prefill costs about a decode step
     cache = cached(model, B, T) if compile else model.make_cache(B, T)
     step_fn = model
     if compile:  # written in place at fixed addresses: say so, or CUDA graphs are not captured
@@ -148,7 +201,7 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
     group_of = [None] * S  # the group each slot holds (None: empty)
     started = [0] * S      # the decode step at which it was prefilled
     length = [0] * S       # its prompt's length
-    queue, stats, it = list(range(n_groups)), Stats(), 0
+    queue, stats, it, staged = list(range(n_groups)), Stats(), 0, None
     # every group's rows, in the order of the prompts, copied out when the group is done
     fields = (tokens, logprobs, alive, from_env, ents, plen, lengths, finished)
     out = [torch.empty((n_groups * w, *f.shape[1:]), dtype=f.dtype, device=dev) for f in fields]
@@ -164,36 +217,42 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
             last = tokens.gather(1, pos[:, None])
             logits = step_fn(last, width=w, alive=(~finished)[:, None], cache=cache, pos=pos)[0]
             logits = logits[:, 0]
-        # 2) refill: empty slots take the next groups; their prompts are prefilled into their rows
-        free = [j for j in range(S) if group_of[j] is None][:len(queue)]
-        if free and (len(free) >= refill or len(free) == len(queue)):
-            new = [queue.pop(0) for _ in free]
-            lens = torch.tensor([len(prompts[g]) for g in new], device=dev)
-            L = int(lens.max())
-            x = torch.tensor([prompts[g] + [pad] * (L - len(prompts[g])) for g in new], device=dev)
-            pre = model.make_cache(len(new), L)
-            first = model(x, cache=pre, last=lens - 1)[0][:, 0].repeat_interleave(w, 0)
-            r = torch.tensor([j * w + i for j in free for i in range(w)], device=dev)  # their rows
-            cache.k[:, r, :, :L] = pre.k.repeat_interleave(w, 1)
-            cache.v[:, r, :, :L] = pre.v.repeat_interleave(w, 1)
-            if logits is None:
-                logits = first
-            else:
-                logits = logits.index_copy(0, r, first.to(logits.dtype))
+        # 2) refill: each empty slot takes the next staged group. Prompts are prefilled ahead, up
+        # to S at a time in one call (as the first fill), and a staged prompt's cache is copied
+        # into its slot the step the slot frees: no slot waits for a prefill of its own
+        free = [j for j in range(S) if group_of[j] is None]
+        while free and (staged or queue):
+            if not staged:  # the next groups, up to S and STAGE_TOKENS prompt tokens
+                n = max(1, min(S, STAGE_TOKENS // longest))
+                staged = stage(model, [queue.pop(0) for _ in queue[:n]], prompts, pad)
+            new, pre, first, lens, x = staged
+            n = min(len(free), len(new))
+            taken, free = free[:n], free[n:]
+            staged = [new[n:], pre[:, :, n:], first[n:], lens[n:], x[n:]] if n < len(new) else None
+            L = int(lens[:n].max())
+            r = torch.tensor([j * w + i for j in taken for i in range(w)], device=dev)  # their rows
+            src = torch.arange(n, device=dev).repeat_interleave(w)  # each row's staged prompt
+            cache.k[:, r, :, :L] = pre[0][:, src, :, :L]
+            cache.v[:, r, :, :L] = pre[1][:, src, :, :L]
+            if logits is None:  # the first fill: the rows of slots still empty get dead logits
+                logits = first.new_zeros(B, first.size(-1))
+            logits = logits.index_copy(0, r, first[src].to(logits.dtype))
             tokens[r] = pad
-            tokens[r, :L] = x.repeat_interleave(w, 0)
-            plen[r] = lens.repeat_interleave(w)
+            tokens[r, :L] = x[src, :L]
+            plen[r] = lens[src]
             step[r], lengths[r], finished[r], held[r] = 0, 0, False, True
             alive[r] = torch.arange(T, device=dev) < plen[r][:, None]
             logprobs[r], ents[r], from_env[r] = 0.0, 0.0, False
-            row_keys[r] = torch.tensor([keys[g * w + i] for g in new for i in range(w)], device=dev)
-            for j, g in zip(free, new):
+            row_keys[r] = torch.tensor([keys[g * w + i] for g in new[:n] for i in range(w)],
+                                       device=dev)
+            for j, g in zip(taken, new[:n]):
                 group_of[j], started[j], length[j] = g, it, len(prompts[g])
         # 3) every running row draws its token at position plen + step, keyed on row and position
         at = (plen + step).clamp(max=T - 1)
-        draw = mix(row_keys ^ at)
-        tok, lp, ent = sample_keyed(logits, temperature, top_k, top_p, draw, entropy)
-        forced = env(step, tokens, at, uniforms(draw, 1, 2)[:, 0]) if env is not None else None
+        K = n_chunks(logits.size(-1))
+        u = uniforms(mix(row_keys ^ at), (K, logits.size(-1) // K, 1))  # race levels 0, 1; the env
+        tok, lp, ent = sample_keyed(logits, temperature, top_k, top_p, u[:2], entropy)
+        forced = env(step, tokens, at, u[2][:, 0]) if env is not None else None
         if forced is not None:  # the environment's tokens win
             hit = (forced >= 0) & ~finished
             from_env[rows, at] = hit

@@ -4,7 +4,7 @@
 # figure, each part's log beside it, and exits non-zero if any part failed.
 #   bash gpu_check.sh                                  # on the GPU: OUT defaults to /tmp/nanobridge-gpu
 #   DEVICE=cpu OUT=/tmp/check bash gpu_check.sh        # its dry run on CPU: the same parts at small shapes
-# The parts, in this order, each with its own time limit (they add up to 525 s):
+# The parts, in this order, each with its own time limit (they add up to 535 s):
 #   suite  the test suite on the device under bf16 autocast (NANOBRIDGE_DEVICE/DTYPE): the fast tier plus the slow
 #          tests marked `cuda` (the compiled decode). It leaves out, with their reason printed as skips: oneDNN
 #          packing, RSS measurements and the gloo-rank (torchrun) tests, which are CPU-only, and the bit-exact
@@ -18,6 +18,8 @@
 #          against the peak it measured (the log line's mem).
 #   fsdp   the same recipe under FSDP2 at world size 1 (bf16 gathered weights, fp32 reduction, full-state checkpoint)
 #          on the 4-layer model: a warm-up step (base weights frozen) then a GRPO step, at 512 new tokens.
+#   decode the plan's constants (plan.py): bench_decode.py on the 4-layer model, 64 rows, at two context lengths,
+#          eager and compiled (CUDA graphs), each step measured beside the plan's figure for it.
 # Checkpoints go to a temporary folder off $OUT (the 1.5B run's is ~30 GB), removed as soon as a part is done.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -55,15 +57,16 @@ fig_grpo() {  # the estimate printed at start against the peak measured in the s
   grep -E '^grpo 1/1' "$1" | grep -oE 'tok/s [0-9.e+]+'
 }
 fig_fsdp() { grep -E '^(warmup|grpo) 1/1' "$1" | grep -oE '^(warmup|grpo) 1/1|mem [0-9.]+G'; }
+fig_decode() { grep -E '^decode' "$1" | sed -E 's/^decode ([a-z]+) context ([0-9,]+): measured ([0-9.]+) ms, planned ([0-9.]+) ms.*/\1 \2: \3 ms (plan \4),/'; }
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: small shapes, the same code paths
   SHAPE="hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
          vocab_size=512"
-  NEW=64 FSDP_NEW=32 SUITE_TIER='not slow'
+  NEW=64 FSDP_NEW=32 SUITE_TIER='not slow' DECODE=(--rows=8 --contexts=64,256)
 else  # DeepSeek-R1-Distill-Qwen-1.5B's config.json
   SHAPE="hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
          num_key_value_heads=2, vocab_size=151936"
-  NEW=4096 FSDP_NEW=512 SUITE_TIER='not slow or cuda'
+  NEW=4096 FSDP_NEW=512 SUITE_TIER='not slow or cuda' DECODE=(--rows=64 --contexts=1024,4096)
 fi
 $PY -c "import torch, transformers, sys; print('INFO', torch.__version__, 'transformers', transformers.__version__,
         'python', sys.version.split()[0], torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" \
@@ -73,11 +76,11 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=compute_mode,memory.
 echo "INFO disk free under $WORK: $(df -h "$WORK" | awk 'NR == 2 {print $4}')" | tee -a "$OUT/summary.txt"
 
 # 1. the suite on the device, bf16
-part suite ${SUITE_S:-180} env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
+part suite ${SUITE_S:-140} env NANOBRIDGE_DEVICE="$DEVICE" NANOBRIDGE_DTYPE=bfloat16 \
     $PY -m pytest -m "$SUITE_TIER" -p no:cacheprovider -rs --durations=25 --junitxml="$OUT/suite.xml"
 
 # 2. the bench (its memory rows are left out: the suite measures one update on the GPU, the grpo part the recipe's)
-part bench 80 $PY bench.py --device="$DEVICE" --quick=True --trl=False --mem_tokens=
+part bench 70 $PY bench.py --device="$DEVICE" --quick=True --trl=False --mem_tokens=
 
 # 3. random models of the 1.5B's shape, and the recipe's GRPO step on the whole one
 part setup 45 $PY - "$WORK" "$SHAPE" <<'PY'
@@ -113,6 +116,9 @@ rm -rf "$WORK/run" "$WORK/random"  # its checkpoint (fp32 weights + AdamW state,
 part fsdp 50 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${RECIPE[@]}" --fsdp=True \
     --init_from="$WORK/random4" --mode=warmup,grpo --warmup_steps=1 --warmup_problems=1 --grpo_steps=1 \
     --max_new_tokens=$FSDP_NEW --out_dir="$WORK/run-fsdp"
+
+# 5. the plan's decode constants, measured
+part decode 60 $PY bench_decode.py --ckpt="$WORK/random4" --device="$DEVICE" "${DECODE[@]}" --repeats=10
 
 rm -rf "$WORK"
 echo "summary: $OUT/summary.txt"

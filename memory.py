@@ -8,7 +8,9 @@ on CUDA if one cannot fit.
 import torch
 
 from bridge import BridgeConfig, bridge_mask, bridge_params
+from engine import STAGE_TOKENS
 from model import Block, ModelConfig, Transformer, rope, rope_inv_freq
+from settings import UserError
 
 def saved_bytes_per_token(cfg: ModelConfig, bridge: BridgeConfig | None, width, bf16):
     """Bytes autograd keeps per token in one Block (its Bridge included), measured: one Block runs on CPU on
@@ -51,6 +53,7 @@ def memory_estimate(cfg: ModelConfig, bridge: BridgeConfig | None, *, n_params, 
     m = {'weights (fp32)': 4 * n_params / S, 'gradients': 4 * n_train / S, 'AdamW state': 8 * n_train / S,
          'AdamW step temporaries': 4 * n_train / S, 'reference model (beta > 0)': 4 * n_params / S if beta > 0 else 0,
          'bf16 weight copies (autocast)': 2 * n_params if bf16 and not fsdp else 0,
+         'bf16 inference copy (sampling)': 2 * n_params if bf16 and not fsdp and rows else 0,
          f'rollout KV cache ({kv_token:,} B/token)': kv_token * rows * tokens + 4 * 4 * rows * V,
          'update activations, grad_checkpoint on': acts[True] + head,
          'update activations, grad_checkpoint off': acts[False] + head}
@@ -65,29 +68,52 @@ def memory_estimate(cfg: ModelConfig, bridge: BridgeConfig | None, *, n_params, 
     m['peak'] = fixed + max(sum(v for k, v in m.items() if k.startswith('rollout')), update)
     return m
 
-def sampling_estimate(cfg: ModelConfig, *, n_params, rows, tokens, bf16, fsdp=0):
+def sampling_estimate(cfg: ModelConfig, *, n_params, slots, w, tokens, prompt, bf16, fsdp=0):
     """{item: bytes} on one rank of a stage that only samples (an evaluation, the warm-up set): the weights, under
-    FSDP gathered whole for the stage, and one sampling call's KV cache and last logits."""
+    FSDP gathered whole for the stage, and the sampling engine's cache of `slots` groups of w rows."""
     S, cdt = fsdp or 1, 2 if bf16 else 4
     m = {'weights (fp32)': 4 * n_params / S,
-         'bf16 weight copies (autocast)': 2 * n_params if bf16 and not fsdp else 0,
+         'bf16 inference copy': 2 * n_params if bf16 and not fsdp else 0,
          'weights gathered (FSDP)': cdt * n_params if fsdp else 0,
-         f'KV cache of one call: {rows} rows x {tokens:,} tokens': kv_bytes(cfg, bf16) * rows * tokens
-         + 4 * 4 * rows * cfg.vocab_size}
+         'prefill of staged prompts': prefill_bytes(cfg, bf16),
+         f'engine: {slots} slots x {w} rows x {tokens:,} tokens': slots * slot_bytes(cfg, tokens, w, prompt, bf16)}
     m['peak'] = sum(m.values())
     return m
+
+def slot_bytes(cfg: ModelConfig, tokens, w, prompt, bf16):
+    """One group slot of the sampling engine: its rows' KV cache and 4 fp32 logit buffers, and its staged
+    prompt's cache."""
+    return w * (kv_bytes(cfg, bf16) * tokens + 16 * cfg.vocab_size) + kv_bytes(cfg, bf16) * prompt
+
+def prefill_bytes(cfg: ModelConfig, bf16):  # one staging prefill's activations: MLP and attention, per token
+    return STAGE_TOKENS * (2 if bf16 else 4) * (3 * cfg.intermediate_size + 6 * cfg.hidden_size)
+
+def sampling_slots(cfg: ModelConfig, run, tokens, w, prompt, groups, room, bf16):
+    """Group slots of a sampling call at width w: run['sample_slots'] if set, else as many as `room` bytes hold
+    (the device's memory left beside the stage's weights), at most `groups`, at least one."""
+    if run['sample_slots']:
+        return min(run['sample_slots'], groups)
+    return max(1, int(min(groups, room // slot_bytes(cfg, tokens, w, prompt, bf16))))
+
+def device_bytes(device):
+    """What one rank may fill: on CUDA what is free plus what this process holds (the weights may be there
+    already), on the CPU the available memory."""
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    with open('/proc/meminfo') as f:
+        return int(next(l for l in f if l.startswith('MemAvailable')).split()[1]) * 1024
 
 def kv_bytes(cfg: ModelConfig, bf16):  # K and V of every layer, per cached token, in the compute dtype
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (2 if bf16 else 4)
 
-ADVICE = {'warm-up set sampling': 'lower sample_mb or max_new_tokens',
+ADVICE = {'warm-up set sampling': 'lower sample_slots or max_new_tokens',
           'sft': 'lower sft_batch or max_new_tokens, or set grad_checkpoint=True',
           'warmup': 'lower micro_groups (groups per micro-batch) or max_new_tokens, or set grad_checkpoint=True',
           'grpo': 'lower width, max_new_tokens, batch_prompts or micro_groups, logprob_chunk, or set '
                   'grad_checkpoint=True',
-          'eval': 'lower sample_mb or eval_max_new_tokens'}
+          'eval': 'lower sample_slots or eval_max_new_tokens'}
 
-def check_memory(stages, device, verbose=True):
+def check_memory(stages, have, device, verbose=True):
     """Print each stage's estimate ({stage: {item: bytes}}); stop with a one-line error on CUDA if a stage cannot
     fit, warn on CPU."""
     size = lambda v: f"{v / 2**30:8.2f} GiB" if v >= 2**30 else f"{v / 2**20:8.1f} MiB"
@@ -96,72 +122,77 @@ def check_memory(stages, device, verbose=True):
         for stage, m in stages.items():
             print(f"{stage}: peak {size(m['peak']).strip()}\n" + '\n'.join(f"  {k:<52} {size(v)}"
                                                                         for k, v in m.items() if k != 'peak'))
-    if device.type == 'cuda':  # the weights may already be on the device
-        have = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
-    else:
-        with open('/proc/meminfo') as f:
-            have = int(next(l for l in f if l.startswith('MemAvailable')).split()[1]) * 1024
     for stage, m in stages.items():
         msg = (f"the run needs ~{m['peak'] / 2**30:.1f} GiB per rank in its {stage} stage but {device} has "
                f"{have / 2**30:.1f} GiB: {ADVICE[stage]}")
         if m['peak'] > 0.95 * have and device.type == 'cuda':
-            raise ValueError(msg)
+            raise UserError(msg)
         if m['peak'] > 0.95 * have and verbose:
             print(f"WARNING: {msg}")
 
-def sampling_rows(cfg: ModelConfig, tokens, run, world, w):
-    """The rows one sampling call holds, whole groups of w: as many as a GRPO rollout (which memory_estimate counts),
-    or as fit run['sample_mb'] MiB of fp32 KV cache at `tokens` per row, whichever is more (the embedded tasks sample
-    in one call); at least one group."""
-    row_bytes = 8 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * tokens
-    return max(1, int(max(run['batch_prompts'] // world * run['width'], run['sample_mb'] * 2**20 // row_bytes))
-               // w) * w
-
-def stage_estimates(model, bridge, extra, base, run, world, lens, stages, bf16):
-    """{stage: {item: bytes}} for every stage of a train.py run (run: its settings; stages: those it will run; lens:
-    {set: longest prompt}; extra, base: the Bridge's and the base model's parameters). Sampling holds one cache of the
-    longest prompt of any set + the stage's answer length (eval_max_new_tokens for evaluation); the warm-up trains on
-    the warm-up data's prompts."""
-    now = base + (extra if model.bridge_config else 0)  # before Bridge is added: the warm-up set, SFT
-    fsdp, new = world if run['fsdp'] else 0, run['max_new_tokens']
-    # the sampling engine's cache: the longest prompt of any set + the answer, for every call of the run
-    cap = lambda n: min(max(lens.values()) + n, model.config.max_position_embeddings)
+def stage_estimates(model, bridge, extra, base, run, world, lens, sizes, stages, bf16, have):
+    """({stage: {item: bytes}}, rooms) for every stage of a train.py run (run: its settings; stages: those it will
+    run; lens: {set: longest prompt}; sizes: {set: problems}, the test sets in order and 'the warm-up set'; extra,
+    base: the Bridge's and the base model's parameters; have: the bytes of one rank's device). Sampling holds the
+    engine's cache: the longest prompt of any set + the stage's answer length (eval_max_new_tokens for evaluation).
+    rooms: the bytes a sampling call may fill beside the weights ('sampling') or beside SFT's training state
+    ('sft'); a GRPO rollout holds its own groups, which memory_estimate counts."""
+    cfg, now = model.config, base + (extra if model.bridge_config else 0)  # before Bridge: the warm-up set, SFT
+    fsdp, new, prompt = world if run['fsdp'] else 0, run['max_new_tokens'], max(lens.values())
+    cap = lambda n: min(prompt + n, cfg.max_position_embeddings)  # the engine's cache, for every call of the run
+    per_rank = lambda n: -(-n // world)  # a rank's share of n problems (the first ranks hold one more)
     warm_len = lens.get('the warm-up data', lens['the training set'])
     common = dict(new_tokens=new, chunk=run['logprob_chunk'], bf16=bf16, fsdp=fsdp, checkpointing=model.grad_checkpoint)
+    tests = [n for name, n in sizes.items() if name != 'the warm-up set']  # in order: SFT checks the first
+    weights = sampling_estimate(cfg, n_params=extra + base, slots=0, w=1, tokens=0, prompt=0, bf16=bf16, fsdp=fsdp)
+    rooms = {'sampling': 0.9 * have - weights['peak']}
+
+    def sampling(n_params, groups, w, tokens, room):  # one sampling call of `groups` groups of w rows
+        slots = sampling_slots(cfg, run, tokens, w, prompt, groups, room, bf16)
+        return sampling_estimate(cfg, n_params=n_params, slots=slots, w=w, tokens=tokens, prompt=prompt, bf16=bf16,
+                                 fsdp=fsdp)
     out = {}
     if 'warmup' in stages and bridge and not run['warmup_set']:
-        S = run['warmup_samples']
-        rows = sampling_rows(model.config, cap(new), run, world, S)
-        out['warm-up set sampling'] = sampling_estimate(model.config, n_params=now, rows=rows, tokens=cap(new),
-                                                        bf16=bf16, fsdp=fsdp)
+        rows = per_rank(sizes['the warm-up set']) * run['warmup_samples']  # each its own group of one
+        out['warm-up set sampling'] = sampling(now, rows, 1, cap(new), rooms['sampling'])
     if 'sft' in stages:
-        out['sft'] = memory_estimate(
-            model.config, model.bridge_config, n_params=now, n_train=now, width=1, tokens=cap(new),
-            rows=sampling_rows(model.config, cap(new), run, world, 1), mb_rows=run['sft_batch'] // world, **common)
+        train = memory_estimate(cfg, model.bridge_config, n_params=now, n_train=now, width=1, tokens=cap(new), rows=0,
+                                mb_rows=run['sft_batch'] // world, **common)
+        rooms['sft'] = 0.9 * have - train['peak']
+        held = per_rank(min(tests[0], run['eval_problems'] or tests[0]))
+        rows = sampling_slots(cfg, run, cap(new), 1, prompt, held, rooms['sft'], bf16)
+        out['sft'] = memory_estimate(cfg, model.bridge_config, n_params=now, n_train=now, width=1, tokens=cap(new),
+                                     rows=rows, mb_rows=run['sft_batch'] // world, **common)
     if 'warmup' in stages and bridge:
         groups = min(run['micro_groups'] or run['warmup_groups'], run['warmup_groups'] // world)
         out['warmup'] = memory_estimate(
-            model.config, bridge, n_params=extra + base, n_train=extra, width=run['warmup_samples'], rows=0,
+            cfg, bridge, n_params=extra + base, n_train=extra, width=run['warmup_samples'], rows=0,
             mb_rows=groups * run['warmup_samples'], tokens=warm_len + new, **common)
     if 'grpo' in stages:
-        per_rank = run['batch_prompts'] // world
+        per_rank_prompts = run['batch_prompts'] // world
         out['grpo'] = memory_estimate(
-            model.config, bridge, n_params=extra + base, n_train=extra if run['bridge_only'] else extra + base,
-            rows=per_rank * run['width'], mb_rows=(run['micro_groups'] or per_rank) * run['width'],
+            cfg, bridge, n_params=extra + base, n_train=extra if run['bridge_only'] else extra + base,
+            rows=per_rank_prompts * run['width'], mb_rows=(run['micro_groups'] or per_rank_prompts) * run['width'],
             tokens=cap(new), width=run['width'], beta=run['beta'], **common)
     if 'eval' in stages:
         widths = [1] + [int(w) for w in run['eval_widths'].split(',')]  # 1: rows drawn once, then grouped
         tokens = cap(run['eval_max_new_tokens'] or new)
-        rows = max(sampling_rows(model.config, tokens, run, world, w) for w in widths)
-        out['eval'] = sampling_estimate(model.config, n_params=extra + base if bridge else now, rows=rows,
-                                        tokens=tokens, bf16=bf16, fsdp=fsdp)
-    return out
+        largest = per_rank(max(min(n, run['eval_problems'] or n) for n in tests))
+        calls = [sampling(extra + base if bridge else now, largest * run['eval_samples'] // w, w, tokens,
+                          rooms['sampling']) for w in widths]
+        out['eval'] = max(calls, key=lambda m: m['peak'])
+    return out, rooms
 
-def check_run(model, bridge, run, world, lens, stages, bf16, device, verbose):
+def check_run(model, bridge, run, world, lens, sizes, stages, bf16, device, verbose, have=None):
     """The estimate of a train.py run, stage by stage, from the model it starts from and the Bridge it will have,
-    printed; stops a CUDA run with a stage that cannot fit. Decides grad_checkpoint=None: on from 100M parameters,
-    where activations grow to ~4 MB per token at 1.5B, off below, where recomputing is only a second forward pass."""
+    printed; stops a CUDA run with a stage that cannot fit; -> ({stage: peak bytes}, the rooms sampling may fill:
+    stage_estimates). have: the bytes of one rank's device (default: this one's). Decides grad_checkpoint=None: on
+    from 100M parameters, where activations grow to ~4 MB per token at 1.5B, off below, where recomputing is only a
+    second forward pass."""
     with torch.device('meta'):
         extra, base = bridge_params(Transformer(model.config, bridge))
     model.grad_checkpoint = extra + base >= 1e8 if run['grad_checkpoint'] is None else run['grad_checkpoint']
-    check_memory(stage_estimates(model, bridge, extra, base, run, world, lens, stages, bf16), device, verbose)
+    have = have or device_bytes(device)
+    out, rooms = stage_estimates(model, bridge, extra, base, run, world, lens, sizes, stages, bf16, have)
+    check_memory(out, have, device, verbose)
+    return {stage: m['peak'] for stage, m in out.items()}, rooms

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from settings import UserError
+
 # -----------------------------------------------------------------------------
 # N-wide generation: one prefill per prompt, its KV cache copied to `width` rows, rows decode in lock-step
 @dataclass
@@ -101,14 +103,14 @@ def generate(model, prompts, width=1, max_new_tokens=256, temperature=1.0, top_k
                      (not 0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
                      (not prompts or any(len(p) == 0 for p in prompts), "every prompt needs at least one token")):
         if bad:
-            raise ValueError(msg)
+            raise UserError(msg)
     ctx = model.config.max_position_embeddings
     P, B, dev = len(prompts), len(prompts) * width, model.lm_head.weight.device
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     Lmax = int(lens.max())
     if Lmax + max_new_tokens > ctx:
-        raise ValueError(f"prompt of {Lmax} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"context of {ctx} (max_position_embeddings)")
+        raise UserError(f"prompt of {Lmax} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                        f"context of {ctx} (max_position_embeddings)")
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     pad = int(stop[0]) if pad_id is None and stop_ids else (pad_id or 0)
     check_every = check_every or (1 if dev.type == 'cpu' else 8)  # a host sync is free on CPU, costly on GPU
@@ -216,9 +218,9 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     if device.split(':')[0] not in ('cpu', 'cuda') or (device.startswith('cuda') and not torch.cuda.is_available()):
-        raise ValueError(f"device={device!r}: expected auto, cpu or cuda[:N] (with CUDA available)")
+        raise UserError(f"device={device!r}: expected auto, cpu or cuda[:N] (with CUDA available)")
     if dtype != 'auto' and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+        raise UserError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
     dt = DTYPES[dtype] if dtype != 'auto' else (torch.bfloat16 if device.startswith('cuda') else torch.float32)
     if prompt.startswith('FILE:'):
         with open(prompt[5:], encoding='utf-8') as f:
@@ -227,7 +229,7 @@ if __name__ == '__main__':
     model = fuse(load_model(init_from, device=device, dtype=dt))
     tok = Tokenizer.from_pretrained(init_from)
     if show_bridge and model.bridge_config is None:
-        raise ValueError(f"--show_bridge=True but {init_from} has no Bridge blocks (config.json has no 'bridge' entry)")
+        raise UserError(f"--show_bridge=True but {init_from} has no Bridge blocks (config.json has no 'bridge' entry)")
     probe = BridgeProbe(model, keep=True) if show_bridge else None
     raw = chat_template == 'none' or (chat_template == 'auto' and tok.chat_template is None)
     ids = tok.encode(prompt) if raw else \

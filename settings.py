@@ -8,6 +8,10 @@ import os
 
 STAGES = ('sft', 'warmup', 'grpo', 'eval')
 
+class UserError(ValueError):
+    """A mistake in a setting, a path or a file. The command line prints it as one line (configurator.py); any
+    other exception is a bug and keeps its traceback."""
+
 def _num(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -91,9 +95,10 @@ def rules(tasks, losses):
         'logprob_chunk': integer(0), 'grad_checkpoint': optional_bool, 'bridge_only': boolean,
         'eval_widths': int_list, 'eval_problems': integer(0), 'eval_samples': integer(1),
         'eval_temperature': number(0), 'eval_max_new_tokens': integer(0), 'eval_top_p': number(0, 1),
-        'answer_fallback': boolean, 'probe': boolean, 'sample_mb': number(0), 'device': device_name,
+        'answer_fallback': boolean, 'probe': boolean, 'sample_slots': integer(0), 'device': device_name,
         'dtype': choice('auto', 'bfloat16', 'float32'),
-        'compile': boolean, 'threads': integer(0), 'fsdp': boolean, 'dry_run': boolean, 'wandb_log': boolean,
+        'compile': boolean, 'threads': integer(0), 'fsdp': boolean, 'dry_run': boolean,
+        'plan_gpu': choice('', 'h100', 'h200', 'cpu'), 'plan_answer_tokens': integer(0), 'wandb_log': boolean,
         'wandb_project': nonempty,
     }
 
@@ -132,6 +137,8 @@ def relations(cfg, world, cuda, embedded):
         (c['device'].startswith('cuda') and not cuda, f"device={c['device']!r} but torch.cuda.is_available() is False"),
         (c['fsdp'] and world == 1 and 'RANK' not in os.environ and not c['dry_run'], "fsdp=True runs under torchrun "
          "(one GPU too: torchrun --standalone --nproc_per_node=1 train.py)"),
+        (c['plan_gpu'] and not c['dry_run'], f"plan_gpu={c['plan_gpu']!r} plans a run without running it: add "
+         "--dry_run=True"),
         (c['fsdp'] and c['compile'], "fsdp=True with compile=True is not wired up (torchtitan compiles each block, "
          "then shards)"),
     ]
@@ -152,7 +159,7 @@ def check(cfg, cuda, tasks, embedded, losses, relate=True):
     if not bad and relate:
         bad = [msg for broken, msg in relations(cfg, world, cuda, cfg['task'] in embedded) if broken]
     if bad:
-        raise ValueError("config: " + "; ".join(bad))
+        raise UserError("config: " + "; ".join(bad))
 
 def check_data(cfg, context, prompt_lens, tests, verbose=True):
     """After loading: every prompt (train, the warm-up data and every test set, rendered in the chat format) plus its
@@ -167,6 +174,6 @@ def check_data(cfg, context, prompt_lens, tests, verbose=True):
         if name in tests and sft and cfg['max_new_tokens'] > cfg[key]:
             key = 'max_new_tokens'
         if n + cfg[key] > context:
-            raise ValueError(f"{key}={cfg[key]}: the longest prompt of {name} has {n} tokens, and {n} + {cfg[key]} "
-                             f"exceeds the model's context of {context} (max_position_embeddings): expected "
-                             f"{key} <= {context - n}")
+            raise UserError(f"{key}={cfg[key]}: the longest prompt of {name} has {n} tokens, and {n} + {cfg[key]} "
+                            f"exceeds the model's context of {context} (max_position_embeddings): expected "
+                            f"{key} <= {context - n}")

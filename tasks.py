@@ -19,6 +19,7 @@ import torch
 
 from checkpoint import atomic_write
 from grading import extract_answer, gold_answer, is_equiv, math_reward
+from settings import UserError
 
 class Task:
     name, parser, files = '', '', ()
@@ -68,7 +69,7 @@ class Arithmetic(Task):
 
     def __init__(self, kind='add', digits=2, n_test=256):
         if digits < 1:
-            raise ValueError(f"digits={digits} must be >= 1")
+            raise UserError(f"digits={digits} must be >= 1")
         self.name, self.digits, self.n_test = kind, digits, n_test
         self.op, n = self.KINDS[kind]
         self.sizes = [10 ** digits] * n if kind != 'mul' else [10 ** digits, 10]
@@ -178,19 +179,19 @@ def read_jsonl(path, keys=None):
                     raise KeyError(f"none of the layouts {known}; it has {sorted(d)}")
                 q, a = d[k[0]], d[k[1]]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: expected a JSON object with a prompt and an answer "
-                                 f"({type(e).__name__}: {e})") from None
+                raise UserError(f"{path}:{i}: expected a JSON object with a prompt and an answer "
+                                f"({type(e).__name__}: {e})") from None
             kind = LAYOUTS.get(tuple(k), 'plain')
             gold = extract_answer(str(a), fallback=False) if kind == 'boxed' else gold_answer(a)
             if kind == 'gsm8k' and '####' not in str(a):
                 gold = None
             if not isinstance(q, str) or not q.strip() or not gold:
                 what = {'gsm8k': "no '#### n' final answer", 'boxed': 'no \\boxed{} final answer'}.get(kind, 'empty')
-                raise ValueError(f"{path}:{i}: {k[0]!r} is empty or not text" if not isinstance(q, str) or not
-                                 q.strip() else f"{path}:{i}: {what} in {k[1]!r}")
+                raise UserError(f"{path}:{i}: {k[0]!r} is empty or not text" if not isinstance(q, str) or not
+                                q.strip() else f"{path}:{i}: {what} in {k[1]!r}")
             out.append({'prompt': q, 'answer': gold, 'response': str(a)})
     if not out:
-        raise ValueError(f"{path}: the dataset is empty")
+        raise UserError(f"{path}: the dataset is empty")
     return out
 
 def read_groups(path):
@@ -204,8 +205,8 @@ def read_groups(path):
                 if g is not None and ('prompt' not in g or len(g['responses']) < 2):
                     raise KeyError('prompt')
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{i}: expected a warm-up set, one JSON object per line with a prompt and "
-                                 "2 or more responses") from None
+                raise UserError(f"{path}:{i}: expected a warm-up set, one JSON object per line with a prompt and "
+                                "2 or more responses") from None
             groups += [g] if g is not None else []
     return groups  # may be empty: no problem had 2 correct answers (the warm-up then says so and skips)
 
@@ -238,7 +239,7 @@ def parse_sets(spec, setting='data_test'):
     for item in filter(None, (s.strip() for s in spec.split(','))):
         name, path = item.split('=', 1) if '=' in item else (os.path.splitext(os.path.basename(item))[0], item)
         if not name or not path or name in sets:
-            raise ValueError(f"{setting}={spec!r}: expected 'name=path,name=path' with distinct names")
+            raise UserError(f"{setting}={spec!r}: expected 'name=path,name=path' with distinct names")
         sets[name] = path
     return sets
 

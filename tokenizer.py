@@ -11,6 +11,8 @@ import unicodedata
 
 import tiktoken
 
+from settings import UserError
+
 # ByteLevel(use_regex=true) in a tokenizer.json means GPT-2's split pattern
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN2_PAT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -65,17 +67,17 @@ def _from_tokenizer_json(fn):
     # added tokens are cut out of the text before BPE (and may sit in the vocab too): not BPE ranks
     bpe = {s: i for s, i in vocab.items() if s not in added}
     if not set(''.join(bpe)) <= BYTE_OF.keys():
-        raise ValueError(f"{fn}: model.vocab has tokens outside the GPT-2 byte-level alphabet")
+        raise UserError(f"{fn}: model.vocab has tokens outside the GPT-2 byte-level alphabet")
     ranks = {s.translate(TO_BYTE).encode('latin-1'): i for s, i in bpe.items()}  # C speed: 150k tokens at start
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise ValueError(f"{fn}: model.vocab lacks the single-byte tokens of {len(missing)} bytes, e.g. {missing[:5]}")
+        raise UserError(f"{fn}: model.vocab lacks the single-byte tokens of {len(missing)} bytes, e.g. {missing[:5]}")
     # HF applies merges in list order, tiktoken merges the pair whose result has the lowest id: the two
     # agree when the ids of the merged tokens strictly increase along the merge list
     for k, i in enumerate(merged):
         if i is None or (k and i <= merged[k - 1]):
-            raise ValueError(f"{fn}: model.merges[{k}] {merges[k]} makes a token missing from the vocab or out "
-                             "of id order; tiktoken needs merge order == token id order")
+            raise UserError(f"{fn}: model.merges[{k}] {merges[k]} makes a token missing from the vocab or out "
+                            "of id order; tiktoken needs merge order == token id order")
     # vocab entries no merge can build (e.g. '[PAD151700]' fillers) are unreachable in HF too: keep them
     # out of the BPE, but decodable (as tiktoken 'specials' that encode() never matches in text)
     reachable = set(merged)
@@ -113,13 +115,13 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path):
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+            raise UserError(f"checkpoint directory {path!r} does not exist")
         fn = os.path.join(path, 'tokenizer.json')
         if os.path.exists(fn):
             return cls(path, *_from_tokenizer_json(fn))  # the full description, preferred
         fn = os.path.join(path, 'qwen.tiktoken')
         if not os.path.exists(fn):
-            raise FileNotFoundError(f"{path}: no tokenizer.json or qwen.tiktoken in the checkpoint directory")
+            raise UserError(f"{path}: no tokenizer.json or qwen.tiktoken in the checkpoint directory")
         ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in _read(fn, 'rb').splitlines() if l)}
         dec = _read_json(path, 'tokenizer_config.json').get('added_tokens_decoder') or {}  # {"id": {content, ...}}
         added = {v['content']: int(k) for k, v in dec.items()}  # (a bare rank file has no special tokens)
@@ -141,7 +143,7 @@ class Tokenizer:
     def token_id(self, s):
         ids = [self.special_ids[s]] if s in self.special_ids else self.encode(s)  # e.g. eos named in a config
         if len(ids) != 1:
-            raise ValueError(f"{self.path}: token {s!r} is not a single token of this vocabulary")
+            raise UserError(f"{self.path}: token {s!r} is not a single token of this vocabulary")
         return ids[0]
 
     # ---- chat formatting: the output of the checkpoint's jinja chat template for one (system +) user
@@ -152,7 +154,7 @@ class Tokenizer:
             return f"{system}\n\n{user}\n" if system else f"{user}\n"  # base models: no markup at all
         plain_hint = "use chat_template='plain' to format the prompt as plain text instead"
         if not t:
-            raise ValueError(f"{self.path}: tokenizer_config.json has no chat_template; {plain_hint}")
+            raise UserError(f"{self.path}: tokenizer_config.json has no chat_template; {plain_hint}")
         tail = t.rstrip()  # the generation prompt is the template's last statement
         if "{{'<｜User｜>' + " in t and tail.endswith(("{{'<｜Assistant｜>'}}{% endif %}",
                                                       "{{'<｜Assistant｜><think>\\n'}}{% endif %}")):
@@ -169,8 +171,8 @@ class Tokenizer:
                 system = re.sub(r'\\(.)', lambda e: {'n': '\n', 't': '\t'}.get(e[1], e[1]), m[2]) if m else None
             head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ''
             return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        raise ValueError(f"{self.path}: unrecognised chat template (only ChatML/Qwen and DeepSeek-R1 formats "
-                         f"are implemented, without jinja): {t[:80]!r}...; {plain_hint}")
+        raise UserError(f"{self.path}: unrecognised chat template (only ChatML/Qwen and DeepSeek-R1 formats "
+                        f"are implemented, without jinja): {t[:80]!r}...; {plain_hint}")
 
     def encode_chat(self, user, system=None, template=None):
         return self.encode(self.render_chat(user, system, template))

@@ -21,6 +21,7 @@ import torch
 
 import engine
 import grpo
+import plan
 import results
 import settings
 from bridge import BridgeConfig, BridgeProbe, bridge_report
@@ -28,7 +29,7 @@ from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model,
                         resume_settings, save_run)
 from distributed import Ranks, free_cores, full_state, full_tensors, gathered, shard, unfreeze_for_fsdp
 from fastpath import fuse
-from memory import check_run, sampling_rows
+from memory import check_run, sampling_slots
 from model import ModelConfig, Transformer
 from tasks import EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl, write_groups
 from tokenizer import Tokenizer, no_tokenizer, write_byte_tokenizer
@@ -97,7 +98,7 @@ eval_temperature = 1.0
 eval_max_new_tokens = 0 # the evaluation's answer length (0 = max_new_tokens, the rollout's)
 eval_top_p = 0.0        # the evaluation's nucleus (0 = top_p, the rollout's)
 probe = True            # read what Bridge does during evaluation (bridge.BridgeProbe); it turns off compile
-sample_mb = 256         # KV cache one sampling call may hold beyond a GRPO rollout's (evaluation, the warm-up set)
+sample_slots = 0        # groups one sampling call decodes at once (0: as many as the memory left beside the weights)
 # system
 device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
 dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' (autocast on any device) | 'float32'
@@ -105,6 +106,8 @@ compile = False         # torch.compile the training forward and the sampler's d
 threads = 0             # CPU threads; 0 = pick from the free cores
 fsdp = False            # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2); False = DDP
 dry_run = False         # print the memory estimate, then stop
+plan_gpu = ''           # with dry_run: each stage's time on 'h100', 'h200' or this 'cpu' (plan.py), and the protocol's
+plan_answer_tokens = 0  # the plan's mean answer length before the cap, every set (0: plan.MEAN_ANSWER's, per set)
 wandb_log, wandb_project = False, 'nanobridge'
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
@@ -116,6 +119,7 @@ dev, use_bf16, autocast = None, False, nullcontext()  # the device; bf16 autocas
 ranks = log = None        # distributed.Ranks (rank, world, sums over ranks); results.Log (stdout, log.jsonl, wandb)
 config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
 longest_prompt = 0        # of every data set, in tokens: the sampling engine's cache holds it + the answer
+rooms = {}                # the bytes a sampling call may fill beside the weights (memory.stage_estimates)
 # what every sampled group is keyed on beside the seed (engine.key): the draw it serves
 SFT_CHECK, WARMUP_SET, ROLLOUT, EVAL = 1, 2, 3, 4
 
@@ -171,25 +175,29 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
         if done:
             break
 
-def sample_and_score(problems, w, temp, keys, entropy=False, compiled=None, new_tokens=0, nucleus=0.0):
+def sample_and_score(problems, w, temp, keys, entropy=False, probed=False, new_tokens=0, nucleus=0.0, slots=0,
+                     room=None):
     """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's problem), through
     the sampling engine (engine.py: group slots refilled as groups finish; row k's draws keyed on keys[k], so they
     do not depend on how many groups run at once). A row cut at new_tokens (default max_new_tokens) before its
-    stop token scores 0, whatever its text holds: its last scratch number is no answer. At paper scale (MATH-500 x
-    16 rows x 4,096 tokens: ~1 TB of KV cache at 1.5B) the slots hold no more than memory.sampling_rows allows.
-    Under FSDP the caller holds the weights gathered (distributed.gathered): sampling does no collective, so ranks
-    may hold different numbers of problems."""
+    stop token scores 0, whatever its text holds: its last scratch number is no answer. slots: groups at once (0:
+    as many as `room` bytes hold, default the sampling room: MATH-500 x 16 rows x 4,096 tokens would be ~1 TB of
+    KV cache at 1.5B). Under bf16 autocast it decodes from a bf16 inference copy of the weights, refreshed at every
+    call; probed (a BridgeProbe reads the model's own blocks): from the model itself, eager. Under FSDP the caller
+    holds the weights gathered (distributed.gathered): sampling does no collective, so ranks may hold different
+    numbers of problems."""
     if not problems:
         return None, [], torch.zeros(0), []
     new_tokens, ids = new_tokens or max_new_tokens, [task.encode(tok, p['prompt']) for p in problems]
     # one cache length for every call of the run (a compiled step is captured once); settings.check_data made each
     # set's prompts + answers fit the context
     cap = min(longest_prompt + new_tokens, raw_model.config.max_position_embeddings)
-    slots = sampling_rows(raw_model.config, cap, config, ranks.world, w) // w
+    room = rooms.get('sampling', math.inf) if room is None else room  # (no estimate made: all at once)
+    slots = slots or sampling_slots(raw_model.config, config, cap, w, longest_prompt, len(ids), room, use_bf16)
+    m = engine.inference_copy(raw_model) if use_bf16 and not fsdp and not probed else raw_model
     with torch.no_grad(), autocast:
-        gen = engine.sample(raw_model, ids, keys, w, new_tokens, temp, top_k or None, nucleus or top_p, tok.stop_ids,
-                            slots, entropy=entropy, env=task.env(tok), cap=cap,
-                            compile=compile if compiled is None else compiled)
+        gen = engine.sample(m, ids, keys, w, new_tokens, temp, top_k or None, nucleus or top_p, tok.stop_ids,
+                            slots, entropy=entropy, env=task.env(tok), cap=cap, compile=compile and not probed)
     texts = [tok.decode(c) for c in gen.completions()]
     rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
     rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]) * gen.finished.cpu()
@@ -230,7 +238,7 @@ def sft(steps, start=0, opt_state=None):
         if (step + 1) % sft_eval_every == 0 or step + 1 == steps:  # held-out accuracy: the stopping rule
             with gathered(raw_model, fsdp):  # the same draws at every check: keyed on the problem alone
                 keys = [engine.key(seed, SFT_CHECK, i) for i in mine]  # one row per problem
-                r = sample_and_score(test, 1, sft_temperature, keys)[2]
+                r = sample_and_score(test, 1, sft_temperature, keys, room=rooms.get('sft'))[2]
             s, n = ranks.all_sum(r.sum(), len(test))
             m['acc'] = s / n
         return m
@@ -257,12 +265,13 @@ def build_warmup_set(given):
     chosen = random.Random(seed).sample(source, min(warmup_problems, len(source)))
     mine = range(ranks.rank, len(chosen), ranks.world)  # this rank's problems, by their index in the sample
     probs, S = [chosen[i] for i in mine], warmup_samples
-    w = 1 if reads_siblings(raw_model) else S  # rows that would read each other are drawn one at a time
+    # answers drawn one at a time: each its own group of one, so none waits for its problem's longest answer
     keys = [engine.key(seed, WARMUP_SET, i, j) for i in mine for j in range(S)]  # answer j of problem i
+    t0 = time.time()
     with gathered(raw_model, fsdp):  # once for the whole set: ranks may hold different numbers of problems
-        gen, texts, r, _ = sample_and_score([p for p in probs for _ in range(S // w)], w, warmup_temperature, keys)
+        gen, texts, r, _ = sample_and_score([p for p in probs for _ in range(S)], 1, warmup_temperature, keys)
     if ranks.master and gen is not None:
-        print(f"warm-up set {gen.stats.line(w)}")
+        print(f"warm-up set {gen.stats.line(1)}\ndone warm-up set sampling in {time.time() - t0:.1f} s")
     ok = r > 0  # right and finished: a right answer cut at max_new_tokens scored 0
     groups = [{'prompt': p['prompt'], 'answer': p['answer'],
                'responses': [t for t, good in zip(texts[i * S:i * S + S], ok[i * S:i * S + S]) if good]}
@@ -301,7 +310,7 @@ def grpo_stage(steps, start=0, opt_state=None):
         draw = rng.randrange(2**31)  # the step's groups are keyed on it: (seed, step, rank) as everything else
         keys = [engine.key(draw, ROLLOUT, i, j) for i in range(len(probs)) for j in range(width)]
         with gathered(raw_model, fsdp):
-            gen, _, r, _ = sample_and_score(probs, width, temperature, keys, entropy=True)
+            gen, _, r, _ = sample_and_score(probs, width, temperature, keys, entropy=True, slots=len(probs))
         t_sample = time.time() - t0
         ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
         stats = grpo.policy_update(model, ro, update, ranks.all_sum, micro_groups=micro_groups, ref=ref,
@@ -343,8 +352,7 @@ def evaluate(after='init'):
                     probs = [test[p] for p in mine for _ in range(eval_samples // n)]  # eval_samples / n groups
                     # row j of problem p has one key at every width: rows that read nothing are the same rows
                     keys = [engine.key(seed, EVAL, i, p, j) for p in mine for j in range(eval_samples)]
-                    gen, texts, _, _ = sample_and_score(probs, n, eval_temperature, keys,
-                                                        compiled=compile and not reader,
+                    gen, texts, _, _ = sample_and_score(probs, n, eval_temperature, keys, probed=bool(reader),
                                                         new_tokens=eval_max_new_tokens, nucleus=eval_top_p)
                     each = [probs[r // n] for r in range(len(texts))]  # every row's problem
                     if ranks.master and gen is not None:
@@ -376,7 +384,7 @@ def reads_siblings(m):  # only Bridge proper mixes rows; self-only and P-Match b
 
 # -----------------------------------------------------------------------------
 def main():
-    global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, log, config, model_dir, longest_prompt
+    global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, log, config, model_dir, longest_prompt, rooms
     config = {k: globals()[k] for k in config_keys}
     check_config(relate=init_from != 'resume')  # a resumed run's relations: once its own settings are read back
     stages, start, opt_state, after = mode.split(','), 0, None, 'init'
@@ -397,7 +405,8 @@ def main():
         stages, start, opt_state = resume_plan(stages, state, config, ckpt, print if ranks.master else id)
         after, state = state['stage'], None  # the optimizer state lives on in opt_state until its stage loads it
     steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
-    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and dev.type == 'cuda')  # fp32 master weights, bf16 compute
+    # fp32 master weights, bf16 compute (a plan for a GPU plans the GPU's default)
+    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and (dev.type == 'cuda' or plan_gpu in plan.GPUS))
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction,
                      answer_fallback)
@@ -423,7 +432,13 @@ def main():
                                       **({'the warm-up data': warm} if warm else {})}, ranks.master)
     settings.check_data(config, raw_model.config.max_position_embeddings, lens, task.test_sets, ranks.master)
     longest_prompt = max(lens.values())
-    check_run(raw_model, bcfg, config, ranks.world, lens, stages, use_bf16, dev, ranks.master)
+    sizes = {name: len(test) for name, test in task.test_sets.items()}
+    sizes['the warm-up set'] = min(warmup_problems, len(warm or task.train_set))
+    have = plan.device(plan_gpu).memory if plan_gpu else None
+    peaks, rooms = check_run(raw_model, bcfg, config, ranks.world, lens, sizes, stages, use_bf16, dev, ranks.master,
+                             have)
+    if plan_gpu and ranks.master:
+        plan.report(raw_model.config, bcfg, config, ranks.world, lens, sizes, stages, plan_gpu, peaks)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
     log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config,
@@ -440,14 +455,17 @@ def main():
                 print(bridge_report(raw_model))
         model = torch.compile(raw_model) if compile else raw_model
         model.train()
+        t_stage = time.time()
         if stage == 'eval':
             evals.append((after, evaluate(after)))
-            continue
-        if stage == 'warmup':
+        elif stage == 'warmup':
             warmup(steps[stage], groups, start, opt_state)
         else:
             {'sft': sft, 'grpo': grpo_stage}[stage](steps[stage], start, opt_state)
-        start, opt_state, after = 0, None, stage
+        if ranks.master:  # what `--dry_run=True --plan_gpu=...` planned it at
+            print(f"done {stage} in {time.time() - t_stage:.1f} s")
+        if stage != 'eval':
+            start, opt_state, after = 0, None, stage
     if len(evals) > 1 and ranks.master and (msg := results.below(*evals[0], *evals[-1])):
         print(f"WARNING: {msg}")  # the run's last lines say when training made the model worse
     ranks.close()
