@@ -2707,6 +2707,20 @@ PAPER_BASES = {  # config.json of the paper's three bases (their shapes, from th
 }
 
 
+# each base's configs, in the order the command line names them (a config holds what changes from the one before)
+PAPER_CONFIGS = {'r1_distill_qwen15b': ['r1_distill_qwen15b'],
+                 'r1_distill_qwen7b': ['r1_distill_qwen15b', 'r1_distill_qwen7b'],
+                 'r1_distill_llama8b': ['r1_distill_qwen15b', 'r1_distill_qwen7b', 'r1_distill_llama8b']}
+
+
+def test_scale_configs_follow_their_recipe(tmp_path):
+    """The 7B and 8B configs hold what changes at their scale: named alone on the command line, each stops with one
+    line saying which config goes before it."""
+    for name in ('r1_distill_qwen7b', 'r1_distill_llama8b'):
+        p = run_all([cmd(os.path.join(ROOT, 'config', f'{name}.py'), '--dry_run=True', cwd=tmp_path)])[0]
+        one_error_line(p, f'config/{name}.py follows config/r1_distill_qwen15b.py')
+
+
 @pytest.mark.slow
 @cpu_only('a dry run measures one block on the CPU')
 def test_paper_configs_dry_run_from_config_json_alone(tmp_path):
@@ -2724,12 +2738,13 @@ def test_paper_configs_dry_run_from_config_json_alone(tmp_path):
     for name, (world, shape) in PAPER_BASES.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / 'config.json').write_text(json.dumps(shape))
-        c = cmd(os.path.join(ROOT, 'config', f'{name}.py'), f'--init_from={tmp_path / name}', '--dry_run=True',
-                '--plan_gpu=h100', '--device=cpu', '--threads=2', cwd=tmp_path)
+        c = cmd(*[os.path.join(ROOT, 'config', f'{c}.py') for c in PAPER_CONFIGS[name]],
+                f'--init_from={tmp_path / name}', '--dry_run=True', '--plan_gpu=h100', '--device=cpu', '--threads=2',
+                cwd=tmp_path)
         cmds.append({**c, 'env': {**c['env'], 'WORLD_SIZE': str(world)}})
     for (name, (world, _)), p in zip(PAPER_BASES.items(), run_all(cmds, timeout=600, workers=1)):
         out = ok(p)
-        peaks = {k: float(v) for k, v in re.findall(r'^([\w -]+): peak ([\d.]+) GiB', out, re.M)}
+        peaks = {k: float(v) for k, v in re.findall(r'^(?!plan )([\w -]+): peak ([\d.]+) GiB', out, re.M)}
         assert f'{world} rank(s)' in out and 'no tokenizer files' in out and 'rollout KV cache' in out, out[-2000:]
         stages = {'warm-up set sampling', 'warmup', 'grpo', 'eval'}  # every stage the config runs
         assert set(peaks) == stages, (name, out[-3000:])

@@ -7,7 +7,7 @@ with each group sampled and scored jointly, and evaluate at widths 1-16 (out_dir
   python train.py                                     # the embedded default
   python train.py --init_from=resume --mode=eval      # evaluate out/ckpt as it stands
   python train.py --init_from=resume --grpo_steps=600 # continue out/ckpt's GRPO to 600 steps
-  torchrun --standalone --nproc_per_node=8 train.py config/r1_distill_qwen7b.py   # FSDP2: a 7B on 8 GPUs
+  torchrun --nproc_per_node=8 train.py config/r1_distill_qwen15b.py config/r1_distill_qwen7b.py  # FSDP2, 7B
 """
 import json
 import math
