@@ -90,7 +90,7 @@ class Bridge(nn.Module):
 
     def attend(self, q, k, v, key_mask):
         """Softmax(Mask_Bridge(Q_s K_s^T) / sqrt(d)) V_s, for every (group, position) s at once (the paper's Bridge
-        equation), fused. BridgeProbe swaps in the same attention unfused, to read its weights."""
+        equation), fused. probe.BridgeProbe swaps in the same attention unfused, to read its weights."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
 
     def forward(self, x, width, key_mask=None, query_keep=None):
@@ -151,75 +151,3 @@ def bridge_report(model):
 
 # -----------------------------------------------------------------------------
 # the probe: what the Bridge blocks do while the model runs
-
-@dataclass
-class ProbeSums:
-    """One layer's running sums. They stay on the device: a float() per layer per decode step is a host sync."""
-    ratio: torch.Tensor | float = 0.0   # sum over live tokens of ||Bridge output|| / ||residual stream||
-    tokens: torch.Tensor | float = 0.0  # the live tokens summed in `ratio`
-    share: torch.Tensor | float = 0.0   # sum of 1 - (a row's attention weight on itself), where >= 2 rows were live
-    reads: torch.Tensor | float = 0.0   # the (row, position) pairs summed in `share`
-
-class BridgeProbe:
-    """What the Bridge blocks do, read while the model runs (train.py's evaluation, sample.py --show_bridge):
-      norm ratio     ||Bridge output|| / ||residual stream|| per token, averaged over live tokens (paper Fig. 7);
-      sibling share  1 - the attention weight a row gives itself, averaged over the (row, position) pairs where
-                     attention ran over 2 or more live rows: 1 - 1/n for uniform attention over n live rows.
-    Only calls at width >= 2 count: sample.generate's shared prefill runs every prompt once, at width 1, where
-    siblings do not exist yet. Finished and padded positions count for neither (their output is zeroed). The self
-    and P-Match controls have no cross-row attention: their share stays 0. keep=True also keeps every counted call's
-    head-averaged attention of each row over its group, (B, T, W), in call order (sample.bridge_view)."""
-
-    def __init__(self, model, keep=False):
-        self.layer = {b: i for i, l in enumerate(model.model.layers) if (b := getattr(l, 'bridge', None))}
-        self.sums, self.kept, self.keep, self.att = {}, [], keep, None
-        self.hooks = [b.register_forward_hook(self.read) for b in self.layer]
-        for b in self.layer:
-            if isinstance(b, Bridge):
-                b.attend = self.attend  # an instance attribute shadows the fused method until remove()
-
-    def attend(self, q, k, v, key_mask):
-        """Bridge.attend unfused, keeping its weights: softmax(Q K^T / sqrt(d)), masked keys at -inf."""
-        att = (q @ k.transpose(-1, -2) / q.size(-1) ** 0.5).float()
-        self.att = (att.masked_fill(~key_mask, float('-inf')) if key_mask is not None else att).softmax(-1)
-        return self.att.to(v.dtype) @ v
-
-    def read(self, block, args, out):
-        x, width, keep = args[0], args[1], args[3] if len(args) > 3 else None
-        att, self.att = self.att, None
-        if width == 1:
-            return
-        B, T = x.shape[:2]
-        live = keep[..., 0] if keep is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-        x, y = x.detach().float(), (out - x).detach().float()  # y: what the block added to the residual stream
-        s = self.sums.setdefault(self.layer[block], ProbeSums())
-        s.ratio = s.ratio + (y.norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12) * live).sum()
-        s.tokens = s.tokens + live.sum()
-        if att is None:
-            return
-        # (G*T, H, W, W) -> each row's attention over its group, averaged over heads: (B, T, W)
-        a = att.detach().mean(1).view(B // width, T, width, width).transpose(1, 2).reshape(B, T, width)
-        n = live.view(B // width, width, T).sum(1, keepdim=True).expand(-1, width, -1).reshape(B, T)
-        counted, r = live & (n >= 2), torch.arange(B, device=x.device)
-        s.share = s.share + ((1 - a[r, :, r % width]) * counted).sum()
-        s.reads = s.reads + counted.sum()
-        if self.keep:
-            self.kept.append(a)
-
-    def layers(self):  # (layer, its sums) for every Bridge layer, counted or not, in layer order
-        return [(i, self.sums.get(i, ProbeSums())) for i in sorted(self.layer.values())]
-
-    def norm_ratios(self):  # {layer: mean ratio over live tokens}; 0 where nothing was counted
-        return {i: float(s.ratio) / max(float(s.tokens), 1) for i, s in self.layers()}
-
-    def sibling_shares(self):  # {layer: mean share}; 0 where no attention ran over 2 or more live rows
-        return {i: float(s.share) / max(float(s.reads), 1) for i, s in self.layers()}
-
-    def reset(self):
-        self.sums, self.kept = {}, []
-
-    def remove(self):
-        for h in self.hooks:
-            h.remove()
-        for b in self.layer:
-            b.__dict__.pop('attend', None)

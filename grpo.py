@@ -1,6 +1,6 @@
 """
 GRPO for nanobridge: group-relative advantages, the clipped policy loss, each group's log-probs computed jointly,
-the update, its health warnings, and the evaluation metrics at every width.
+and the update. (Its health warnings and the evaluation metrics are in results.py.)
   - group_advantages: A_i = (r_i - mean(r)) / (std(r) + eps) per group (GRPO), or r_i - mean(r) (Dr. GRPO)
   - grpo_loss: PPO-style clipped surrogate + optional k3 KL, aggregated as dapo / grpo / dr_grpo
 The Bridge paper trains with "a token-level normalized variant" of GRPO (DAPO, Yu et al. 2025), hence
@@ -8,7 +8,6 @@ loss_type='dapo' is the default. Formulas follow TRL's GRPOTrainer._compute_loss
 (tasks.py; grading.py for math).
 """
 import math
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -171,70 +170,3 @@ def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperat
         sums['gnorm'] = sums.get('gnorm', 0.0) + update() / num_iterations
     keys = ['clip_frac', 'kl', 'entropy']
     return {**dict(zip(keys, all_sum(*[sums[k] for k in keys]))), 'gnorm': sums['gnorm']}
-
-class Health:
-    """GRPO's warnings, each said once, in words (the log line's columns show the numbers step by step): no learning
-    signal (every group with zero reward std, `window` steps in a row), every completion truncated, and a collapse:
-    the reward's mean over the last `window` steps has fallen below half of its best such mean (>= 0.1) and stayed
-    there for `window` steps. A healthy run's 5-step mean moves by a few hundredths; a collapsing one keeps fewer right
-    answers to learn from at every step, and rarely recovers (RESULTS.md, seed 4: 0.52 at step 1, 0.05 by step 30)."""
-    window = 5
-
-    def __init__(self):
-        self.said, self.rewards, self.best, self.low, self.flat = set(), [], (0.0, 0), 0, 0
-
-    def __call__(self, step, reward, zero_std, trunc, max_tokens):
-        """The messages not said before, for this step's mean reward and its zero-std and truncated fractions."""
-        w, r = self.window, self.rewards
-        r.append(reward)
-        mean = sum(r[-w:]) / w
-        if len(r) >= w:  # a full window: one lucky step is not a best to fall from
-            self.best = max(self.best, (mean, -step))
-            self.low = self.low + 1 if mean < self.best[0] / 2 else 0
-        # a near-deterministic policy has a step of all-equal groups now and then; `w` in a row means no signal
-        self.flat = self.flat + 1 if zero_std == 1 and reward < 1 else 0
-        news = {'std': self.flat >= w and f"grpo steps {step - w + 1}-{step}: every group has zero reward std, so "
-                "there is no learning signal: check max_new_tokens, the reward and the prompt format (zero_std column)",
-                'trunc': trunc == 1 and f"grpo step {step}: every completion hit max_new_tokens={max_tokens}",
-                'collapse': self.low >= w and self.best[0] >= 0.1 and f"GRPO is collapsing: the reward, averaged over "
-                f"{w} steps, reached {self.best[0]:.2f} at step {-self.best[1]} and has stayed below half of that for "
-                f"{self.low} steps ({mean:.2f} now). With fewer right answers there is less to learn from at every "
-                "step, and it rarely recovers: stop it, and rerun with a lower --lr, more --batch_prompts, or a KL "
-                "term (--beta)"}
-        out = [msg for k, msg in news.items() if msg and k not in self.said]
-        self.said |= {k for k, msg in news.items() if msg}
-        return out
-
-# -----------------------------------------------------------------------------
-# evaluation at every width
-def eval_metrics(texts, problems, w, task, lengths, finished=None):
-    """(sum, count) pairs (so ranks can add them up) for one width. Rows come in groups of w. finished: False for a
-    row cut before its stop token, which scores 0 and gives no final answer (None: every row finished).
-    acc: mean per-response accuracy; pass@w: >= 1 correct in the group; maj: the group's plurality answer is right;
-    gpass@tau: >= ceil(tau * w) correct (G-Pass@w_tau, Liu et al. 2024, with n = k = w);
-    agree: fraction of sibling pairs with the same final answer; fix: P(row correct | its own draft is wrong and the
-    plurality of its siblings' drafts is right) - about 0 for independent rows, well above 0 if Bridge reads siblings
-    (tasks whose answers carry a draft)."""
-    done = [True] * len(texts) if finished is None else [bool(f) for f in finished]
-    r = torch.tensor([task.reward(t, p) * f for t, p, f in zip(texts, problems, done)]).view(-1, w)
-    G = r.size(0)
-    finals = [task.final(t) if f else None for t, f in zip(texts, done)]
-    m = {'acc': (r.sum().item(), r.numel()), 'pass@w': ((r.sum(1) > 0).sum().item(), G),
-         'len': (float(lengths.sum()), r.numel())}
-    for tau in (0.25, 0.5, 0.75, 1.0):
-        m[f'gpass@{tau}'] = ((r.sum(1) >= math.ceil(tau * w)).sum().item(), G)
-    maj, agree, pairs, fix, fix_n = 0, 0, 0, 0, 0
-    for g in range(G):
-        fs = finals[g * w:(g + 1) * w]
-        top = Counter(f for f in fs if f is not None).most_common(1)
-        maj += bool(top) and task.correct(top[0][0], problems[g * w])
-        agree += sum(fs[i] is not None and fs[i] == fs[j] for i in range(w) for j in range(i + 1, w))
-        pairs += w * (w - 1) // 2
-        if task.draft and w > 1:
-            drafts = [task.draft(t)[0] for t in texts[g * w:(g + 1) * w]]
-            gold = problems[g * w]['answer']
-            for i in range(w):
-                sib = Counter(d for j, d in enumerate(drafts) if j != i and d is not None).most_common(1)
-                if drafts[i] != gold and sib and sib[0][0] == gold:
-                    fix, fix_n = fix + int(r[g, i] > 0), fix_n + 1
-    return {**m, 'maj': (maj, G), 'agree': (agree, pairs), 'fix': (fix, fix_n)}  # a count of 0: undefined

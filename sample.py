@@ -195,7 +195,7 @@ def bridge_view(probe, gen):
 
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
-    from bridge import BridgeProbe
+    from probe import BridgeProbe
     from checkpoint import DTYPES, load_model
     from distributed import free_cores
     from fastpath import fuse

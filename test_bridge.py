@@ -35,13 +35,15 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 import engine
 import grpo
 import plan
-from bridge import BridgeConfig, BridgeProbe, bridge_params, bridge_report
+import results
+from bridge import BridgeConfig, bridge_mask, bridge_params, bridge_report
 import tasks
 from checkpoint import load_model, save_model
 from distributed import Ranks
 from grading import extract_answer, gold_answer, is_equiv, math_reward, normalize_answer
 from grpo import group_advantages, grpo_loss
 from model import ModelConfig, Transformer, rope_inv_freq
+from probe import BridgeProbe
 from sample import Generation, distribution, generate, sample_token
 from settings import UserError
 from tokenizer import Tokenizer, write_byte_tokenizer
@@ -730,7 +732,29 @@ def test_bridge_probe_reports_known_attention():
     probe.remove()
     assert all('attend' not in b.__dict__ and not b._forward_hooks for b in m.bridge_modules())
 
-# ---- the supervised positive control (issue 12): the target is a function of the whole group, its largest symbol.
+def test_probe_reads_keyword_calls():
+    """The probe reads a block's input, width and live positions by name: a Bridge block called with keyword
+    arguments (as a fork may call it), in another order, counts exactly what the positional call counts, finished
+    positions excluded."""
+    m = random_bridge_model()
+    block = m.model.layers[0].bridge
+    x = torch.randn(8, 3, 32, device=DEV)
+    alive = torch.ones(8, 3, dtype=torch.bool, device=DEV)
+    alive[1, 1:] = False
+    alive[6, 2] = False
+    key_mask, keep = bridge_mask(alive, 4)
+    sums = []
+    for call in (lambda: block(x, 4, key_mask, keep),
+                 lambda: block(query_keep=keep, key_mask=key_mask, width=4, x=x)):
+        probe = BridgeProbe(m)
+        call()
+        sums.append((probe.norm_ratios(), probe.sibling_shares(), float(probe.sums[0].tokens),
+                     float(probe.sums[0].reads)))
+        probe.remove()
+    assert sums[0] == sums[1] and sums[0][2] == 21 and sums[0][3] == 21  # 24 positions, 3 finished
+
+
+# ---- the supervised positive control: the target is a function of the whole group, its largest symbol.
 # Trained through the project's own model, Bridge learns it; the self-only control and P-Match cannot.
 
 MAXK, MAXW = 16, 4  # symbols 0..MAXK-1, trained in groups of MAXW siblings
@@ -2168,13 +2192,13 @@ def test_grpo_collapse_is_said_once():
     once, in words, with the step where it was best; 5 zero-std steps in a row (no signal) are said once too, but
     not the lone zero-std step of a near-deterministic policy (step 2 here, and 20 of the healthy logs of the
     fresh-seed runs before this rule)."""
-    h, said = grpo.Health(), []
+    h, said = results.Health(), []
     for step, r in enumerate([0.5, 0.7, 0.6] + [0.0] * 25, 1):
         said += [(step, m) for m in h(step, r, 1.0 if r == 0 or step == 2 else 0.5, 0.0, 16)]
     assert [s for s, _ in said] == [8, 11] and said[0][1].startswith('grpo steps 4-8: every group has zero reward std')
     assert said[1][1].startswith('GRPO is collapsing: the reward, averaged over 5 steps, reached 0.36 at step 5 and '
                                  'has stayed below half of that for 5 steps (0.00 now)')
-    quiet = grpo.Health()  # never good: no collapse, however long the zeros last
+    quiet = results.Health()  # never good: no collapse, however long the zeros last
     assert all('collapsing' not in m for s in range(1, 30) for m in quiet(s, 0.0, 1.0, 0.0, 16))
 
 
@@ -2186,18 +2210,18 @@ def test_collapse_rule_on_logged_patterns():
     g = torch.Generator().manual_seed(0)
     collapsed = [0.30 + 0.005 * s for s in range(10)] + [0.35 * (1 - s / 50) for s in range(50)] + \
         [(torch.rand((), generator=g) < 0.4).item() / 128 for _ in range(240)]
-    h = grpo.Health()
+    h = results.Health()
     said = [(s, m) for s, r in enumerate(collapsed, 1) for m in h(s, r, 0.5, 0.0, 16) if 'collapsing' in m]
     assert len(said) == 1 and said[0][0] <= 45, said
     # a real one (RESULTS.md, fresh seeds): seed 4 at 696316b, whose SFT reached its cap at 0.41; right answers of
     # 128 in its first 40 GRPO steps (it then stayed at 0-13 to step 300). Said at step 27, while it falls.
     real = [66, 61, 65, 51, 50, 53, 43, 30, 52, 31, 27, 32, 42, 29, 30, 25, 30, 29, 28, 29, 36, 26, 27, 17, 9, 8, 3, 2,
             2, 7, 2, 5, 16, 10, 9, 15, 16, 18, 4, 4]
-    h = grpo.Health()
+    h = results.Health()
     said = [(s, m) for s, r in enumerate(real, 1) for m in h(s, r / 128, 0.5, 0.0, 16) if 'collapsing' in m]
     assert [s for s, _ in said] == [27], said
     for lo, hi in ((0.45, 0.85), (0.29, 0.99)):
-        h = grpo.Health()
+        h = results.Health()
         rewards = [torch.binomial(torch.tensor(128.0), torch.tensor(lo + (hi - lo) * min(1, s / 150)), generator=g)
                    .item() / 128 for s in range(300)]
         assert not any('collapsing' in m for s, r in enumerate(rewards, 1) for m in h(s, r, 0.5, 0.0, 16))
@@ -2349,13 +2373,13 @@ def test_eval_metrics_known_values():
     """Two groups of 4 on the embedded task (gold 005), every metric worked out by hand."""
     texts = ['005;005', '004;005', '004;004', '005;005'] + ['001;001'] * 4
     probs = [{'answer': '005'}] * 8
-    m = grpo.eval_metrics(texts, probs, 4, tasks.Arithmetic(), torch.full((8,), 7))
+    m = results.eval_metrics(texts, probs, 4, tasks.Arithmetic(), torch.full((8,), 7))
     got = {k: s / n for k, (s, n) in m.items()}
     assert got == {'acc': 3 / 8, 'pass@w': 1 / 2, 'len': 7.0, 'gpass@0.25': 1 / 2, 'gpass@0.5': 1 / 2,
                    'gpass@0.75': 1 / 2, 'gpass@1.0': 0.0, 'maj': 1 / 2, 'agree': 9 / 12, 'fix': 1 / 2}
     # the same texts, rows 0, 1 and 3 cut before their stop token: they score 0 and give no final answer to the vote
     finished = torch.tensor([False, False, True, False] + [True] * 4)
-    got = {k: s / n for k, (s, n) in grpo.eval_metrics(texts, probs, 4, tasks.Arithmetic(), torch.full((8,), 7),
+    got = {k: s / n for k, (s, n) in results.eval_metrics(texts, probs, 4, tasks.Arithmetic(), torch.full((8,), 7),
                                                        finished).items() if n}
     assert got['acc'] == 0 and got['pass@w'] == 0 and got['maj'] == 0 and got['agree'] == 6 / 12
 
@@ -2375,7 +2399,7 @@ def test_sample_once_equals_sampling_in_groups(sft_ckpt, tmp_path):
     keys = [engine.key(T.seed, T.EVAL, 0, p, j) for p in range(len(probs)) for j in range(8)]  # evaluate's
     gen, texts, _, each = T.sample_and_score([p for p in probs for _ in range(2)], 4, T.eval_temperature, keys)
     assert len(set(texts)) > 4  # rows that differ
-    m = grpo.eval_metrics(texts, each, 4, T.task, gen.lengths, gen.finished)
+    m = results.eval_metrics(texts, each, 4, T.task, gen.lengths, gen.finished)
     want = {k: s / n for k, (s, n) in m.items() if n}
     got = res['sets']['add'][4]
     assert want == {k: got[k] for k in want} and 0 < want['acc'] < 1 and want['pass@w'] > want['acc']

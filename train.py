@@ -24,7 +24,8 @@ import grpo
 import plan
 import results
 import settings
-from bridge import BridgeConfig, BridgeProbe, bridge_report
+from bridge import BridgeConfig, bridge_report
+from probe import BridgeProbe
 from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model, load_train_state, resume_plan,
                         resume_settings, save_run)
 from distributed import Ranks, free_cores, full_state, full_tensors, gathered, shard, unfreeze_for_fsdp
@@ -97,7 +98,7 @@ eval_samples = 16       # rows per problem at every width: eval_samples / w grou
 eval_temperature = 1.0
 eval_max_new_tokens = 0 # the evaluation's answer length (0 = max_new_tokens, the rollout's)
 eval_top_p = 0.0        # the evaluation's nucleus (0 = top_p, the rollout's)
-probe = True            # read what Bridge does during evaluation (bridge.BridgeProbe); it turns off compile
+probe = True            # read what Bridge does during evaluation (probe.BridgeProbe); it turns off compile
 sample_slots = 0        # groups one sampling call decodes at once (0: as many as the memory left beside the weights)
 # system
 device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
@@ -300,7 +301,7 @@ def grpo_stage(steps, start=0, opt_state=None):
         sd = None if start else full_state(raw_model, None, fsdp)  # a resumed run reads back the one it saved
         ref = kl_reference(os.path.join(out_dir, 'ref'), raw_model, sd, ranks, dev)
         ref = shard(ref, ranks.world, use_bf16, train=False) if fsdp else fuse(ref)
-    health = grpo.Health()
+    health = results.Health()
 
     def step_fn(step, update):
         t0 = time.time()
@@ -331,7 +332,7 @@ def grpo_stage(steps, start=0, opt_state=None):
               opt_state)
 
 def evaluate(after='init'):
-    """The paper's metrics (grpo.eval_metrics) at every width on every test set and their average, the width
+    """The paper's metrics (results.eval_metrics) at every width on every test set and their average, the width
     gain, and the probe's norm ratio and sibling share per layer at width 4 (the paper's training width), with the
     protocol card in out_dir/eval_{after}.json, `after` being the stage before it (init, sft, warmup, grpo). A model
     whose rows do not read each other (no Bridge blocks, self-only, P-Match) draws its eval_samples rows per problem
@@ -359,7 +360,7 @@ def evaluate(after='init'):
                         print(f"{name}: {gen.stats.line(n)}")
                     drawn[name] = each, texts, rows_of(gen, 'lengths'), rows_of(gen, 'finished')
                 each, texts, lengths, finished = drawn[name]
-                m = grpo.eval_metrics(texts, task.rows(each, texts, w), w, task, lengths, finished)
+                m = results.eval_metrics(texts, task.rows(each, texts, w), w, task, lengths, finished)
                 v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
                 r = res['sets'][name][w] = {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
                 r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
