@@ -9,7 +9,7 @@ lets the N sibling rows of one prompt read each other:
 The attention matrix is width x width, one per (group, position). There is no positional signal across
 rows, so the block is permutation-equivariant and one trained model serves any width. W_O starts at zero,
 so a fresh Bridge model is exactly its base model. Choices where the paper is silent follow
-shared/docs/bridge-paper.md section 9 (inner width 512 = 4 heads x 128, RMSNorm input, no biases).
+docs/paper.md §8 (inner width 512 = 4 heads x 128, RMSNorm input, no biases).
 """
 from dataclasses import dataclass, asdict
 

@@ -1,7 +1,7 @@
 """
 Compare evaluation results (train.py's out_dir/eval_*.json) the way the paper does, or arm against arm over seeds.
 
-The paper's table (sec. 4.2-4.3): each test set, Avg (the unweighted mean over sets) and the gain over the base model,
+The paper's table (docs/paper.md §4.3-4.4): each test set, Avg (the unweighted mean over sets) and the gain over the base model,
 Delta = Avg(method) - Avg(base), and Bridge's relative gain (Delta_Bridge - Delta_next best) / Delta_next best, where
 the next best is the best other trained method; undefined when that Delta is <= 0. The results must share their
 protocol card (data hashes, sampling, widths, parser...); different commits are allowed, and listed.

@@ -101,7 +101,7 @@ def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
     """The one function that computes log-probs (for the loss, old and reference policies): log p(tokens[t] |
     tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
     the model together, under the same alive mask as at sampling, because each row's distribution depends on its
-    siblings; any other recomputation gives a wrong importance ratio (bridge-paper.md sec. 9.7). The vocabulary
+    siblings; any other recomputation gives a wrong importance ratio (docs/paper.md §8.7). The vocabulary
     head then runs in token chunks (fastpath.head_logprobs): memory does not grow with rows x tokens x V.
     start: skip the head before this position (prompts need no log-probs); those columns are 0."""
     _, nll = model(tokens[:, :-1], tokens[:, 1:], width=width, alive=alive[:, :-1], start=start,

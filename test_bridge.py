@@ -2132,7 +2132,7 @@ def test_embedded_task_split_and_reward():
 
 
 # ====================================================================================================
-# after a run: evaluate, continue, protect the trained model, notice a collapse (issue 17)
+# after a run: evaluate, continue, protect the trained model, notice a collapse
 # ====================================================================================================
 
 def test_eval_by_path_and_by_resume_equal_the_run(grpo_run, tmp_path):
@@ -2162,7 +2162,7 @@ def test_eval_by_path_and_by_resume_equal_the_run(grpo_run, tmp_path):
 
 
 def test_a_trained_model_is_never_overwritten_unasked(grpo_run, tmp_path):
-    """The first command of issue 17: continuing a trained model with --init_from=out/ckpt and the default out_dir
+    """Continuing a trained model with --init_from=out/ckpt and the default out_dir
     would save over the model it loaded. It stops at start, names both paths, and leaves every byte as it was; so does
     a new run into an out_dir that holds another run's checkpoint. --overwrite=True replaces it on purpose."""
     args, full, _, _ = grpo_run
@@ -2203,7 +2203,7 @@ def test_grpo_collapse_is_said_once():
 
 
 def test_collapse_rule_on_logged_patterns():
-    """Issue 22's collapsed run, as its log described it (reward 0.35 at step 10, 0 by step 60, then hovering just
+    """A logged collapsed run, as its log described it (reward 0.35 at step 10, 0 by step 60, then hovering just
     above 0, so no 10 steps of exact zeros): said once, while the reward is still falling (by step 45). Healthy runs, as 300 steps of 128 rows whose
     success rate climbs from 0.45 to 0.85 (the embedded default's weakest fresh seeds) or from 0.29 to 0.99 (the
     positive control), with binomial noise: never."""
@@ -2612,7 +2612,7 @@ def test_warmup_gradients_do_not_leak_into_grpo(sft_ckpt, tmp_path):
 
 
 def test_warmup_set_is_the_papers(sft_ckpt, tmp_path):
-    """Paper sec. 2.2, as a user runs it: the set is built once, from the base model before Bridge is added; each line
+    """The paper's warm-up set (docs/paper.md §3.1), as a user runs it: the set is built once, from the base model before Bridge is added; each line
     is one problem with its 2-8 correct answers; the warm-up trains the Bridge weights only; a resumed run and a run
     given --warmup_set train from the set without building another."""
     common = [f'--init_from={sft_ckpt}', '--warmup_steps=3', '--warmup_problems=24', *TINY]
@@ -3031,7 +3031,7 @@ def test_train_cli_user_errors(train_cli_runs, case):
     one_error_line(train_cli_runs[case], TRAIN_CASES[case][1])
 
 
-# Issue 21: every setting is checked before the first step. Each case exits 1 with one `error:` line naming the
+# Every setting is checked before the first step. Each case exits 1 with one `error:` line naming the
 # setting (or the data file's line), and no step ran: with --save_every=1 any step would have left out/ckpt behind.
 GSM_NO_ANSWER = '{"question": "1+1?", "answer": "2 #### 2"}\n{"question": "2+2?", "answer": "it is 4"}\n'
 SETTING_CASES = {
@@ -3108,6 +3108,36 @@ def test_torchrun_user_error_printed_once(tmp_path):
 # ====================================================================================================
 # the README's paper-to-code map cannot go stale
 # ====================================================================================================
+
+def anchors(path):
+    """GitHub's anchors for a markdown file's headings: lowercased, punctuation but '-' and '_' dropped, spaces to
+    '-', a repeated heading numbered -1, -2 ..."""
+    seen, out = {}, set()
+    for line in open(path, encoding='utf-8'):
+        if re.match(r'#{1,6} ', line):
+            a = re.sub(r'[^\w\- ]', '', line.lstrip('#').strip().lower()).replace(' ', '-')
+            out.add(a if a not in seen else f'{a}-{seen[a]}')
+            seen[a] = seen.get(a, 0) + 1
+    return out
+
+
+def test_docs_links():
+    """Every relative link in the README, RESULTS.md and docs/ names a file that exists, and its #anchor a heading
+    of that file."""
+    files = ['README.md', 'RESULTS.md', *[os.path.join('docs', f) for f in os.listdir(os.path.join(ROOT, 'docs'))]]
+    checked = 0
+    for f in files:
+        text = re.sub(r'```.*?```', '', open(os.path.join(ROOT, f), encoding='utf-8').read(), flags=re.S)
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z]+://', target):
+                continue
+            path, _, anchor = target.partition('#')
+            full = os.path.normpath(os.path.join(ROOT, os.path.dirname(f), path)) if path else os.path.join(ROOT, f)
+            assert os.path.exists(full), f'{f}: {target}'
+            assert not anchor or anchor in anchors(full), f'{f}: {target}'
+            checked += 1
+    assert checked >= 20
+
 
 def test_readme_paper_map():
     """Every `file.py:name` in the README's table "The paper, mapped to its code" exists in that file."""

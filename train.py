@@ -2,7 +2,7 @@
 Bridge training: SFT, the paper's Bridge warm-up, GRPO with verifiable rewards, and evaluation at every width.
 With no arguments it runs the embedded default on a laptop CPU in a few minutes: SFT a tiny Qwen-shaped model from
 scratch on a procedural "draft;final" addition task, add zero-initialised Bridge blocks (still exactly the SFT model),
-warm up the Bridge weights on groups of the model's own correct answers (paper sec. 2.2), GRPO the full model + Bridge
+warm up the Bridge weights on groups of the model's own correct answers (docs/paper.md §3.1), GRPO the full model + Bridge
 with each group sampled and scored jointly, and evaluate at widths 1-16 (out_dir/eval_grpo.json).
   python train.py                                     # the embedded default
   python train.py --init_from=resume --mode=eval      # evaluate out/ckpt as it stands
@@ -61,12 +61,12 @@ use_bridge = True       # add Bridge blocks before warm-up/GRPO (False = the RLV
 bridge_dim, bridge_heads = 64, 4  # d_B in heads (the paper-scale default is 512 in 4; tiny models need less)
 bridge_mode = 'bridge'  # 'bridge' | 'self' (same params, each row sees only itself) | 'pmatch'
 # SFT (from scratch): stop on a held-out accuracy target, checked every sft_eval_every steps, sampled at the rollout
-# temperature: what GRPO starts from is what it samples (issue 22: greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
+# temperature: what GRPO starts from is what it samples (on fresh seeds greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
 sft_lr, sft_batch, sft_steps = 3e-3, 256, 1000  # the LR, sequences per step, and the step cap
 sft_target, sft_temperature = 0.6, 1.0  # stop once the held-out accuracy at this temperature reaches this (0: greedy)
 sft_eval_every = 50
 sft_max_seconds = 0     # also stop after this long (0 = never: a clock makes the run depend on the machine's load)
-# Bridge warm-up (paper sec. 2.2): once, before Bridge exists, the base model answers warmup_problems problems
+# Bridge warm-up (docs/paper.md §3.1): once, before Bridge exists, the base model answers warmup_problems problems
 # warmup_samples times; the correct answers of problems with >= 2 of them form one group each (2-8 rows), on which
 # only the Bridge weights train, with cross-entropy
 warmup_steps, warmup_lr, warmup_groups = 100, 1e-3, 16  # warmup_groups: groups (problems) per warm-up step
@@ -255,7 +255,7 @@ def bridge_weights():
     return [p for b in raw_model.bridge_modules() for p in b.parameters()]
 
 def build_warmup_set(given):
-    """Paper sec. 2.2, once and before Bridge exists: the base model answers warmup_problems problems warmup_samples
+    """docs/paper.md §3.1, once and before Bridge exists: the base model answers warmup_problems problems warmup_samples
     times; each problem with >= 2 correct (and finished) answers becomes one group of them. Ranks split the problems;
     rank 0 writes out_dir/warmup_set.jsonl, which a later run can train from (--warmup_set), as text: a later run
     re-encodes it. given: the --warmup_set's groups, or the problems of warmup_data, read at start."""
@@ -283,7 +283,7 @@ def build_warmup_set(given):
     return groups
 
 def warmup(steps, groups, start=0, opt_state=None):
-    """Paper sec. 2.2: cross-entropy of the Bridge weights only, on groups of one problem's correct answers
+    """docs/paper.md §3.1: cross-entropy of the Bridge weights only, on groups of one problem's correct answers
     (build_warmup_set), each group at its own width."""
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + 200 + step * ranks.world + ranks.rank)

@@ -1,4 +1,4 @@
-# The positive control (issue 12): a task that only sibling reading can solve, through the whole RL path.
+# The positive control: a task that only sibling reading can solve, through the whole RL path.
 # The environment writes 'd;' (d a random digit) and the stop token (generate's env hook: these tokens stay out of
 # the loss), the policy writes only F, and the reward asks for F = the largest d of the group. SFT from scratch
 # teaches the format with a self-only F (tasks.MaxDigit), and no row that sees only itself can beat the
