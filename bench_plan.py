@@ -25,7 +25,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 
 RUNS = {'eval': ['--mode=eval', '--eval_problems=16', '--eval_samples=4', '--eval_widths=1,4'],
         'grpo': ['--mode=grpo', '--grpo_steps=3', '--batch_prompts=2', '--width=4',
-                 '--warmup_iters=1']}
+                 '--lr_warmup_iters=1']}
 
 def train(args, out):
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'),

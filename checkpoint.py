@@ -321,10 +321,21 @@ def resume_plan(stages, state, config, path, say=print):
 INVOCATION = ('init_from', 'mode', 'out_dir', 'overwrite', 'dry_run', 'device', 'threads', 'compile', 'max_iters',
               'log_interval', 'wandb_log', 'wandb_project')
 
+def migrate(saved):
+    """A checkpoint's settings under today's names: warmup_iters (the LR warm-up) is lr_warmup_iters, and min_lr,
+    once an absolute LR floor, is min_lr_ratio = min_lr / lr (the floor as a fraction of each stage's peak LR)."""
+    c = dict(saved)
+    if 'warmup_iters' in c:
+        c.setdefault('lr_warmup_iters', c.pop('warmup_iters'))
+    if 'min_lr' in c:
+        c.setdefault('min_lr_ratio', c.pop('min_lr') / c['lr'])
+    return c
+
 def resume_settings(state, config, overrides):
-    """The settings of a resumed run: the run's own, saved in its checkpoint, except what this command sets and what
-    concerns this invocation alone."""
-    return {k: v for k, v in state['config'].items() if k in config and k not in set(overrides) | set(INVOCATION)}
+    """The settings of a resumed run: the run's own, saved in its checkpoint (migrated to today's names), except what
+    this command sets and what concerns this invocation alone."""
+    saved = migrate(state['config'])
+    return {k: v for k, v in saved.items() if k in config and k not in set(overrides) | set(INVOCATION)}
 
 def check_overwrite(init_from, model_dir, ckpt, trains, overwrite):
     """Never destroy a model unasked: a run that saves may not write into the checkpoint it loads, nor replace the

@@ -86,7 +86,7 @@ def rules(tasks, losses):
         'warmup_data': text, 'warmup_problems': integer(1), 'warmup_samples': integer(2, 64),
         'warmup_temperature': number(0), 'warmup_set': text, 'warmup_groups': integer(1),
         'grpo_steps': steps, 'max_iters': steps, 'batch_prompts': integer(1),
-        'width': integer(1), 'lr': number(0, above=True), 'min_lr': number(0), 'warmup_iters': steps,
+        'width': integer(1), 'lr': number(0, above=True), 'min_lr_ratio': number(0, 1), 'lr_warmup_iters': steps,
         'weight_decay': number(0), 'beta1': number(0, 1, below=True), 'beta2': number(0, 1, below=True),
         'grad_clip': number(0), 'temperature': number(0), 'top_k': integer(0), 'top_p': number(0, 1, above=True),
         'max_new_tokens': integer(1), 'loss_type': choice(*losses), 'eps_low': number(0, 1, below=True),
@@ -120,7 +120,6 @@ def relations(cfg, world, cuda, embedded):
          f"{world} ranks that split them: expected >= {world}"),
         ('warmup' in run and c['task'] == 'maxdigit', "task='maxdigit' with a warm-up: its environment writes tokens "
          "that a teacher-forced warm-up would train on; leave warmup out of --mode (config/positive_control.py does)"),
-        (c['min_lr'] > c['lr'], f"min_lr={c['min_lr']} is above lr={c['lr']}: the cosine decays from lr to min_lr"),
         (c['bridge_dim'] % c['bridge_heads'], f"bridge_dim={c['bridge_dim']} is not a multiple of bridge_heads="
          f"{c['bridge_heads']}"),
         (c['init_from'] == 'scratch' and (c['n_embd'] % c['n_head'] or c['n_embd'] // c['n_head'] % 2),

@@ -1638,6 +1638,24 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
+def test_checkpoint_with_old_setting_names_resumes(sft_ckpt, tmp_path):
+    """A checkpoint saved when the LR warm-up was `warmup_iters` and the floor an absolute `min_lr` resumes: its
+    settings are migrated (lr_warmup_iters; min_lr_ratio = min_lr / lr) and its LR schedule goes on unchanged."""
+    args = [f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=4', '--max_iters=2', '--batch_prompts=4',
+            '--lr_warmup_iters=1', '--min_lr_ratio=0.1', *TINY]
+    train_py(*args, cwd=tmp_path)
+    path = tmp_path / 'out' / 'ckpt' / 'train_state.pt'
+    state = torch.load(path, weights_only=True)
+    c = state['config']
+    c['warmup_iters'], c['min_lr'] = c.pop('lr_warmup_iters'), c.pop('min_lr_ratio') * c['lr']
+    torch.save(state, path)
+    out = train_py('--init_from=resume', '--max_iters=4', '--log_interval=1', cwd=tmp_path)
+    lrs = [float(l.split('lr ')[1].split(',')[0]) for l in out.splitlines() if l.startswith('grpo ')]
+    lr = c['lr']  # steps 3 and 4 (it = 2, 3) of a 4-step cosine after 1 warm-up step, down to 0.1 lr
+    want = [0.1 * lr + 0.5 * (1 + math.cos(math.pi * r)) * 0.9 * lr for r in (1 / 3, 2 / 3)]
+    assert lrs == pytest.approx(want, rel=1e-2), (lrs, want)
+
+
 def test_a_forks_bug_keeps_its_traceback(sft_ckpt, tmp_path):
     """Only settings.UserError (a user's mistake) prints as one line: a plain ValueError raised inside a GRPO step,
     through the command line, ends the run with its traceback."""
@@ -1915,7 +1933,7 @@ def grpo_run(sft_ckpt, tmp_path_factory):
     KL term, whose reference model (the model as GRPO started) a resumed run must read back, not take from the
     resumed weights. The same run cut after 3 steps runs beside it."""
     args = [f'--init_from={sft_ckpt}', '--mode=grpo,eval', '--grpo_steps=6', '--batch_prompts=8', '--save_every=2',
-            '--warmup_iters=2', '--beta=0.01', *TINY]
+            '--lr_warmup_iters=2', '--beta=0.01', *TINY]
     d = tmp_path_factory.mktemp('grpo')
     full, cut = run_all([cmd(*args, cwd=d), cmd(*args, '--out_dir=cut', '--max_iters=3', cwd=d)])
     return args, d / 'out', ok(full), d
@@ -2028,7 +2046,7 @@ def test_positive_control_through_rl(tmp_path):
 # FSDP2 against DDP, both on 2 gloo ranks: sft -> warm-up -> GRPO with the KL reference, grad checkpointing and the
 # chunked head, then evaluation
 FSDP_RUN = ['--mode=sft,warmup,grpo,eval', '--sft_steps=2', '--sft_batch=32', '--sft_lr=1e-4', '--warmup_steps=2',
-            '--warmup_problems=8', '--grpo_steps=4', '--batch_prompts=8', '--warmup_iters=1', '--beta=0.01',
+            '--warmup_problems=8', '--grpo_steps=4', '--batch_prompts=8', '--lr_warmup_iters=1', '--beta=0.01',
             '--grad_checkpoint=True', *TINY]
 
 
@@ -2086,7 +2104,7 @@ def test_torchrun_fsdp_resume_is_exact(untied_ckpt, tmp_path):
     with every weight (FSDP2 fixes gradient dtypes when a unit is gathered: stale, GRPO would get bf16 gradients on
     fp32 weights); and the KL term, whose reference (the model as GRPO started) is read back from out_dir/ref."""
     args = [f'--init_from={untied_ckpt}', '--mode=warmup,grpo', '--warmup_steps=2', '--warmup_problems=8',
-            '--grpo_steps=4', '--batch_prompts=8', '--warmup_iters=1', '--beta=0.01', *TINY, '--dtype=bfloat16',
+            '--grpo_steps=4', '--batch_prompts=8', '--lr_warmup_iters=1', '--beta=0.01', *TINY, '--dtype=bfloat16',
             '--fsdp=True']
     for p in run_all([cmd(*args, '--out_dir=full', cwd=tmp_path, torchrun=True),
                       cmd(*args, '--out_dir=cut', '--max_iters=2', cwd=tmp_path, torchrun=True)]):
@@ -2239,7 +2257,7 @@ def test_collapse_warning_in_a_real_run(sft_ckpt, tmp_path):
     """An lr that wrecks the SFT model: its reward falls from ~0.5 to 0 on every group and stays there. The log says
     so once, while it happens, not once per step; and its last line says the model ended below where it started."""
     out = train_py(f'--init_from={sft_ckpt}', '--mode=eval,grpo,eval', '--grpo_steps=16', '--batch_prompts=8',
-                   '--lr=0.3', '--warmup_iters=1', '--grad_clip=0', *TINY, cwd=tmp_path)
+                   '--lr=0.3', '--lr_warmup_iters=1', '--grad_clip=0', *TINY, cwd=tmp_path)
     assert out.count('WARNING: GRPO is collapsing') == 1 and out.count('zero reward std') == 1, out[-3000:]
     assert out.strip().splitlines()[-1].startswith('WARNING: the model after grpo scores below the model it started '
                                                    'from: accuracy 0.000 at width 1')
@@ -2390,16 +2408,16 @@ def test_sample_once_equals_sampling_in_groups(sft_ckpt, tmp_path):
     width 4: same rows, same numbers."""
     import train as T
     T.raw_model = T.model = load_model(str(sft_ckpt), verbose=False)
-    T.tok, T.task, T.ranks = Tokenizer.from_pretrained(str(sft_ckpt)), tasks.Arithmetic('add', 1), Ranks(DEV)
+    T.tok, T.the_task, T.ranks = Tokenizer.from_pretrained(str(sft_ckpt)), tasks.Arithmetic('add', 1), Ranks(DEV)
     T.dev, T.out_dir, T.eval_problems, T.eval_samples, T.eval_widths = DEV, str(tmp_path), 8, 8, '1,2,4'
     T.config, T.longest_prompt = {k: getattr(T, k) for k in T.config_keys}, 4  # 'a+b='
     res = T.evaluate('init')
     assert res['card']['sampling'].startswith('once') and (tmp_path / 'eval_init.json').exists()
-    probs = T.task.test_sets['add'][:8]
+    probs = T.the_task.test_sets['add'][:8]
     keys = [engine.key(T.seed, T.EVAL, 0, p, j) for p in range(len(probs)) for j in range(8)]  # evaluate's
     gen, texts, _, each = T.sample_and_score([p for p in probs for _ in range(2)], 4, T.eval_temperature, keys)
     assert len(set(texts)) > 4  # rows that differ
-    m = results.eval_metrics(texts, each, 4, T.task, gen.lengths, gen.finished)
+    m = results.eval_metrics(texts, each, 4, T.the_task, gen.lengths, gen.finished)
     want = {k: s / n for k, (s, n) in m.items() if n}
     got = res['sets']['add'][4]
     assert want == {k: got[k] for k in want} and 0 < want['acc'] < 1 and want['pass@w'] > want['acc']
@@ -2432,7 +2450,7 @@ def test_truncated_rollout_scores_zero():
                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                           max_position_embeddings=64, eos_token_id=T.tok.eos_id))
     T.tok.stop_ids = list(range(40))  # 40 of the 259 tokens stop a row: about a third run to the cap of 6
-    T.task, T.ranks, T.longest_prompt = AlwaysRight(), Ranks(torch.device('cpu')), 6
+    T.the_task, T.ranks, T.longest_prompt = AlwaysRight(), Ranks(torch.device('cpu')), 6
     T.config = {k: getattr(T, k) for k in T.config_keys}
     gen, texts, r, _ = T.sample_and_score([{'prompt': '12+34='}] * 8, 4, 1.0, list(range(32)), new_tokens=6)
     done = gen.finished
@@ -2600,7 +2618,7 @@ def test_warmup_gradients_do_not_leak_into_grpo(sft_ckpt, tmp_path):
     GRPO step would add 2 warm-up steps' worth of base gradients to its own. So warm-up then GRPO in one process
     must end exactly where warm-up, a checkpoint, and a fresh process resuming into GRPO end."""
     common = [f'--init_from={sft_ckpt}', '--warmup_steps=2', '--warmup_problems=16', '--grpo_steps=1',
-              '--batch_prompts=8', '--warmup_iters=1', *TINY]
+              '--batch_prompts=8', '--lr_warmup_iters=1', *TINY]
     one, two = run_all([cmd(*common, '--mode=warmup,grpo', '--out_dir=one', cwd=tmp_path),
                         cmd(*common, '--mode=warmup', '--out_dir=two', cwd=tmp_path)])
     ok(one), ok(two)

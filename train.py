@@ -79,7 +79,9 @@ grpo_steps = 300        # length of the LR schedule
 max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume continues from here
 batch_prompts = 32      # prompts per step (all ranks together); rows = batch_prompts * width
 width = 4               # generation width = GRPO group = Bridge group
-lr, min_lr, warmup_iters = 3e-4, 3e-5, 10  # AdamW: linear warm-up for warmup_iters, then cosine down to min_lr
+lr = 3e-4               # GRPO's peak LR (AdamW)
+min_lr_ratio = 0.1      # each stage's cosine (SFT, warm-up, GRPO) ends at this fraction of its peak LR
+lr_warmup_iters = 10    # each stage's LR rises linearly over its first lr_warmup_iters steps
 weight_decay, beta1, beta2, grad_clip = 0.0, 0.9, 0.99, 1.0  # AdamW, and the gradient norm clip (0: none)
 temperature, top_k, top_p, max_new_tokens = 1.0, 0, 1.0, 16  # rollout sampling (top_k=0, top_p=1: no truncation)
 loss_type, eps_low, eps_high = 'dapo', 0.2, 0.2  # 'dapo' (token-level, the paper's) | 'grpo' | 'dr_grpo'; clip range
@@ -115,14 +117,22 @@ config_keys = [k for k, v in globals().items()
 # -----------------------------------------------------------------------------
 # the run's state, built by main(): declared here so that every name has one visible origin
 model = raw_model = None  # the model the stages train (compiled if asked) and the module itself
-tok = None                # its tokenizer; main() also turns the `task` setting into its tasks.Task object
+tok = None                # its tokenizer
+the_task = None           # the `task` setting's tasks.Task: its problems, prompts, reward and environment
 dev, use_bf16, autocast = None, False, nullcontext()  # the device; bf16 autocast (fp32 master weights) or nothing
 ranks = log = None        # distributed.Ranks (rank, world, sums over ranks); results.Log (stdout, log.jsonl, wandb)
 config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
 longest_prompt = 0        # of every data set, in tokens: the sampling engine's cache holds it + the answer
 rooms = {}                # the bytes a sampling call may fill beside the weights (memory.stage_estimates)
 # what every sampled group is keyed on beside the seed (engine.key): the draw it serves
-SFT_CHECK, WARMUP_SET, ROLLOUT, EVAL = 1, 2, 3, 4
+SFT_CHECK = 1
+WARMUP_SET = 2
+ROLLOUT = 3
+EVAL = 4
+# each stage's batches: random.Random(seed * 1000 + its stream + step * world + rank)
+SFT_STREAM = 0
+WARMUP_STREAM = 200
+GRPO_STREAM = 300
 
 def check_config(relate=True):  # every setting and every relation between settings (settings.py)
     settings.check(config, torch.cuda.is_available(), TASKS, EMBEDDED, grpo.LOSS_TYPES, relate)
@@ -130,10 +140,11 @@ def check_config(relate=True):  # every setting and every relation between setti
 # -----------------------------------------------------------------------------
 # the shared training loop: LR schedule, clipping, logging, checkpoints, resume
 def get_lr(it, base, total):
-    if it < warmup_iters:  # linear warm-up, then cosine down to min_lr (nanoGPT)
-        return base * (it + 1) / warmup_iters
-    ratio = min(1.0, (it - warmup_iters) / max(1, total - warmup_iters))
-    return min_lr * base / lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (base - min_lr * base / lr)
+    if it < lr_warmup_iters:  # linear warm-up, then cosine down to min_lr_ratio x base (nanoGPT)
+        return base * (it + 1) / lr_warmup_iters
+    ratio = min(1.0, (it - lr_warmup_iters) / max(1, total - lr_warmup_iters))
+    floor = min_lr_ratio * base
+    return floor + 0.5 * (1 + math.cos(math.pi * ratio)) * (base - floor)
 
 def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
     """Runs step_fn(step, update) -> metrics for steps start..total-1 with AdamW. step_fn does its own backward
@@ -189,7 +200,7 @@ def sample_and_score(problems, w, temp, keys, entropy=False, probed=False, new_t
     numbers of problems."""
     if not problems:
         return None, [], torch.zeros(0), []
-    new_tokens, ids = new_tokens or max_new_tokens, [task.encode(tok, p['prompt']) for p in problems]
+    new_tokens, ids = new_tokens or max_new_tokens, [the_task.encode(tok, p['prompt']) for p in problems]
     # one cache length for every call of the run (a compiled step is captured once); settings.check_data made each
     # set's prompts + answers fit the context
     cap = min(longest_prompt + new_tokens, raw_model.config.max_position_embeddings)
@@ -198,10 +209,10 @@ def sample_and_score(problems, w, temp, keys, entropy=False, probed=False, new_t
     m = engine.inference_copy(raw_model) if use_bf16 and not fsdp and not probed else raw_model
     with torch.no_grad(), autocast:
         gen = engine.sample(m, ids, keys, w, new_tokens, temp, top_k or None, nucleus or top_p, tok.stop_ids,
-                            slots, entropy=entropy, env=task.env(tok), cap=cap, compile=compile and not probed)
+                            slots, entropy=entropy, env=the_task.env(tok), cap=cap, compile=compile and not probed)
     texts = [tok.decode(c) for c in gen.completions()]
-    rows = task.rows([problems[i // w] for i in range(len(texts))], texts, w)
-    rewards = torch.tensor([task.reward(t, p) for t, p in zip(texts, rows)]) * gen.finished.cpu()
+    rows = the_task.rows([problems[i // w] for i in range(len(texts))], texts, w)
+    rewards = torch.tensor([the_task.reward(t, p) for t, p in zip(texts, rows)]) * gen.finished.cpu()
     return gen, texts, rewards, rows
 
 def rows_of(gen, field):  # one Generation field of every row, on the CPU (none when nothing was sampled)
@@ -212,8 +223,8 @@ def teacher_forced(groups, update, micro=0):
     correct answers, each group at its own width, tasks.group_batch); -> the loss averaged over ranks. micro: groups
     per micro-batch (0 = all at once); a group is never split, and each micro-batch's mean is weighted by its share
     of the step's targets, so the gradient is the same however the step is split."""
-    parts = [group_batch(groups[i:i + micro], tok, task) for i in range(0, len(groups), micro)] if micro else \
-        [group_batch(groups, tok, task)]
+    parts = [group_batch(groups[i:i + micro], tok, the_task) for i in range(0, len(groups), micro)] if micro else \
+        [group_batch(groups, tok, the_task)]
     n, total = max(1, sum(int((y >= 0).sum()) for _, y, _, _ in parts)), 0.0
     for x, y, alive, W in parts:
         share = int((y >= 0).sum()) / n  # 1.0 for a step in one piece
@@ -228,14 +239,14 @@ def teacher_forced(groups, update, micro=0):
 def sft(steps, start=0, opt_state=None):
     """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted), until the held-out accuracy at
     sft_temperature reaches sft_target (checked every sft_eval_every steps) or the step cap, which is said."""
-    held, t_begin = next(iter(task.test_sets.values()))[:eval_problems or None], time.time()
+    held, t_begin = next(iter(the_task.test_sets.values()))[:eval_problems or None], time.time()
     mine = range(ranks.rank, len(held), ranks.world)  # this rank's problems, by their index in the set
     test = [held[i] for i in mine]
 
     def step_fn(step, update):
-        rng = random.Random(seed * 1000 + step * ranks.world + ranks.rank)  # salts: SFT 0, warm-up 200, GRPO 300
+        rng = random.Random(seed * 1000 + SFT_STREAM + step * ranks.world + ranks.rank)
         m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in
-                            (rng.choice(task.train_set) for _ in range(sft_batch // ranks.world))], update)
+                            (rng.choice(the_task.train_set) for _ in range(sft_batch // ranks.world))], update)
         if (step + 1) % sft_eval_every == 0 or step + 1 == steps:  # held-out accuracy: the stopping rule
             with gathered(raw_model, fsdp):  # the same draws at every check: keyed on the problem alone
                 keys = [engine.key(seed, SFT_CHECK, i) for i in mine]  # one row per problem
@@ -262,7 +273,7 @@ def build_warmup_set(given):
     path = os.path.join(out_dir, 'warmup_set.jsonl')
     if warmup_set or (init_from == 'resume' and os.path.exists(path)):
         return given if warmup_set else read_groups(path)
-    source = given or task.train_set
+    source = given or the_task.train_set
     chosen = random.Random(seed).sample(source, min(warmup_problems, len(source)))
     mine = range(ranks.rank, len(chosen), ranks.world)  # this rank's problems, by their index in the sample
     probs, S = [chosen[i] for i in mine], warmup_samples
@@ -286,7 +297,7 @@ def warmup(steps, groups, start=0, opt_state=None):
     """docs/paper.md §3.1: cross-entropy of the Bridge weights only, on groups of one problem's correct answers
     (build_warmup_set), each group at its own width."""
     def step_fn(step, update):
-        rng = random.Random(seed * 1000 + 200 + step * ranks.world + ranks.rank)
+        rng = random.Random(seed * 1000 + WARMUP_STREAM + step * ranks.world + ranks.rank)
         batch = [rng.choice(groups) for _ in range(warmup_groups // ranks.world)]
         return {**teacher_forced(batch, update, micro_groups), 'groups': len(batch)}
     if groups:
@@ -306,8 +317,8 @@ def grpo_stage(steps, start=0, opt_state=None):
     def step_fn(step, update):
         t0 = time.time()
         # everything random comes from (seed, stage, step, rank): that is what makes resume exact
-        rng = random.Random(seed * 1000 + 300 + step * ranks.world + ranks.rank)
-        probs = [rng.choice(task.train_set) for _ in range(batch_prompts // ranks.world)]
+        rng = random.Random(seed * 1000 + GRPO_STREAM + step * ranks.world + ranks.rank)
+        probs = [rng.choice(the_task.train_set) for _ in range(batch_prompts // ranks.world)]
         draw = rng.randrange(2**31)  # the step's groups are keyed on it: (seed, step, rank) as everything else
         keys = [engine.key(draw, ROLLOUT, i, j) for i in range(len(probs)) for j in range(width)]
         with gathered(raw_model, fsdp):
@@ -337,7 +348,7 @@ def evaluate(after='init'):
     protocol card in out_dir/eval_{after}.json, `after` being the stage before it (init, sft, warmup, grpo). A model
     whose rows do not read each other (no Bridge blocks, self-only, P-Match) draws its eval_samples rows per problem
     once, at width 1, and every width groups those rows: the same estimates for a fraction of the cost."""
-    widths, res, shares = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in task.test_sets}}, {}
+    widths, res, shares = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in the_task.test_sets}}, {}
     once = not reads_siblings(raw_model)
     reader = BridgeProbe(raw_model) if probe and not once else None
     drawn = {}  # each set's rows, kept for every width when they are drawn once
@@ -345,7 +356,7 @@ def evaluate(after='init'):
         for w in widths:
             if reader:
                 reader.reset()
-            for i, (name, test) in enumerate(task.test_sets.items()):
+            for i, (name, test) in enumerate(the_task.test_sets.items()):
                 n = 1 if once else w  # the width the rows are sampled at
                 if name not in drawn or not once:
                     test = test[:eval_problems or None]
@@ -360,12 +371,12 @@ def evaluate(after='init'):
                         print(f"{name}: {gen.stats.line(n)}")
                     drawn[name] = each, texts, rows_of(gen, 'lengths'), rows_of(gen, 'finished')
                 each, texts, lengths, finished = drawn[name]
-                m = results.eval_metrics(texts, task.rows(each, texts, w), w, task, lengths, finished)
+                m = results.eval_metrics(texts, the_task.rows(each, texts, w), w, the_task, lengths, finished)
                 v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
                 r = res['sets'][name][w] = {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
                 r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
-                if task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
-                    r['chance'] = task.chance(w)
+                if the_task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
+                    r['chance'] = the_task.chance(w)
             shares[w] = reader.sibling_shares() if reader else {}  # over all sets at width w
             if shares[w] and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
                 res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares[w],
@@ -374,7 +385,7 @@ def evaluate(after='init'):
         reader.remove()
     res |= {str(w): m | ({'sibling': sum(shares[w].values()) / len(shares[w])} if shares[w] else {})
             for w, m in results.average(res['sets']).items()}
-    res['card'] = results.card(config, task, raw_model, model_dir, dev, use_bf16, once)
+    res['card'] = results.card(config, the_task, raw_model, model_dir, dev, use_bf16, once)
     if ranks.master:
         print(results.report(res))
         atomic_write(os.path.join(out_dir, f'eval_{after}.json'), json.dumps(res, indent=1))
@@ -385,7 +396,7 @@ def reads_siblings(m):  # only Bridge proper mixes rows; self-only and P-Match b
 
 # -----------------------------------------------------------------------------
 def main():
-    global model, raw_model, tok, task, dev, use_bf16, autocast, ranks, log, config, model_dir, longest_prompt, rooms
+    global model, raw_model, tok, the_task, dev, use_bf16, autocast, ranks, log, config, model_dir, longest_prompt, rooms
     config = {k: globals()[k] for k in config_keys}
     check_config(relate=init_from != 'resume')  # a resumed run's relations: once its own settings are read back
     stages, start, opt_state, after = mode.split(','), 0, None, 'init'
@@ -409,7 +420,7 @@ def main():
     # fp32 master weights, bf16 compute (a plan for a GPU plans the GPU's default)
     use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and (dev.type == 'cuda' or plan_gpu in plan.GPUS))
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction,
+    the_task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction,
                      answer_fallback)
     os.makedirs(out_dir, exist_ok=True)
     if model_dir is None:  # the embedded tiny Qwen-shaped model, with a byte-level tokenizer
@@ -429,12 +440,12 @@ def main():
     # a prompt that does not fit stops the run here, not after hours of training
     warm = [] if 'warmup' not in stages else \
         read_groups(warmup_set) if warmup_set else read_jsonl(warmup_data) if warmup_data else []
-    lens = prompt_lengths(task, tok, {'the training set': task.train_set, **task.test_sets,
+    lens = prompt_lengths(the_task, tok, {'the training set': the_task.train_set, **the_task.test_sets,
                                       **({'the warm-up data': warm} if warm else {})}, ranks.master)
-    settings.check_data(config, raw_model.config.max_position_embeddings, lens, task.test_sets, ranks.master)
+    settings.check_data(config, raw_model.config.max_position_embeddings, lens, the_task.test_sets, ranks.master)
     longest_prompt = max(lens.values())
-    sizes = {name: len(test) for name, test in task.test_sets.items()}
-    sizes['the warm-up set'] = min(warmup_problems, len(warm or task.train_set))
+    sizes = {name: len(test) for name, test in the_task.test_sets.items()}
+    sizes['the warm-up set'] = min(warmup_problems, len(warm or the_task.train_set))
     have = plan.device(plan_gpu).memory if plan_gpu else None
     peaks, rooms = check_run(raw_model, bcfg, config, ranks.world, lens, sizes, stages, use_bf16, dev, ranks.master,
                              have)
