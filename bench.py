@@ -221,7 +221,7 @@ def bench_model(name, cfg, ws, bw, flops, reps):
            lambda: torch.log_softmax(hf(toks[:, :-1]).logits.float(), -1).gather(-1, toks[:, 1:, None]))
 
 def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
-    """One GRPO step as train.py's grpo_stage does it (generate, rewards, Rollout, policy_update with AdamW), timed
+    """One GRPO step as train.py's grpo_stage does it (generate, rewards, Rollout, the update with AdamW), timed
     by part: median seconds per part over `steps` steps after one warm-up step."""
     opt = torch.optim.AdamW(model.parameters(), lr=T.lr, betas=(T.beta1, T.beta2), weight_decay=T.weight_decay)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()  # as train.py
@@ -241,7 +241,7 @@ def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
         opt.zero_grad(set_to_none=True)
         return float(norm)
 
-    grpo.token_logprobs = timed('log-probs (forward)', lp_fn)  # policy_update looks it up in grpo: time it there
+    grpo.token_logprobs = timed('log-probs (forward)', lp_fn)  # grpo.backward looks it up in grpo: time it there
     hist = []
     try:
         for s in range(steps + 1):
@@ -252,10 +252,11 @@ def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
                                                              stop_ids, seed=seed + s, entropy=True,
                                                              compile=compile)
             ro = timed('rewards + rollout', lambda: grpo.Rollout.from_generation(gen, reward_fn(gen), width))()
-            timed('policy_update', grpo.policy_update)(model, ro, timed(OPT, update),
-                                                       lambda *v: [float(u) for u in v], max_tokens=n,
-                                                       loss_type=T.loss_type, autocast=autocast)
-            parts['backward'] = parts['policy_update'] - parts['log-probs (forward)'] - parts[OPT]  # + the loss
+            def step():  # train.py's grpo_stage steps 2-3: the gradients, then the optimizer
+                grpo.gradients(model, ro, max_tokens=n, loss_type=T.loss_type, autocast=autocast)
+                timed(OPT, update)()
+            timed('update', step)()
+            parts['backward'] = parts['update'] - parts['log-probs (forward)'] - parts[OPT]  # + the loss
             parts['step'] = now() - t0
             hist.append(dict(parts))
     finally:

@@ -1,5 +1,5 @@
 """
-The memory probe of bench.py: one GRPO update (policy_update + AdamW) of one group of 4 rows, measured in a fresh
+The memory probe of bench.py: one GRPO update (grpo.gradients + AdamW) of one group of 4 rows, measured in a fresh
 process, since peak RSS is a process high-water mark. `python bench.py --only=memory` runs it once per table row:
     python bench_memory.py --spec=tiny:1024:1 --threads=1   # prints {"extra": bytes, "seconds": s, "estimate": bytes}
 spec = shape:tokens:new. shape: 'tiny' (train.py's embedded model with Qwen's vocabulary) or '0.5B'; tokens: the
@@ -41,7 +41,7 @@ def rss(field='VmRSS'):
         return int(next(l for l in f if l.startswith(field)).split()[1]) * 1024
 
 def probe_update(spec, dev, stage='grpo'):
-    """A GRPO update (policy_update + AdamW) of one group of 4 rows in this fresh process: its peak extra memory
+    """A GRPO update (grpo.gradients + AdamW) of one group of 4 rows in this fresh process: its peak extra memory
     (CPU: peak RSS; CUDA: max_memory_allocated), its time, and train.py's estimate of it. new = the chunked head
     with grad_checkpoint; else the full-logits head without it, as before."""
     shape, n, new, cuda = *spec.split(':'), dev.type == 'cuda'
@@ -76,8 +76,10 @@ def probe_update(spec, dev, stage='grpo'):
             loss = model(tokens[:, :-1], targets, width=w)[1]
         loss.backward()
         update()
-    step = warmup_step if stage == 'warmup' else lambda ro, autocast: grpo.policy_update(
-        model, ro, update, lambda *v: [float(u) for u in v], autocast=autocast)
+    def grpo_step(ro, autocast):
+        grpo.gradients(model, ro, autocast=autocast)
+        update()
+    step = warmup_step if stage == 'warmup' else grpo_step
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     before = torch.cuda.memory_allocated() if cuda else rss()
     if cuda:

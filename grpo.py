@@ -49,7 +49,7 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
         'grpo'    : 1/B sum_i (1/|o_i|) sum_t L         DeepSeekMath; short answers weigh more per token
         'dr_grpo' : sum_i sum_t L / (B * max_tokens)   Dr. GRPO, a constant normaliser
     normalizer (dapo only): use this number instead of the local sum(mask). The tokens of one optimizer
-    step are spread over micro-batches (and ranks) of different lengths, so policy_update passes the token
+    step are spread over micro-batches (and ranks) of different lengths, so backward() passes the token
     count of the WHOLE batch on all ranks and then simply sums the gradients (distributed.Ranks.sync_grads).
     Returns (loss, stats); stats are python floats: clip_frac (= low + high), clip_low_frac,
     clip_high_frac, kl (mean k3, 0 when off) and ratio_mean, all over the masked tokens.
@@ -133,40 +133,63 @@ class Rollout:
         step = (groups or self.tokens.size(0) // self.width) * self.width
         return [slice(i, i + step) for i in range(0, self.tokens.size(0), step)]
 
-def policy_update(model, ro, update, all_sum, micro_groups=0, ref=None, temperature=1.0, loss_type='dapo',
-                  eps_low=0.2, eps_high=0.2, beta=0.0, num_iterations=1, max_tokens=None, autocast=None):
-    """num_iterations optimizer steps on one rollout. The loss is normalised over the whole batch on every rank
-    (tokens for dapo, rows for grpo/dr_grpo), so micro-batch and rank gradients simply add up."""
-    autocast = autocast or nullcontext()
-    mbs = ro.micro_batches(micro_groups)
-    n_tok, n_rows = all_sum(ro.mask.sum(), ro.mask.size(0))
-    old, refs = [None] * len(mbs), [None] * len(mbs)
+def logprobs(model, ro, mb, temperature):
+    """A micro-batch's log-probs (token_logprobs), the head run from its first completion on."""
+    start = int(ro.prompt_lens[mb].min()) - 1
+    return token_logprobs(model, ro.tokens[mb], ro.width, ro.alive[mb], temperature, start)
 
-    def logprobs(m, mb):  # a micro-batch's log-probs; logits only from its first completion token on
-        return token_logprobs(m, ro.tokens[mb], ro.width, ro.alive[mb], temperature, int(ro.prompt_lens[mb].min()) - 1)
-    with torch.no_grad(), autocast:
+@torch.no_grad()
+def frozen_logprobs(model, ro, mbs, temperature, ref=None, beta=0.0, num_iterations=1,
+                    autocast=None):
+    """([old], [ref]) per micro-batch, computed before any update. old: the sampling policy's
+    log-probs when it will move between inner iterations (num_iterations > 1; else None: the
+    ratio's denominator is the detached current log-prob). ref: the KL reference's, if beta > 0."""
+    old, refs = [None] * len(mbs), [None] * len(mbs)
+    with autocast or nullcontext():
         for j, mb in enumerate(mbs):
-            if num_iterations > 1:  # the policy moves after the first update, so freeze the sampling policy
-                old[j] = logprobs(model, mb)
+            if num_iterations > 1:
+                old[j] = logprobs(model, ro, mb, temperature)
             if ref is not None and beta > 0:
-                refs[j] = logprobs(ref, mb)
+                refs[j] = logprobs(ref, ro, mb, temperature)
+    return old, refs
+
+def backward(model, ro, mb, old, ref_logp, n_tok, n_rows, temperature=1.0, loss_type='dapo',
+             eps_low=0.2, eps_high=0.2, beta=0.0, max_tokens=None, autocast=None):
+    """One micro-batch of whole groups: its loss and backward -> its statistics, each weighted by
+    its share of the step's n_tok loss tokens (the micro-batches' add up to the step's means).
+    The loss is normalised over the whole batch on every rank (tokens for dapo, rows for grpo and
+    dr_grpo), so micro-batch and rank gradients simply add up."""
+    with autocast or nullcontext():
+        logp = logprobs(model, ro, mb, temperature)
+    m = ro.mask[mb]
+    kw = {'normalizer': n_tok} if loss_type == 'dapo' else {}
+    denominator = logp.detach() if old is None else old
+    loss, st = grpo_loss(logp, denominator, ro.adv[mb], m, ref_logp, beta, eps_low, eps_high,
+                         loss_type, max_tokens, **kw)
+    if loss_type != 'dapo':
+        loss = loss * m.size(0) / n_rows  # per-row means: weight by this micro-batch's rows
+    loss.backward()
+    w = float(m.sum())
+    # the sampling policy's entropy (nan if the rollout has none): a diagnostic, not in the loss
+    st['entropy'] = math.nan
+    if ro.entropy is not None:
+        st['entropy'] = float((ro.entropy[mb] * m).sum() / max(w, 1))
+    return {k: v * w / max(n_tok, 1) for k, v in st.items()}
+
+def accumulate(model, ro, mbs, old, refs, n_tok, n_rows, **kw):
+    """backward() over every micro-batch of one inner iteration -> their statistics, summed: the
+    step's token-weighted means (the gradients add up in .grad)."""
     sums = {}
-    for it in range(num_iterations):
-        for j, mb in enumerate(mbs):
-            with autocast:
-                logp = logprobs(model, mb)
-            m = ro.mask[mb]
-            kw = {'normalizer': n_tok} if loss_type == 'dapo' else {}
-            loss, st = grpo_loss(logp, logp.detach() if old[j] is None else old[j], ro.adv[mb], m, refs[j], beta,
-                                 eps_low, eps_high, loss_type, max_tokens, **kw)
-            if loss_type != 'dapo':
-                loss = loss * m.size(0) / n_rows  # per-row means: weight by this micro-batch's share of rows
-            loss.backward()
-            w = float(m.sum())
-            # the sampling policy's entropy (nan if the rollout has none): a diagnostic, not part of the loss
-            st['entropy'] = float((ro.entropy[mb] * m).sum() / max(w, 1)) if ro.entropy is not None else math.nan
-            for k, v in st.items():  # token-weighted means, averaged over the inner iterations
-                sums[k] = sums.get(k, 0.0) + v * w / max(n_tok, 1) / num_iterations
-        sums['gnorm'] = sums.get('gnorm', 0.0) + update() / num_iterations
-    keys = ['clip_frac', 'kl', 'entropy']
-    return {**dict(zip(keys, all_sum(*[sums[k] for k in keys]))), 'gnorm': sums['gnorm']}
+    for j, mb in enumerate(mbs):
+        for k, v in backward(model, ro, mb, old[j], refs[j], n_tok, n_rows, **kw).items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums
+
+def gradients(model, ro, micro_groups=0, temperature=1.0, autocast=None, **kw):
+    """One rank's gradients of one rollout, one inner iteration, no KL reference: what one step of
+    train.grpo_stage computes on a single rank (bench.py and the tests call it) -> its stats."""
+    mbs = ro.micro_batches(micro_groups)
+    old, refs = frozen_logprobs(model, ro, mbs, temperature, autocast=autocast)
+    n_tok, n_rows = float(ro.mask.sum()), ro.mask.size(0)
+    return accumulate(model, ro, mbs, old, refs, n_tok, n_rows, temperature=temperature,
+                      autocast=autocast, **kw)

@@ -1875,7 +1875,7 @@ def test_micro_batches_never_split_a_group_and_sum_to_full_batch():
     grads = []
     for groups in (0, 2):  # whole batch vs micro-batches of 2 groups: the same gradient
         m.zero_grad()
-        grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], micro_groups=groups)
+        grpo.gradients(m, ro, groups)
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=tol(1e-6, 1e-4), rtol=tol(1e-4, 1e-2))
     assert grads[0].abs().max() > 0
@@ -1891,7 +1891,7 @@ def test_grpo_update_with_chunked_head_and_checkpointing():
     for chunk, ckpt in ((0, False), (3, True)):
         m = random_bridge_model(9)
         m.head_chunk, m.grad_checkpoint = chunk, ckpt
-        st = grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], micro_groups=1)
+        st = grpo.gradients(m, ro, 1)
         grads.append({n: p.grad for n, p in m.named_parameters()})
         assert math.isfinite(st['entropy']) and st['entropy'] > 0
     for n, g in grads[0].items():
@@ -2559,7 +2559,7 @@ def test_autocast_bf16_end_to_end(monkeypatch):
                                            stop_ids=[9, 10, 11], seed=s, entropy=True),
                         lambda g: len(set(g.lengths.tolist())) > 1)  # rows finish apart: the decode path ran
     ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
-    st = grpo.policy_update(m, ro, lambda: 0.0, lambda *x: [float(v) for v in x], autocast=bf16())
+    st = grpo.gradients(m, ro, autocast=bf16())
     grads = [p.grad for p in m.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert math.isfinite(st['entropy']) and st['entropy'] > 0
@@ -2580,17 +2580,16 @@ def test_sampler_entropy_is_fp32_under_autocast():
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
-def test_grpo_stats_are_averaged_over_iterations():
-    """With no optimizer step the policy never moves, so every inner iteration logs the same statistics: their
-    average must not depend on num_iterations (a sum would double and triple)."""
-    m = random_bridge_model(5)
-    gen = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=8, stop_ids=[9, 10], seed=0, entropy=True)
-    ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
-    stats = [grpo.policy_update(m, ro, lambda: 2.0, lambda *x: [float(v) for v in x], num_iterations=n)
-             for n in (1, 2, 3)]
+def test_grpo_stats_are_averaged_over_iterations(sft_ckpt, tmp_path):
+    """With an LR too small to move any weight, every inner iteration of a GRPO step sees the same policy, so the
+    step's logged statistics must not depend on num_iterations (a sum would double and triple them)."""
+    runs = [cmd(f'--init_from={sft_ckpt}', '--mode=grpo', '--grpo_steps=1', '--batch_prompts=4', '--lr=1e-30',
+                f'--num_iterations={n}', f'--out_dir=out{n}', *TINY, cwd=tmp_path) for n in (1, 2, 3)]
+    logs = [ok(p) for p in run_all(runs)]
+    stat = lambda out, k: float(out.split('grpo 1/1: ')[1].split(f'{k} ')[1].split(',')[0])
     for k in ('entropy', 'kl', 'clip_frac', 'gnorm'):
-        assert [s[k] for s in stats] == pytest.approx([stats[0][k]] * 3, abs=1e-6), k
-    assert stats[0]['entropy'] > 0 and stats[0]['gnorm'] == 2.0
+        assert [stat(o, k) for o in logs] == pytest.approx([stat(logs[0], k)] * 3, rel=1e-3, abs=1e-6), k
+    assert stat(logs[0], 'entropy') > 0 and stat(logs[0], 'gnorm') > 0
 
 
 def test_compiled_decode_cache_is_static(monkeypatch):

@@ -146,11 +146,9 @@ def get_lr(it, base, total):
     floor = min_lr_ratio * base
     return floor + 0.5 * (1 + math.cos(math.pi * ratio)) * (base - floor)
 
-def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
-    """Runs step_fn(step, update) -> metrics for steps start..total-1 with AdamW. step_fn does its own backward
-    passes (a step may hold several micro-batches and, for GRPO, several inner updates via `update`)."""
-    # train exactly `params`: the rest is frozen (no weight gradients computed or held for it), and every stage
-    # starts with no gradients, so nothing from an earlier stage (e.g. the Bridge-only warm-up) leaks into this one
+def start_stage(params, base_lr, opt_state=None):
+    """AdamW over exactly `params`: the rest is frozen (no weight gradients computed or held for it), and every
+    stage starts with no gradients, so nothing from an earlier stage (e.g. the Bridge-only warm-up) leaks into it."""
     raw_model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -160,30 +158,40 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
                             **({'fused': True} if dev.type == 'cuda' else {}))
     if opt_state is not None:
         full_state(raw_model, opt, fsdp, load=opt_state)
+    return opt
 
-    def update():  # one optimizer step: sync, clip, step, zero
-        ranks.sync_grads(params)
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else torch.tensor(0.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(norm)
+def optimizer_step(opt):  # sync over ranks, clip, step, zero -> the gradient norm before clipping
+    params = [p for g in opt.param_groups for p in g['params']]
+    ranks.sync_grads(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip else torch.tensor(0.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
 
+def end_step(stage, step, total, stop_at, m, opt, t0, t_start, start, done=False):
+    """The step's log line and, every save_every steps, at the end or when the stage stops, its checkpoint."""
+    lr_now = opt.param_groups[0]['lr']
+    if ranks.master and ((step + 1) % log_interval == 0 or step + 1 == stop_at or 'acc' in m and stage == 'sft'):
+        log(stage, step + 1, total, {**m, 'lr': lr_now}, 1000 * (time.time() - t0),
+            (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1))
+    if done or (step + 1) % save_every == 0 or step + 1 == stop_at:
+        save_run(os.path.join(out_dir, 'ckpt'), raw_model, opt, fsdp, ranks, {'stage': stage, 'step': step + 1,
+                 'config': config, 'extra': {'done': True} if done else {}}, model_dir)  # model, tokenizer, state
+
+def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
+    """SFT's and the warm-up's loop: step_fn(step, update) -> metrics for steps start..total-1, with AdamW;
+    step_fn does its own backward passes and calls update() for the optimizer step."""
+    opt = start_stage(params, base_lr, opt_state)
     t_start = time.time()
-    stop_at = min(total, max_iters) if stage == 'grpo' and max_iters else total
-    for step in range(start, stop_at):
+    for step in range(start, total):
         for g in opt.param_groups:
             g['lr'] = get_lr(step, base_lr, total)
         t0 = time.time()
-        m = step_fn(step, update)
-        if ranks.master and ((step + 1) % log_interval == 0 or step + 1 == stop_at or 'acc' in m and stage == 'sft'):
-            log(stage, step + 1, total, {**m, 'lr': g['lr']}, 1000 * (time.time() - t0),
-                (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1))
+        m = step_fn(step, lambda: optimizer_step(opt))
         done = bool(should_stop and should_stop(step, m))  # e.g. SFT reached its accuracy target or its time limit
         if should_stop and ranks.world > 1:  # ranks' clocks differ: all leave together, or their collectives mismatch
             done = ranks.all_sum(done)[0] > 0
-        if done or (step + 1) % save_every == 0 or step + 1 == stop_at:
-            save_run(os.path.join(out_dir, 'ckpt'), raw_model, opt, fsdp, ranks, {'stage': stage, 'step': step + 1,
-                     'config': config, 'extra': {'done': True} if done else {}}, model_dir)  # model, tokenizer, state
+        end_step(stage, step, total, total, m, opt, t0, t_start, start, done)
         if done:
             break
 
@@ -306,41 +314,57 @@ def warmup(steps, groups, start=0, opt_state=None):
         print("WARNING: the warm-up set is empty (no problem had 2 or more correct answers): no warm-up step runs")
 
 def grpo_stage(steps, start=0, opt_state=None):
-    """GRPO of the full model + Bridge (bridge_only: Bridge alone): each group sampled and scored jointly."""
+    """GRPO of the full model + Bridge (bridge_only: Bridge alone), each group sampled, scored and computed
+    jointly: sample -> reward -> advantages -> micro-batches -> backward -> clip and step -> log."""
     ref = None
     if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk so that a resumed run has it too
         sd = None if start else full_state(raw_model, None, fsdp)  # a resumed run reads back the one it saved
         ref = kl_reference(os.path.join(out_dir, 'ref'), raw_model, sd, ranks, dev)
         ref = shard(ref, ranks.world, use_bf16, train=False) if fsdp else fuse(ref)
-    health = results.Health()
-
-    def step_fn(step, update):
+    opt = start_stage(bridge_weights() if bridge_only else list(raw_model.parameters()), lr, opt_state)
+    health, t_start = results.Health(), time.time()
+    loss_kw = dict(temperature=temperature or 1.0, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high,
+                   beta=beta, max_tokens=max_new_tokens, autocast=autocast)
+    stop_at = min(steps, max_iters) if max_iters else steps
+    for step in range(start, stop_at):
+        for g in opt.param_groups:
+            g['lr'] = get_lr(step, lr, steps)
         t0 = time.time()
-        # everything random comes from (seed, stage, step, rank): that is what makes resume exact
+        # 1) sample: everything random comes from (seed, stage, step, rank), which is what makes resume exact
         rng = random.Random(seed * 1000 + GRPO_STREAM + step * ranks.world + ranks.rank)
         probs = [rng.choice(the_task.train_set) for _ in range(batch_prompts // ranks.world)]
-        draw = rng.randrange(2**31)  # the step's groups are keyed on it: (seed, step, rank) as everything else
+        draw = rng.randrange(2**31)  # the step's groups are keyed on it
         keys = [engine.key(draw, ROLLOUT, i, j) for i in range(len(probs)) for j in range(width)]
         with gathered(raw_model, fsdp):
             gen, _, r, _ = sample_and_score(probs, width, temperature, keys, entropy=True, slots=len(probs))
         t_sample = time.time() - t0
+        # 2) rewards -> group-relative advantages; micro-batches of whole groups
         ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
-        stats = grpo.policy_update(model, ro, update, ranks.all_sum, micro_groups=micro_groups, ref=ref,
-                                   temperature=temperature or 1.0, loss_type=loss_type, eps_low=eps_low,
-                                   eps_high=eps_high, beta=beta, num_iterations=num_iterations,
-                                   max_tokens=max_new_tokens, autocast=autocast)
-        zero_std, trunc, mean_r, acc, n_tok = ranks.all_sum(  # one all-reduce for the step's statistics
+        mbs = ro.micro_batches(micro_groups)
+        n_tok, n_rows = ranks.all_sum(ro.mask.sum(), ro.mask.size(0))
+        old, refs = grpo.frozen_logprobs(model, ro, mbs, temperature or 1.0, ref, beta, num_iterations, autocast)
+        # 3) backward over the micro-batches, then clip and step; num_iterations times on one rollout
+        sums = {}
+        for _ in range(num_iterations):
+            st = grpo.accumulate(model, ro, mbs, old, refs, n_tok, n_rows, **loss_kw)
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + v / num_iterations
+            sums['gnorm'] = sums.get('gnorm', 0.0) + optimizer_step(opt) / num_iterations
+        # 4) the step's statistics over ranks (one all-reduce), warnings, the log line and checkpoint
+        clip_frac, kl, ent, zero_std, trunc, mean_r, acc, n_gen = ranks.all_sum(
+            sums['clip_frac'], sums['kl'], sums['entropy'],
             (r.view(-1, width).std(1) == 0).float().mean() / ranks.world,
             (~gen.finished).float().mean() / ranks.world, r.mean() / ranks.world,
             (r > 0).float().mean() / ranks.world, gen.lengths.sum())
         for msg in health(step + 1, mean_r, zero_std, trunc, max_new_tokens) if ranks.master else []:
             print(f"WARNING: {msg}")
         dt = time.time() - t0
-        return {'reward': mean_r, 'acc': acc, 'zero_std': zero_std, **stats, 'len': float(gen.lengths.float().mean()),
-                'trunc': trunc, 'tok/s': n_tok / dt, 'sample': f"{100 * t_sample / dt:.0f}%",
-                **({'mem': f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"} if dev.type == 'cuda' else {})}
-    run_stage('grpo', bridge_weights() if bridge_only else list(raw_model.parameters()), lr, steps, step_fn, start,
-              opt_state)
+        m = {'reward': mean_r, 'acc': acc, 'zero_std': zero_std, 'clip_frac': clip_frac, 'kl': kl, 'entropy': ent,
+             'gnorm': sums['gnorm'], 'len': float(gen.lengths.float().mean()), 'trunc': trunc, 'tok/s': n_gen / dt,
+             'sample': f"{100 * t_sample / dt:.0f}%"}
+        if dev.type == 'cuda':
+            m['mem'] = f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"
+        end_step('grpo', step, steps, stop_at, m, opt, t0, t_start, start)
 
 def evaluate(after='init'):
     """The paper's metrics (results.eval_metrics) at every width on every test set and their average, the width
