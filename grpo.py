@@ -1,11 +1,13 @@
 """
-GRPO for nanobridge: group-relative advantages, the clipped policy loss, each group's log-probs computed jointly,
-and the update. (Its health warnings and the evaluation metrics are in results.py.)
-  - group_advantages: A_i = (r_i - mean(r)) / (std(r) + eps) per group (GRPO), or r_i - mean(r) (Dr. GRPO)
+GRPO for nanobridge: group-relative advantages, the clipped policy loss, each group's log-probs
+computed jointly, and the update. (Its health warnings and the evaluation metrics are in
+results.py.)
+  - group_advantages: A_i = (r_i - mean(r)) / (std(r) + eps) per group (GRPO), or r_i - mean(r)
+    (Dr. GRPO)
   - grpo_loss: PPO-style clipped surrogate + optional k3 KL, aggregated as dapo / grpo / dr_grpo
-The Bridge paper trains with "a token-level normalized variant" of GRPO (DAPO, Yu et al. 2025), hence
-loss_type='dapo' is the default. Formulas follow TRL's GRPOTrainer._compute_loss. The rewards are the task's
-(tasks.py; grading.py for math).
+The Bridge paper trains with "a token-level normalized variant" of GRPO (DAPO, Yu et al. 2025;
+docs/paper.md §3.2), hence loss_type='dapo' is the default. Formulas follow TRL's
+GRPOTrainer._compute_loss. The rewards are the task's (tasks.py; grading.py for math).
 """
 import math
 from contextlib import nullcontext
@@ -17,13 +19,15 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # group-relative advantages
 def group_advantages(rewards, width, scale="group", eps=1e-4):
-    """Advantage of each completion relative to its group of `width` contiguous rows. GRPO (DeepSeekMath):
-    A_i = (r_i - mean_g(r)) / (std_g(r) + eps), the same A for every token of o_i. Dr. GRPO (scale='none'):
-    A_i = r_i - mean_g(r); dividing by std up-weights questions that are nearly always (or never) solved, a difficulty
-    bias. std is unbiased (ddof=1) like TRL's and torch.std; a group of width 1 gets std 0, not NaN, so A = 0. A group
-    of equal rewards gets A = 0: it carries no learning signal (DAPO's dynamic sampling drops such groups)."""
+    """Advantage of each completion relative to its group of `width` contiguous rows.
+    GRPO (DeepSeekMath): A_i = (r_i - mean_g(r)) / (std_g(r) + eps), the same A for every token
+    of o_i. Dr. GRPO (scale='none'): A_i = r_i - mean_g(r); dividing by std up-weights questions
+    that are nearly always (or never) solved, a difficulty bias. std is unbiased (ddof=1) like
+    TRL's and torch.std; a group of width 1 gets std 0, not NaN, so A = 0. A group of equal
+    rewards gets A = 0: no learning signal (DAPO's dynamic sampling drops such groups)."""
     if rewards.ndim != 1 or width < 1 or rewards.numel() % width != 0:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of width {width}")
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
+                         f"width {width}")
     if scale not in ("group", "none"):
         raise ValueError(f"unknown scale {scale!r}; expected 'group' or 'none'")
     r = (rewards if rewards.is_floating_point() else rewards.float()).view(-1, width)
@@ -39,22 +43,23 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
 def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, eps_high=0.2,
               loss_type="dapo", max_tokens=None, normalizer=None):
-    """Clipped GRPO surrogate. logp, old_logp, ref_logp, mask: (B, T) per completion token; adv: (B,).
-    Per token (PPO clip, DAPO clip-higher when eps_high > eps_low):
+    """Clipped GRPO surrogate. logp, old_logp, ref_logp, mask: (B, T) per completion token;
+    adv: (B,). Per token (PPO clip, DAPO clip-higher when eps_high > eps_low):
         r_t = exp(logp - old_logp)
         L_t = -min(r_t * A, clip(r_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
         KL_t = exp(ref - logp) - (ref - logp) - 1        (Schulman's k3 estimator, >= 0)
     Aggregation over the masked tokens (|o_i| = number of completion tokens of row i):
-        'dapo'    : sum_i sum_t L / sum_i |o_i|        DAPO token-level loss, the Bridge paper's choice
-        'grpo'    : 1/B sum_i (1/|o_i|) sum_t L         DeepSeekMath; short answers weigh more per token
+        'dapo'    : sum_i sum_t L / sum_i |o_i|        DAPO token-level loss, the paper's choice
+        'grpo'    : 1/B sum_i (1/|o_i|) sum_t L        DeepSeekMath; short answers weigh more
         'dr_grpo' : sum_i sum_t L / (B * max_tokens)   Dr. GRPO, a constant normaliser
-    normalizer (dapo only): use this number instead of the local sum(mask). The tokens of one optimizer
-    step are spread over micro-batches (and ranks) of different lengths, so backward() passes the token
-    count of the WHOLE batch on all ranks and then simply sums the gradients (distributed.Ranks.sync_grads).
+    normalizer (dapo only): use this number instead of the local sum(mask). The tokens of one
+    optimizer step are spread over micro-batches (and ranks) of different lengths, so backward()
+    passes the token count of the WHOLE batch on all ranks and then simply sums the gradients
+    (distributed.Ranks.sync_grads).
     Returns (loss, stats); stats are python floats: clip_frac (= low + high), clip_low_frac,
     clip_high_frac, kl (mean k3, 0 when off) and ratio_mean, all over the masked tokens.
-    Note: on-policy (old_logp = logp.detach()) r_t = 1 and the loss VALUE is ~0 (the advantages are
-    centred), but its gradient -A/N * grad(logp) is not: watch the reward, not the loss."""
+    Note: on-policy (old_logp = logp.detach()) r_t = 1 and the loss VALUE is ~0 (the advantages
+    are centred), but its gradient -A/N * grad(logp) is not: watch the reward, not the loss."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if loss_type == "dr_grpo" and not max_tokens:
@@ -65,7 +70,7 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
     assert old_logp.shape == logp.shape == mask.shape and adv.shape == (B,), "shape mismatch"
     m = mask.bool()
     maskf = m.to(logp.dtype)
-    A = adv.to(logp.dtype).unsqueeze(1)  # (B, 1): one advantage per sequence, broadcast over its tokens
+    A = adv.to(logp.dtype).unsqueeze(1)  # (B, 1): one advantage per sequence, over its tokens
     # torch.where instead of multiplying by the mask: pad positions may hold -inf log-probs, and
     # exp(inf) * 0 = nan would poison both the loss and the gradient
     ratio = torch.exp(torch.where(m, logp - old_logp, 0.0))
@@ -77,8 +82,8 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
         per_token = per_token + beta * kl
     per_token = per_token * maskf
     n_tok = maskf.sum()
-    if loss_type == "dapo":
-        denom = normalizer if normalizer is not None else n_tok.clamp(min=1)  # all-zero mask -> loss 0
+    if loss_type == "dapo":  # an all-zero mask gives loss 0
+        denom = normalizer if normalizer is not None else n_tok.clamp(min=1)
         loss = per_token.sum() / denom
     elif loss_type == "grpo":
         loss = (per_token.sum(-1) / maskf.sum(-1).clamp(min=1)).mean()
@@ -98,11 +103,12 @@ def grpo_loss(logp, old_logp, adv, mask, ref_logp=None, beta=0.0, eps_low=0.2, e
 # -----------------------------------------------------------------------------
 # log-probs and the policy update
 def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
-    """The one function that computes log-probs (for the loss, old and reference policies): log p(tokens[t] |
-    tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With Bridge the whole group goes through
-    the model together, under the same alive mask as at sampling, because each row's distribution depends on its
-    siblings; any other recomputation gives a wrong importance ratio (docs/paper.md §8.7). The vocabulary
-    head then runs in token chunks (fastpath.head_logprobs): memory does not grow with rows x tokens x V.
+    """The one function that computes log-probs (for the loss, old and reference policies):
+    log p(tokens[t] | tokens[<t]) under softmax(logits / T), aligned with tokens[:, 1:]. With
+    Bridge the whole group goes through the model together, under the same alive mask as at
+    sampling, because each row's distribution depends on its siblings; any other recomputation
+    gives a wrong importance ratio (docs/paper.md §8.7). The vocabulary head then runs in token
+    chunks (fastpath.head_logprobs): memory does not grow with rows x tokens x V.
     start: skip the head before this position (prompts need no log-probs); those columns are 0."""
     _, nll = model(tokens[:, :-1], tokens[:, 1:], width=width, alive=alive[:, :-1], start=start,
                    temperature=temperature, reduction='none')
@@ -110,19 +116,20 @@ def token_logprobs(model, tokens, width, alive, temperature=1.0, start=0):
 
 @dataclass
 class Rollout:
-    """prompts x width rows from generate(), plus rewards and per-row advantages."""
+    """prompts x width rows from the sampler, plus rewards and per-row advantages."""
     tokens: torch.Tensor
     alive: torch.Tensor
-    mask: torch.Tensor      # (B, T-1) completion tokens that enter the loss, aligned with tokens[:, 1:]
+    mask: torch.Tensor      # (B, T-1) completion tokens in the loss, aligned with tokens[:, 1:]
     adv: torch.Tensor
     width: int
     prompt_lens: torch.Tensor
-    entropy: torch.Tensor | None = None  # (B, T-1) the sampler's per-token entropy, aligned like mask
+    entropy: torch.Tensor | None = None  # (B, T-1) the sampler's per-token entropy, like mask
 
     @classmethod
     def from_generation(cls, gen, rewards, width, scale='group', mask_truncated=False):
-        mask = (gen.completion_mask & ~gen.from_env)[:, 1:]  # the tokens the policy chose, not the environment's
-        if mask_truncated:  # DAPO's overlong filtering: a cut-off answer says nothing about its quality
+        # the tokens the policy chose, not the environment's
+        mask = (gen.completion_mask & ~gen.from_env)[:, 1:]
+        if mask_truncated:  # DAPO's overlong filtering: a cut answer says nothing of its quality
             mask = mask & gen.finished[:, None]
         adv = group_advantages(rewards.to(gen.tokens.device), width, scale)
         ent = gen.entropy[:, 1:] if gen.entropy is not None else None
