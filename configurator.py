@@ -12,6 +12,7 @@ in nanobridge or in a fork, and keeps its traceback; NANOBRIDGE_TRACEBACK=1 show
 import os
 import sys
 from ast import literal_eval
+from difflib import get_close_matches
 
 from settings import UserError
 
@@ -48,7 +49,8 @@ for arg in sys.argv[1:]:
             raise UserError(f"expected --key=value, got {arg!r}")
         key, val = arg[2:].split('=', 1)
         if key not in globals():
-            raise UserError(f"Unknown config key: {key}")
+            near = get_close_matches(key, [k for k in globals() if not k.startswith('_')], n=1)
+            raise UserError(f"Unknown config key: {key}" + (f" (did you mean {near[0]}?)" if near else ''))
         default = globals()[key]
         try:
             attempt = val if isinstance(default, str) else literal_eval(val)  # numbers, bools...

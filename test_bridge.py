@@ -1528,6 +1528,13 @@ def test_checkpoint_with_old_setting_names_resumes(sft_ckpt, tmp_path):
     assert lrs == pytest.approx(want, rel=1e-2), (lrs, want)
 
 
+def test_unknown_setting_names_the_nearest(tmp_path):
+    """A setting that does not exist (a typo, or a name from before a rename) is one error line naming the nearest
+    setting that does."""
+    p = run_all([cmd('--min_lr=1e-5', cwd=tmp_path)])[0]
+    one_error_line(p, r'Unknown config key: min_lr \(did you mean min_lr_ratio\?\)')
+
+
 def test_a_forks_bug_keeps_its_traceback(sft_ckpt, tmp_path):
     """Only settings.UserError (a user's mistake) prints as one line: a plain ValueError raised inside a GRPO step,
     through the command line, ends the run with its traceback."""
