@@ -55,24 +55,35 @@ chat_template = 'auto'  # 'auto' = the checkpoint's own template | 'plain'
 instruction = ' Please reason step by step, and put your final answer within \\boxed{}.'
 answer_fallback = True  # math: with no \boxed{} and no '#### n', grade the last number (the R1 configs: False)
 # model built from scratch (init_from='scratch')
-n_layer, n_embd, n_head, n_kv_head, ffn = 4, 128, 4, 2, 336
+n_layer = 4             # transformer blocks
+n_embd = 128            # hidden size
+n_head = 4              # attention heads
+n_kv_head = 2           # key/value heads (grouped-query attention)
+ffn = 336               # MLP inner size
 # Bridge
 use_bridge = True       # add Bridge blocks before warm-up/GRPO (False = the RLVR-only baseline)
-bridge_dim, bridge_heads = 64, 4  # d_B in heads (the paper-scale default is 512 in 4; tiny models need less)
+bridge_dim = 64         # d_B, Bridge's inner width (the paper-scale default is 512; tiny models need less)
+bridge_heads = 4        # d_B is split into this many heads
 bridge_mode = 'bridge'  # 'bridge' | 'self' (same params, each row sees only itself) | 'pmatch'
 # SFT (from scratch): stop on a held-out accuracy target, checked every sft_eval_every steps, sampled at the rollout
 # temperature: what GRPO starts from is what it samples (on fresh seeds greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
-sft_lr, sft_batch, sft_steps = 3e-3, 256, 1000  # the LR, sequences per step, and the step cap
-sft_target, sft_temperature = 0.6, 1.0  # stop once the held-out accuracy at this temperature reaches this (0: greedy)
-sft_eval_every = 50
+sft_lr = 3e-3           # SFT's peak LR
+sft_batch = 256         # sequences per SFT step
+sft_steps = 1000        # SFT's step cap (and its LR schedule's length)
+sft_target = 0.6        # stop once the held-out accuracy reaches this
+sft_temperature = 1.0   # ... sampled at this temperature (0: greedy)
+sft_eval_every = 50     # steps between held-out checks
 sft_max_seconds = 0     # also stop after this long (0 = never: a clock makes the run depend on the machine's load)
 # Bridge warm-up (docs/paper.md §3.1): once, before Bridge exists, the base model answers warmup_problems problems
 # warmup_samples times; the correct answers of problems with >= 2 of them form one group each (2-8 rows), on which
 # only the Bridge weights train, with cross-entropy
-warmup_steps, warmup_lr, warmup_groups = 100, 1e-3, 16  # warmup_groups: groups (problems) per warm-up step
+warmup_steps = 100      # Bridge warm-up steps
+warmup_lr = 1e-3        # its peak LR
+warmup_groups = 16      # groups (problems) per warm-up step
 warmup_data = ''        # JSONL problems to build the set from (the paper: GSM8K's train split); '' = the task's own
 warmup_problems = 512   # problems the base model answers (a seeded sample of warmup_data)
-warmup_samples, warmup_temperature = 8, 1.0  # answers per problem (the paper's 8), sampled at this temperature
+warmup_samples = 8      # answers per problem (the paper's 8)
+warmup_temperature = 1.0  # sampled at this temperature
 warmup_set = ''         # train from this set (an earlier run's out_dir/warmup_set.jsonl) instead of building one
 # GRPO
 grpo_steps = 300        # length of the LR schedule
@@ -82,9 +93,17 @@ width = 4               # generation width = GRPO group = Bridge group
 lr = 3e-4               # GRPO's peak LR (AdamW)
 min_lr_ratio = 0.1      # each stage's cosine (SFT, warm-up, GRPO) ends at this fraction of its peak LR
 lr_warmup_iters = 10    # each stage's LR rises linearly over its first lr_warmup_iters steps
-weight_decay, beta1, beta2, grad_clip = 0.0, 0.9, 0.99, 1.0  # AdamW, and the gradient norm clip (0: none)
-temperature, top_k, top_p, max_new_tokens = 1.0, 0, 1.0, 16  # rollout sampling (top_k=0, top_p=1: no truncation)
-loss_type, eps_low, eps_high = 'dapo', 0.2, 0.2  # 'dapo' (token-level, the paper's) | 'grpo' | 'dr_grpo'; clip range
+weight_decay = 0.0      # AdamW's, every stage
+beta1 = 0.9             # AdamW's
+beta2 = 0.99            # AdamW's
+grad_clip = 1.0         # the gradient norm clip (0: none)
+temperature = 1.0       # rollout sampling temperature
+top_k = 0               # rollout top-k (0: none)
+top_p = 1.0             # rollout nucleus (1: none)
+max_new_tokens = 16     # answer length cap of a rollout
+loss_type = 'dapo'      # 'dapo' (token-level, the paper's) | 'grpo' | 'dr_grpo'
+eps_low = 0.2           # the ratio's clip range below 1
+eps_high = 0.2          # ... and above 1 (DAPO's clip-higher: > eps_low)
 beta = 0.0              # KL weight; a frozen reference model is kept only when > 0
 num_iterations = 1      # policy updates per batch of rollouts (> 1 uses the clipped ratio against old log-probs)
 scale_rewards = 'group' # 'group' = (r - mean) / (std + eps) | 'none' = Dr. GRPO
@@ -111,7 +130,8 @@ fsdp = False            # under torchrun: shard weights, gradients and AdamW sta
 dry_run = False         # print the memory estimate, then stop
 plan_gpu = ''           # with dry_run: each stage's time on 'h100', 'h200' or this 'cpu' (plan.py), and the protocol's
 plan_answer_tokens = 0  # the plan's mean answer length before the cap, every set (0: plan.MEAN_ANSWER's, per set)
-wandb_log, wandb_project = False, 'nanobridge'
+wandb_log = False       # also log to Weights & Biases (needs wandb installed)
+wandb_project = 'nanobridge'
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))]
 # -----------------------------------------------------------------------------
