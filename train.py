@@ -1,13 +1,14 @@
 """
-Bridge training: SFT, the paper's Bridge warm-up, GRPO with verifiable rewards, and evaluation at every width.
-With no arguments it runs the embedded default on a laptop CPU in a few minutes: SFT a tiny Qwen-shaped model from
-scratch on a procedural "draft;final" addition task, add zero-initialised Bridge blocks (still exactly the SFT model),
-warm up the Bridge weights on groups of the model's own correct answers (docs/paper.md §3.1), GRPO the full model + Bridge
-with each group sampled and scored jointly, and evaluate at widths 1-16 (out_dir/eval_grpo.json).
+Bridge training: SFT, the paper's Bridge warm-up, GRPO with verifiable rewards, and evaluation at
+every width. With no arguments it runs the embedded default on a laptop CPU in a few minutes: SFT a
+tiny Qwen-shaped model from scratch on a procedural "draft;final" addition task, add
+zero-initialised Bridge blocks (still exactly the SFT model), warm up the Bridge weights on groups
+of the model's own correct answers (docs/paper.md §3.1), GRPO the full model + Bridge with each
+group sampled and scored jointly, and evaluate at widths 1-16 (out_dir/eval_grpo.json).
   python train.py                                     # the embedded default
   python train.py --init_from=resume --mode=eval      # evaluate out/ckpt as it stands
   python train.py --init_from=resume --grpo_steps=600 # continue out/ckpt's GRPO to 600 steps
-  torchrun --nproc_per_node=8 train.py config/r1_distill_qwen15b.py config/r1_distill_qwen7b.py  # FSDP2, 7B
+  torchrun --nproc_per_node=8 train.py config/r1_distill_qwen15b.py config/r1_distill_qwen7b.py
 """
 import json
 import math
@@ -25,35 +26,37 @@ import plan
 import results
 import settings
 from bridge import BridgeConfig, bridge_report
-from probe import BridgeProbe
-from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model, load_train_state, resume_plan,
-                        resume_settings, save_run)
-from distributed import Ranks, free_cores, full_state, full_tensors, gathered, shard, unfreeze_for_fsdp
+from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model, load_train_state,
+                        resume_plan, resume_settings, save_run)
+from distributed import (Ranks, free_cores, full_state, full_tensors, gathered, shard,
+                         unfreeze_for_fsdp)
 from fastpath import fuse
 from memory import check_run, sampling_slots
 from model import ModelConfig, Transformer
-from tasks import EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl, write_groups
+from probe import BridgeProbe
+from tasks import (EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl,
+                   write_groups)
 from tokenizer import Tokenizer, no_tokenizer, write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
-# default config: the embedded CPU run. Every global can be overridden with --key=value or a config file.
+# default config: the embedded CPU run. Every global is overridden by --key=value or a config file.
 # I/O
 out_dir = 'out'
-init_from = 'scratch'   # 'scratch' (tiny embedded model) | 'resume' (out_dir/ckpt) | an HF checkpoint directory
+init_from = 'scratch'   # 'scratch' (the tiny model) | 'resume' (out_dir/ckpt) | an HF checkpoint
 mode = 'sft,eval,warmup,grpo,eval'  # stages to run, in order: any of sft, warmup, grpo, eval
-overwrite = False       # True: replace out_dir/ckpt even if another run (or init_from itself) is in it
+overwrite = False       # True: replace out_dir/ckpt even if another run (or init_from) is in it
 save_every = 100        # checkpoint every this many steps (and at the end of each stage)
-log_interval = 10       # print every this many steps' log line (and each stage's last; SFT's evals always)
+log_interval = 10       # print every this many steps (and each stage's last; SFT's checks always)
 seed = 1337
 # data
-task = 'add'            # embedded: 'add' | 'sum3' | 'mul' | 'maxdigit' (the positive control); JSONL: 'math'
+task = 'add'            # embedded: 'add' | 'sum3' | 'mul' | 'maxdigit' (positive control) | 'math'
 digits = 2              # difficulty of the embedded task: operand digits
-data_train = ''         # JSONL of training problems (task 'math', alias 'gsm8k' or 'jsonl': the layout read per line)
-data_test = ''          # test sets, 'name=PATH,name=PATH' (or one PATH): every set is evaluated, then their average
-test_keys = ''          # 'prompt_key,answer_key' for test files of another layout (default: tasks.LAYOUTS)
+data_train = ''         # JSONL training problems (task 'math', or 'gsm8k'/'jsonl': layout per line)
+data_test = ''          # test sets, 'name=PATH,name=PATH' (or one PATH), each evaluated
+test_keys = ''          # 'prompt_key,answer_key' for test files of another layout (tasks.LAYOUTS)
 chat_template = 'auto'  # 'auto' = the checkpoint's own template | 'plain'
 instruction = ' Please reason step by step, and put your final answer within \\boxed{}.'
-answer_fallback = True  # math: with no \boxed{} and no '#### n', grade the last number (the R1 configs: False)
+answer_fallback = True  # math: no \boxed{}, no '#### n': grade the last number (R1 configs: False)
 # model built from scratch (init_from='scratch')
 n_layer = 4             # transformer blocks
 n_embd = 128            # hidden size
@@ -62,36 +65,37 @@ n_kv_head = 2           # key/value heads (grouped-query attention)
 ffn = 336               # MLP inner size
 # Bridge
 use_bridge = True       # add Bridge blocks before warm-up/GRPO (False = the RLVR-only baseline)
-bridge_dim = 64         # d_B, Bridge's inner width (the paper-scale default is 512; tiny models need less)
+bridge_dim = 64         # d_B, Bridge's inner width (512 at paper scale; tiny models need less)
 bridge_heads = 4        # d_B is split into this many heads
 bridge_mode = 'bridge'  # 'bridge' | 'self' (same params, each row sees only itself) | 'pmatch'
-# SFT (from scratch): stop on a held-out accuracy target, checked every sft_eval_every steps, sampled at the rollout
-# temperature: what GRPO starts from is what it samples (on fresh seeds greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
+# SFT (from scratch): stop on a held-out accuracy target, checked every sft_eval_every steps and
+# sampled at the rollout temperature: what GRPO starts from is what it samples (on fresh seeds a
+# greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
 sft_lr = 3e-3           # SFT's peak LR
 sft_batch = 256         # sequences per SFT step
 sft_steps = 1000        # SFT's step cap (and its LR schedule's length)
 sft_target = 0.6        # stop once the held-out accuracy reaches this
 sft_temperature = 1.0   # ... sampled at this temperature (0: greedy)
 sft_eval_every = 50     # steps between held-out checks
-sft_max_seconds = 0     # also stop after this long (0 = never: a clock makes the run depend on the machine's load)
-# Bridge warm-up (docs/paper.md §3.1): once, before Bridge exists, the base model answers warmup_problems problems
-# warmup_samples times; the correct answers of problems with >= 2 of them form one group each (2-8 rows), on which
-# only the Bridge weights train, with cross-entropy
+sft_max_seconds = 0     # also stop after this long (0: never: a clock makes runs machine-bound)
+# Bridge warm-up (docs/paper.md §3.1): once, before Bridge exists, the base model answers
+# warmup_problems problems warmup_samples times; the correct answers of problems with >= 2 of them
+# form one group each (2-8 rows), on which only the Bridge weights train, with cross-entropy
 warmup_steps = 100      # Bridge warm-up steps
 warmup_lr = 1e-3        # its peak LR
 warmup_groups = 16      # groups (problems) per warm-up step
-warmup_data = ''        # JSONL problems to build the set from (the paper: GSM8K's train split); '' = the task's own
+warmup_data = ''        # JSONL problems to build the set from (the paper: GSM8K's train split)
 warmup_problems = 512   # problems the base model answers (a seeded sample of warmup_data)
 warmup_samples = 8      # answers per problem (the paper's 8)
 warmup_temperature = 1.0  # sampled at this temperature
-warmup_set = ''         # train from this set (an earlier run's out_dir/warmup_set.jsonl) instead of building one
+warmup_set = ''         # train from this set (an earlier run's out_dir/warmup_set.jsonl) instead
 # GRPO
 grpo_steps = 300        # length of the LR schedule
-max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume continues from here
+max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume goes on from here
 batch_prompts = 32      # prompts per step (all ranks together); rows = batch_prompts * width
 width = 4               # generation width = GRPO group = Bridge group
 lr = 3e-4               # GRPO's peak LR (AdamW)
-min_lr_ratio = 0.1      # each stage's cosine (SFT, warm-up, GRPO) ends at this fraction of its peak LR
+min_lr_ratio = 0.1      # each stage's cosine ends at this fraction of its peak LR
 lr_warmup_iters = 10    # each stage's LR rises linearly over its first lr_warmup_iters steps
 weight_decay = 0.0      # AdamW's, every stage
 beta1 = 0.9             # AdamW's
@@ -105,31 +109,31 @@ loss_type = 'dapo'      # 'dapo' (token-level, the paper's) | 'grpo' | 'dr_grpo'
 eps_low = 0.2           # the ratio's clip range below 1
 eps_high = 0.2          # ... and above 1 (DAPO's clip-higher: > eps_low)
 beta = 0.0              # KL weight; a frozen reference model is kept only when > 0
-num_iterations = 1      # policy updates per batch of rollouts (> 1 uses the clipped ratio against old log-probs)
+num_iterations = 1      # updates per rollout (> 1: the clipped ratio against frozen log-probs)
 scale_rewards = 'group' # 'group' = (r - mean) / (std + eps) | 'none' = Dr. GRPO
 mask_truncated = False  # drop completions that hit max_new_tokens from the loss
-micro_groups = 0        # groups per micro-batch for the gradient pass (0 = all); a group is never split
-logprob_chunk = 1024    # tokens per chunk of the vocabulary head in the log-prob/CE pass (0 = all at once)
-grad_checkpoint = None  # recompute blocks in backward; None = on for models of >= 100M params (see memory.py)
+micro_groups = 0        # groups per micro-batch of the gradient pass (0 = all); never split
+logprob_chunk = 1024    # tokens per chunk of the vocabulary head in the log-prob pass (0 = all)
+grad_checkpoint = None  # recompute blocks in backward; None = on from 100M params (memory.py)
 bridge_only = False     # GRPO trains only Bridge weights
 # evaluation
 eval_widths = '1,2,4,8,16'
-eval_problems = 0       # 0 = every problem of every test set (the embedded tasks' test sets have 256); N = the first N
-eval_samples = 16       # rows per problem at every width: eval_samples / w groups of w (a multiple of every width)
+eval_problems = 0       # 0 = every problem of every test set (embedded: 256); N = the first N
+eval_samples = 16       # rows per problem at every width, in eval_samples / w groups of w
 eval_temperature = 1.0
 eval_max_new_tokens = 0 # the evaluation's answer length (0 = max_new_tokens, the rollout's)
 eval_top_p = 0.0        # the evaluation's nucleus (0 = top_p, the rollout's)
-probe = True            # read what Bridge does during evaluation (probe.BridgeProbe); it turns off compile
-sample_slots = 0        # groups one sampling call decodes at once (0: as many as the memory left beside the weights)
+probe = True            # read what Bridge does during evaluation (probe.BridgeProbe); no compile
+sample_slots = 0        # groups a sampling call decodes at once (0: as many as memory left holds)
 # system
 device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
-dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' (autocast on any device) | 'float32'
-compile = False         # torch.compile the training forward and the sampler's decode step (CUDA graphs on a GPU)
+dtype = 'auto'          # 'auto' = bf16 autocast on CUDA, fp32 on CPU | 'bfloat16' | 'float32'
+compile = False         # torch.compile the training forward and the engine's decode step
 threads = 0             # CPU threads; 0 = pick from the free cores
-fsdp = False            # under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2); False = DDP
+fsdp = False            # under torchrun: shard weights, gradients, AdamW state (FSDP2); else DDP
 dry_run = False         # print the memory estimate, then stop
-plan_gpu = ''           # with dry_run: each stage's time on 'h100', 'h200' or this 'cpu' (plan.py), and the protocol's
-plan_answer_tokens = 0  # the plan's mean answer length before the cap, every set (0: plan.MEAN_ANSWER's, per set)
+plan_gpu = ''           # with dry_run: each stage's time on 'h100', 'h200' or this 'cpu' (plan.py)
+plan_answer_tokens = 0  # the plan's mean answer length before the cap (0: plan.MEAN_ANSWER's)
 wandb_log = False       # also log to Weights & Biases (needs wandb installed)
 wandb_project = 'nanobridge'
 config_keys = [k for k, v in globals().items()
@@ -138,12 +142,16 @@ config_keys = [k for k, v in globals().items()
 # the run's state, built by main(): declared here so that every name has one visible origin
 model = raw_model = None  # the model the stages train (compiled if asked) and the module itself
 tok = None                # its tokenizer
-the_task = None           # the `task` setting's tasks.Task: its problems, prompts, reward and environment
-dev, use_bf16, autocast = None, False, nullcontext()  # the device; bf16 autocast (fp32 master weights) or nothing
-ranks = log = None        # distributed.Ranks (rank, world, sums over ranks); results.Log (stdout, log.jsonl, wandb)
-config, model_dir = {}, None  # the settings as run (saved in every checkpoint); the checkpoint loaded, if any
-longest_prompt = 0        # of every data set, in tokens: the sampling engine's cache holds it + the answer
-rooms = {}                # the bytes a sampling call may fill beside the weights (memory.stage_estimates)
+the_task = None           # the `task` setting's tasks.Task: problems, prompts, reward, environment
+dev = None                # the device
+use_bf16 = False          # bf16 autocast (fp32 master weights)
+autocast = nullcontext()  # ... as a context, or nothing
+ranks = None              # distributed.Ranks: rank, world, sums over ranks
+log = None                # results.Log: stdout, log.jsonl, wandb
+config = {}               # the settings as run (saved in every checkpoint)
+model_dir = None          # the checkpoint loaded, if any
+longest_prompt = 0        # of every data set, in tokens: the engine's cache holds it + the answer
+rooms = {}                # the bytes a sampling call may fill beside the weights (memory.py)
 # what every sampled group is keyed on beside the seed (engine.key): the draw it serves
 SFT_CHECK = 1
 WARMUP_SET = 2
