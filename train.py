@@ -175,8 +175,9 @@ def get_lr(it, base, total):
     return floor + 0.5 * (1 + math.cos(math.pi * ratio)) * (base - floor)
 
 def start_stage(params, base_lr, opt_state=None):
-    """AdamW over exactly `params`: the rest is frozen (no weight gradients computed or held for it), and every
-    stage starts with no gradients, so nothing from an earlier stage (e.g. the Bridge-only warm-up) leaks into it."""
+    """AdamW over exactly `params`: the rest is frozen (no weight gradients computed or held for
+    it), and every stage starts with no gradients, so nothing from an earlier stage (e.g. the
+    Bridge-only warm-up) leaks into it."""
     raw_model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -197,18 +198,21 @@ def optimizer_step(opt):  # sync over ranks, clip, step, zero -> the gradient no
     return float(norm)
 
 def end_step(stage, step, total, stop_at, m, opt, t0, t_start, start, done=False):
-    """The step's log line and, every save_every steps, at the end or when the stage stops, its checkpoint."""
+    """The step's log line and, every save_every steps, at the end or when the stage stops, its
+    checkpoint (the model, its tokenizer and the training state)."""
     lr_now = opt.param_groups[0]['lr']
-    if ranks.master and ((step + 1) % log_interval == 0 or step + 1 == stop_at or 'acc' in m and stage == 'sft'):
-        log(stage, step + 1, total, {**m, 'lr': lr_now}, 1000 * (time.time() - t0),
-            (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1))
-    if done or (step + 1) % save_every == 0 or step + 1 == stop_at:
-        save_run(os.path.join(out_dir, 'ckpt'), raw_model, opt, fsdp, ranks, {'stage': stage, 'step': step + 1,
-                 'config': config, 'extra': {'done': True} if done else {}}, model_dir)  # model, tokenizer, state
+    last = step + 1 == stop_at
+    if ranks.master and ((step + 1) % log_interval == 0 or last or 'acc' in m and stage == 'sft'):
+        eta = (time.time() - t_start) / (step + 1 - start) * (stop_at - step - 1)
+        log(stage, step + 1, total, {**m, 'lr': lr_now}, 1000 * (time.time() - t0), eta)
+    if done or (step + 1) % save_every == 0 or last:
+        state = {'stage': stage, 'step': step + 1, 'config': config,
+                 'extra': {'done': True} if done else {}}
+        save_run(os.path.join(out_dir, 'ckpt'), raw_model, opt, fsdp, ranks, state, model_dir)
 
 def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
-    """SFT's and the warm-up's loop: step_fn(step, update) -> metrics for steps start..total-1, with AdamW;
-    step_fn does its own backward passes and calls update() for the optimizer step."""
+    """SFT's and the warm-up's loop: step_fn(step, update) -> metrics for steps start..total-1, with
+    AdamW; step_fn does its own backward passes and calls update() for the optimizer step."""
     opt = start_stage(params, base_lr, opt_state)
     t_start = time.time()
     for step in range(start, total):
@@ -216,51 +220,58 @@ def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, s
             g['lr'] = get_lr(step, base_lr, total)
         t0 = time.time()
         m = step_fn(step, lambda: optimizer_step(opt))
-        done = bool(should_stop and should_stop(step, m))  # e.g. SFT reached its accuracy target or its time limit
-        if should_stop and ranks.world > 1:  # ranks' clocks differ: all leave together, or their collectives mismatch
+        # e.g. SFT reached its accuracy target or its time limit
+        done = bool(should_stop and should_stop(step, m))
+        if should_stop and ranks.world > 1:  # clocks differ: leave together, or collectives hang
             done = ranks.all_sum(done)[0] > 0
         end_step(stage, step, total, total, m, opt, t0, t_start, start, done)
         if done:
             break
 
-def sample_and_score(problems, w, temp, keys, entropy=False, probed=False, new_tokens=0, nucleus=0.0, slots=0,
-                     room=None):
-    """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's problem), through
-    the sampling engine (engine.py: group slots refilled as groups finish; row k's draws keyed on keys[k], so they
-    do not depend on how many groups run at once). A row cut at new_tokens (default max_new_tokens) before its
-    stop token scores 0, whatever its text holds: its last scratch number is no answer. slots: groups at once (0:
-    as many as `room` bytes hold, default the sampling room: MATH-500 x 16 rows x 4,096 tokens would be ~1 TB of
-    KV cache at 1.5B). Under bf16 autocast it decodes from a bf16 inference copy of the weights, refreshed at every
-    call; probed (a BridgeProbe reads the model's own blocks): from the model itself, eager. Under FSDP the caller
-    holds the weights gathered (distributed.gathered): sampling does no collective, so ranks may hold different
-    numbers of problems."""
+def sample_and_score(problems, w, temp, keys, entropy=False, probed=False, new_tokens=0,
+                     nucleus=0.0, slots=0, room=None):
+    """The one place that samples: `w` rows per problem -> (Generation, texts, rewards, every row's
+    problem), through the sampling engine (engine.py: group slots refilled as groups finish; row k's
+    draws keyed on keys[k], so they do not depend on how many groups run at once).
+    - A row cut at new_tokens (default max_new_tokens) before its stop token scores 0, whatever its
+      text holds: its last scratch number is no answer.
+    - slots: groups at once (0: as many as `room` bytes hold, default the sampling room: MATH-500 x
+      16 rows x 4,096 tokens would be ~1 TB of KV cache at 1.5B).
+    - Under bf16 autocast it decodes from a bf16 inference copy of the weights, refreshed at every
+      call; probed (a BridgeProbe reads the model's own blocks): from the model itself, eager.
+    - Under FSDP the caller holds the weights gathered (distributed.gathered): sampling does no
+      collective, so ranks may hold different numbers of problems."""
     if not problems:
         return None, [], torch.zeros(0), []
-    new_tokens, ids = new_tokens or max_new_tokens, [the_task.encode(tok, p['prompt']) for p in problems]
-    # one cache length for every call of the run (a compiled step is captured once); settings.check_data made each
-    # set's prompts + answers fit the context
+    new_tokens = new_tokens or max_new_tokens
+    ids = [the_task.encode(tok, p['prompt']) for p in problems]
+    # one cache length for every call of the run (a compiled step is captured once);
+    # settings.check_data made each set's prompts + answers fit the context
     cap = min(longest_prompt + new_tokens, raw_model.config.max_position_embeddings)
-    room = rooms.get('sampling', math.inf) if room is None else room  # (no estimate made: all at once)
-    slots = slots or sampling_slots(raw_model.config, config, cap, w, longest_prompt, len(ids), room, use_bf16)
+    room = rooms.get('sampling', math.inf) if room is None else room  # no estimate: all at once
+    slots = slots or sampling_slots(raw_model.config, config, cap, w, longest_prompt, len(ids),
+                                    room, use_bf16)
     m = engine.inference_copy(raw_model) if use_bf16 and not fsdp and not probed else raw_model
     with torch.no_grad(), autocast:
-        gen = engine.sample(m, ids, keys, w, new_tokens, temp, top_k or None, nucleus or top_p, tok.stop_ids,
-                            slots, entropy=entropy, env=the_task.env(tok), cap=cap, compile=compile and not probed)
+        gen = engine.sample(m, ids, keys, w, new_tokens, temp, top_k or None, nucleus or top_p,
+                            tok.stop_ids, slots, entropy=entropy, env=the_task.env(tok), cap=cap,
+                            compile=compile and not probed)
     texts = [tok.decode(c) for c in gen.completions()]
     rows = the_task.rows([problems[i // w] for i in range(len(texts))], texts, w)
-    rewards = torch.tensor([the_task.reward(t, p) for t, p in zip(texts, rows)]) * gen.finished.cpu()
-    return gen, texts, rewards, rows
+    rewards = torch.tensor([the_task.reward(t, p) for t, p in zip(texts, rows)])
+    return gen, texts, rewards * gen.finished.cpu(), rows
 
-def rows_of(gen, field):  # one Generation field of every row, on the CPU (none when nothing was sampled)
+def rows_of(gen, field):  # one Generation field of every row, on the CPU (none if nothing sampled)
     return getattr(gen, field).cpu() if gen is not None else torch.zeros(0, dtype=torch.long)
 
 def teacher_forced(groups, update, micro=0):
-    """One cross-entropy step on groups of answers to one prompt each (SFT: groups of one; the warm-up: a problem's
-    correct answers, each group at its own width, tasks.group_batch); -> the loss averaged over ranks. micro: groups
-    per micro-batch (0 = all at once); a group is never split, and each micro-batch's mean is weighted by its share
-    of the step's targets, so the gradient is the same however the step is split."""
-    parts = [group_batch(groups[i:i + micro], tok, the_task) for i in range(0, len(groups), micro)] if micro else \
-        [group_batch(groups, tok, the_task)]
+    """One cross-entropy step on groups of answers to one prompt each (SFT: groups of one; the
+    warm-up: a problem's correct answers, each group at its own width, tasks.group_batch) -> the
+    loss averaged over ranks. micro: groups per micro-batch (0 = all at once); a group is never
+    split, and each micro-batch's mean is weighted by its share of the step's targets, so the
+    gradient is the same however the step is split."""
+    pieces = [groups[i:i + micro] for i in range(0, len(groups), micro)] if micro else [groups]
+    parts = [group_batch(piece, tok, the_task) for piece in pieces]
     n, total = max(1, sum(int((y >= 0).sum()) for _, y, _, _ in parts)), 0.0
     for x, y, alive, W in parts:
         share = int((y >= 0).sum()) / n  # 1.0 for a step in one piece
@@ -273,18 +284,21 @@ def teacher_forced(groups, update, micro=0):
 # -----------------------------------------------------------------------------
 # stages
 def sft(steps, start=0, opt_state=None):
-    """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted), until the held-out accuracy at
-    sft_temperature reaches sft_target (checked every sft_eval_every steps) or the step cap, which is said."""
-    held, t_begin = next(iter(the_task.test_sets.values()))[:eval_problems or None], time.time()
-    mine = range(ranks.rank, len(held), ranks.world)  # this rank's problems, by their index in the set
+    """Cross-entropy on prompt -> response pairs (prompt tokens are not predicted), until the
+    held-out accuracy at sft_temperature reaches sft_target (checked every sft_eval_every steps) or
+    the step cap, which is said."""
+    held = next(iter(the_task.test_sets.values()))[:eval_problems or None]
+    t_begin = time.time()
+    mine = range(ranks.rank, len(held), ranks.world)  # this rank's problems, by their index
     test = [held[i] for i in mine]
 
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + SFT_STREAM + step * ranks.world + ranks.rank)
-        m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in
-                            (rng.choice(the_task.train_set) for _ in range(sft_batch // ranks.world))], update)
-        if (step + 1) % sft_eval_every == 0 or step + 1 == steps:  # held-out accuracy: the stopping rule
-            with gathered(raw_model, fsdp):  # the same draws at every check: keyed on the problem alone
+        batch = [rng.choice(the_task.train_set) for _ in range(sft_batch // ranks.world)]
+        m = teacher_forced([{'prompt': p['prompt'], 'responses': [p['response']]} for p in batch],
+                           update)
+        if (step + 1) % sft_eval_every == 0 or step + 1 == steps:  # the stopping rule's check
+            with gathered(raw_model, fsdp):  # the same draws at every check: keyed on the problem
                 keys = [engine.key(seed, SFT_CHECK, i) for i in mine]  # one row per problem
                 r = sample_and_score(test, 1, sft_temperature, keys, room=rooms.get('sft'))[2]
             s, n = ranks.all_sum(r.sum(), len(test))
@@ -292,46 +306,52 @@ def sft(steps, start=0, opt_state=None):
         return m
 
     def should_stop(step, m):
-        if step + 1 == steps and m.get('acc', 1) < sft_target <= 1 and ranks.master:  # said at the cap
-            print(f"note: SFT reached its step cap ({steps}) below sft_target={sft_target} (held-out accuracy "
-                  f"{m['acc']:.3f}): GRPO from a model still learning can collapse (RESULTS.md); raise --sft_steps")
+        if step + 1 == steps and m.get('acc', 1) < sft_target <= 1 and ranks.master:  # at the cap
+            print(f"note: SFT reached its step cap ({steps}) below sft_target={sft_target} "
+                  f"(held-out accuracy {m['acc']:.3f}): GRPO from a model still learning can "
+                  "collapse (RESULTS.md); raise --sft_steps")
         return m.get('acc', 0) >= sft_target or 0 < sft_max_seconds < time.time() - t_begin
-    run_stage('sft', list(model.parameters()), sft_lr, steps, step_fn, start, opt_state, should_stop)
+    params = list(model.parameters())
+    run_stage('sft', params, sft_lr, steps, step_fn, start, opt_state, should_stop)
 
 def bridge_weights():
     return [p for b in raw_model.bridge_modules() for p in b.parameters()]
 
 def build_warmup_set(given):
-    """docs/paper.md §3.1, once and before Bridge exists: the base model answers warmup_problems problems warmup_samples
-    times; each problem with >= 2 correct (and finished) answers becomes one group of them. Ranks split the problems;
-    rank 0 writes out_dir/warmup_set.jsonl, which a later run can train from (--warmup_set), as text: a later run
-    re-encodes it. given: the --warmup_set's groups, or the problems of warmup_data, read at start."""
+    """docs/paper.md §3.1, once and before Bridge exists: the base model answers warmup_problems
+    problems warmup_samples times; each problem with >= 2 correct (and finished) answers becomes one
+    group of them. Ranks split the problems; rank 0 writes out_dir/warmup_set.jsonl, which a later
+    run can train from (--warmup_set), as text: a later run re-encodes it. given: the --warmup_set's
+    groups, or the problems of warmup_data, read at start."""
     path = os.path.join(out_dir, 'warmup_set.jsonl')
     if warmup_set or (init_from == 'resume' and os.path.exists(path)):
         return given if warmup_set else read_groups(path)
     source = given or the_task.train_set
     chosen = random.Random(seed).sample(source, min(warmup_problems, len(source)))
-    mine = range(ranks.rank, len(chosen), ranks.world)  # this rank's problems, by their index in the sample
+    mine = range(ranks.rank, len(chosen), ranks.world)  # this rank's problems, by their index
     probs, S = [chosen[i] for i in mine], warmup_samples
-    # answers drawn one at a time: each its own group of one, so none waits for its problem's longest answer
-    keys = [engine.key(seed, WARMUP_SET, i, j) for i in mine for j in range(S)]  # answer j of problem i
+    # answers drawn one at a time: each its own group of one, none waits for its problem's longest
+    keys = [engine.key(seed, WARMUP_SET, i, j) for i in mine for j in range(S)]  # answer j of i
     t0 = time.time()
-    with gathered(raw_model, fsdp):  # once for the whole set: ranks may hold different numbers of problems
-        gen, texts, r, _ = sample_and_score([p for p in probs for _ in range(S)], 1, warmup_temperature, keys)
+    with gathered(raw_model, fsdp):  # once for the whole set: ranks may hold different numbers
+        rows = [p for p in probs for _ in range(S)]
+        gen, texts, r, _ = sample_and_score(rows, 1, warmup_temperature, keys)
     if ranks.master and gen is not None:
-        print(f"warm-up set {gen.stats.line(1)}\ndone warm-up set sampling in {time.time() - t0:.1f} s")
+        print(f"warm-up set {gen.stats.line(1)}\n"
+              f"done warm-up set sampling in {time.time() - t0:.1f} s")
     ok = r > 0  # right and finished: a right answer cut at max_new_tokens scored 0
-    groups = [{'prompt': p['prompt'], 'answer': p['answer'],
-               'responses': [t for t, good in zip(texts[i * S:i * S + S], ok[i * S:i * S + S]) if good]}
+    right = lambda i: [t for t, good in zip(texts[i * S:i * S + S], ok[i * S:i * S + S]) if good]
+    groups = [{'prompt': p['prompt'], 'answer': p['answer'], 'responses': right(i)}
               for i, p in enumerate(probs)]
-    groups = ranks.gather(g for g in groups if len(g['responses']) >= 2)  # a problem with <= 1 correct is dropped
+    groups = ranks.gather(g for g in groups if len(g['responses']) >= 2)  # <= 1 correct: dropped
     if ranks.master:
-        write_groups(path, groups, f"{min(warmup_problems, len(source))} problems, {S} answers each")
+        n = min(warmup_problems, len(source))
+        write_groups(path, groups, f"{n} problems, {S} answers each")
     return groups
 
 def warmup(steps, groups, start=0, opt_state=None):
-    """docs/paper.md §3.1: cross-entropy of the Bridge weights only, on groups of one problem's correct answers
-    (build_warmup_set), each group at its own width."""
+    """docs/paper.md §3.1: cross-entropy of the Bridge weights only, on groups of one problem's
+    correct answers (build_warmup_set), each group at its own width."""
     def step_fn(step, update):
         rng = random.Random(seed * 1000 + WARMUP_STREAM + step * ranks.world + ranks.rank)
         batch = [rng.choice(groups) for _ in range(warmup_groups // ranks.world)]
@@ -339,7 +359,8 @@ def warmup(steps, groups, start=0, opt_state=None):
     if groups:
         run_stage('warmup', bridge_weights(), warmup_lr, steps, step_fn, start, opt_state)
     elif ranks.master:
-        print("WARNING: the warm-up set is empty (no problem had 2 or more correct answers): no warm-up step runs")
+        print("WARNING: the warm-up set is empty (no problem had 2 or more correct answers): "
+              "no warm-up step runs")
 
 def grpo_stage(steps, start=0, opt_state=None):
     """GRPO of the full model + Bridge (bridge_only: Bridge alone), each group sampled, scored and computed
