@@ -363,53 +363,59 @@ def warmup(steps, groups, start=0, opt_state=None):
               "no warm-up step runs")
 
 def grpo_stage(steps, start=0, opt_state=None):
-    """GRPO of the full model + Bridge (bridge_only: Bridge alone), each group sampled, scored and computed
-    jointly: sample -> reward -> advantages -> micro-batches -> backward -> clip and step -> log."""
+    """GRPO of the full model + Bridge (bridge_only: Bridge alone), each group sampled, scored and
+    computed jointly: sample -> reward -> advantages -> micro-batches -> backward -> clip and step
+    -> log."""
     ref = None
-    if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk so that a resumed run has it too
-        sd = None if start else full_state(raw_model, None, fsdp)  # a resumed run reads back the one it saved
+    if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk for a resumed run
+        sd = None if start else full_state(raw_model, None, fsdp)  # a resumed run reads it back
         ref = kl_reference(os.path.join(out_dir, 'ref'), raw_model, sd, ranks, dev)
         ref = shard(ref, ranks.world, use_bf16, train=False) if fsdp else fuse(ref)
-    opt = start_stage(bridge_weights() if bridge_only else list(raw_model.parameters()), lr, opt_state)
+    params = bridge_weights() if bridge_only else list(raw_model.parameters())
+    opt = start_stage(params, lr, opt_state)
     health, t_start = results.Health(), time.time()
-    loss_kw = dict(temperature=temperature or 1.0, loss_type=loss_type, eps_low=eps_low, eps_high=eps_high,
-                   beta=beta, max_tokens=max_new_tokens, autocast=autocast)
+    loss_kw = dict(temperature=temperature or 1.0, loss_type=loss_type, eps_low=eps_low,
+                   eps_high=eps_high, beta=beta, max_tokens=max_new_tokens, autocast=autocast)
     stop_at = min(steps, max_iters) if max_iters else steps
     for step in range(start, stop_at):
         for g in opt.param_groups:
             g['lr'] = get_lr(step, lr, steps)
         t0 = time.time()
-        # 1) sample: everything random comes from (seed, stage, step, rank), which is what makes resume exact
+        # 1) sample: everything random comes from (seed, stage, step, rank): resume is exact
         rng = random.Random(seed * 1000 + GRPO_STREAM + step * ranks.world + ranks.rank)
         probs = [rng.choice(the_task.train_set) for _ in range(batch_prompts // ranks.world)]
         draw = rng.randrange(2**31)  # the step's groups are keyed on it
         keys = [engine.key(draw, ROLLOUT, i, j) for i in range(len(probs)) for j in range(width)]
         with gathered(raw_model, fsdp):
-            gen, _, r, _ = sample_and_score(probs, width, temperature, keys, entropy=True, slots=len(probs))
+            gen, _, r, _ = sample_and_score(probs, width, temperature, keys, entropy=True,
+                                            slots=len(probs))
         t_sample = time.time() - t0
         # 2) rewards -> group-relative advantages; micro-batches of whole groups
         ro = grpo.Rollout.from_generation(gen, r, width, scale_rewards, mask_truncated)
         mbs = ro.micro_batches(micro_groups)
         n_tok, n_rows = ranks.all_sum(ro.mask.sum(), ro.mask.size(0))
-        old, refs = grpo.frozen_logprobs(model, ro, mbs, temperature or 1.0, ref, beta, num_iterations, autocast)
-        # 3) backward over the micro-batches, then clip and step; num_iterations times on one rollout
+        old, refs = grpo.frozen_logprobs(model, ro, mbs, temperature or 1.0, ref, beta,
+                                         num_iterations, autocast)
+        # 3) backward over the micro-batches, then clip and step; num_iterations times
         sums = {}
         for _ in range(num_iterations):
             st = grpo.accumulate(model, ro, mbs, old, refs, n_tok, n_rows, **loss_kw)
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v / num_iterations
             sums['gnorm'] = sums.get('gnorm', 0.0) + optimizer_step(opt) / num_iterations
-        # 4) the step's statistics over ranks (one all-reduce), warnings, the log line and checkpoint
+        # 4) the step's statistics over ranks (one all-reduce), warnings, log line, checkpoint
         clip_frac, kl, ent, zero_std, trunc, mean_r, acc, n_gen = ranks.all_sum(
             sums['clip_frac'], sums['kl'], sums['entropy'],
             (r.view(-1, width).std(1) == 0).float().mean() / ranks.world,
             (~gen.finished).float().mean() / ranks.world, r.mean() / ranks.world,
             (r > 0).float().mean() / ranks.world, gen.lengths.sum())
-        for msg in health(step + 1, mean_r, zero_std, trunc, max_new_tokens) if ranks.master else []:
-            print(f"WARNING: {msg}")
+        if ranks.master:
+            for msg in health(step + 1, mean_r, zero_std, trunc, max_new_tokens):
+                print(f"WARNING: {msg}")
         dt = time.time() - t0
-        m = {'reward': mean_r, 'acc': acc, 'zero_std': zero_std, 'clip_frac': clip_frac, 'kl': kl, 'entropy': ent,
-             'gnorm': sums['gnorm'], 'len': float(gen.lengths.float().mean()), 'trunc': trunc, 'tok/s': n_gen / dt,
+        m = {'reward': mean_r, 'acc': acc, 'zero_std': zero_std, 'clip_frac': clip_frac,
+             'kl': kl, 'entropy': ent, 'gnorm': sums['gnorm'],
+             'len': float(gen.lengths.float().mean()), 'trunc': trunc, 'tok/s': n_gen / dt,
              'sample': f"{100 * t_sample / dt:.0f}%"}
         if dev.type == 'cuda':
             m['mem'] = f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"
