@@ -421,49 +421,61 @@ def grpo_stage(steps, start=0, opt_state=None):
             m['mem'] = f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f}G"
         end_step('grpo', step, steps, stop_at, m, opt, t0, t_start, start)
 
+def draw_rows(i, test, n, probed):
+    """Test set i's eval_samples rows per problem, in groups of n, on this rank -> (every row's
+    problem, texts, lengths, finished). Row j of problem p has one key at every width: rows that
+    read nothing are the same rows at every width."""
+    test = test[:eval_problems or None]
+    mine = range(ranks.rank, len(test), ranks.world)  # this rank's problems, by their index
+    probs = [test[p] for p in mine for _ in range(eval_samples // n)]  # eval_samples / n groups
+    keys = [engine.key(seed, EVAL, i, p, j) for p in mine for j in range(eval_samples)]
+    gen, texts, _, _ = sample_and_score(probs, n, eval_temperature, keys, probed=probed,
+                                        new_tokens=eval_max_new_tokens, nucleus=eval_top_p)
+    if ranks.master and gen is not None:
+        print(f"{list(the_task.test_sets)[i]}: {gen.stats.line(n)}")
+    each = [probs[r // n] for r in range(len(texts))]  # every row's problem
+    return each, texts, rows_of(gen, 'lengths'), rows_of(gen, 'finished')
+
+def score(rows, w):
+    """The paper's metrics at width w of drawn rows, averaged over every rank's rows."""
+    each, texts, lengths, finished = rows
+    problems = the_task.rows(each, texts, w)
+    m = results.eval_metrics(texts, problems, w, the_task, lengths, finished)
+    v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, over ranks
+    return {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
+
 def evaluate(after='init'):
-    """The paper's metrics (results.eval_metrics) at every width on every test set and their average, the width
-    gain, and the probe's norm ratio and sibling share per layer at width 4 (the paper's training width), with the
-    protocol card in out_dir/eval_{after}.json, `after` being the stage before it (init, sft, warmup, grpo). A model
-    whose rows do not read each other (no Bridge blocks, self-only, P-Match) draws its eval_samples rows per problem
-    once, at width 1, and every width groups those rows: the same estimates for a fraction of the cost."""
-    widths, res, shares = sorted(int(v) for v in eval_widths.split(',')), {'sets': {n: {} for n in the_task.test_sets}}, {}
+    """The paper's metrics (results.eval_metrics) at every width on every test set and their
+    average, the width gain, and the probe's norm ratio and sibling share per layer at width 4 (the
+    paper's training width), with the protocol card in out_dir/eval_{after}.json, `after` being the
+    stage before it (init, sft, warmup, grpo). A model whose rows do not read each other (no Bridge
+    blocks, self-only, P-Match) draws its eval_samples rows per problem once, at width 1, and every
+    width groups those rows: the same estimates for a fraction of the cost."""
+    widths = sorted(int(v) for v in eval_widths.split(','))
+    res, shares = {'sets': {n: {} for n in the_task.test_sets}}, {}
     once = not reads_siblings(raw_model)
     reader = BridgeProbe(raw_model) if probe and not once else None
     drawn = {}  # each set's rows, kept for every width when they are drawn once
-    with gathered(raw_model, fsdp):  # the weights, gathered once: ranks may hold different numbers of problems
+    with gathered(raw_model, fsdp):  # gathered once: ranks may hold different numbers of problems
         for w in widths:
             if reader:
                 reader.reset()
             for i, (name, test) in enumerate(the_task.test_sets.items()):
-                n = 1 if once else w  # the width the rows are sampled at
                 if name not in drawn or not once:
-                    test = test[:eval_problems or None]
-                    mine = range(ranks.rank, len(test), ranks.world)  # this rank's problems, by their index
-                    probs = [test[p] for p in mine for _ in range(eval_samples // n)]  # eval_samples / n groups
-                    # row j of problem p has one key at every width: rows that read nothing are the same rows
-                    keys = [engine.key(seed, EVAL, i, p, j) for p in mine for j in range(eval_samples)]
-                    gen, texts, _, _ = sample_and_score(probs, n, eval_temperature, keys, probed=bool(reader),
-                                                        new_tokens=eval_max_new_tokens, nucleus=eval_top_p)
-                    each = [probs[r // n] for r in range(len(texts))]  # every row's problem
-                    if ranks.master and gen is not None:
-                        print(f"{name}: {gen.stats.line(n)}")
-                    drawn[name] = each, texts, rows_of(gen, 'lengths'), rows_of(gen, 'finished')
-                each, texts, lengths, finished = drawn[name]
-                m = results.eval_metrics(texts, the_task.rows(each, texts, w), w, the_task, lengths, finished)
-                v = ranks.all_sum(*[x for pair in m.values() for x in pair])  # (sum, count) pairs, added over ranks
-                r = res['sets'][name][w] = {k: v[2 * j] / v[2 * j + 1] for j, k in enumerate(m) if v[2 * j + 1]}
+                    drawn[name] = draw_rows(i, test, 1 if once else w, bool(reader))
+                r = res['sets'][name][w] = score(drawn[name], w)
                 r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
-                if the_task.chance(w) is not None:  # what a row that cannot read its siblings could reach at best
+                if the_task.chance(w) is not None:  # the best a row alone can do
                     r['chance'] = the_task.chance(w)
             shares[w] = reader.sibling_shares() if reader else {}  # over all sets at width w
-            if shares[w] and w == (4 if 4 in widths else max(widths)):  # per layer at the paper's training width
-                res |= {'bridge_norm_ratio': reader.norm_ratios(), 'bridge_sibling_share': shares[w],
-                        'probe_width': w}
+            if shares[w] and w == (4 if 4 in widths else max(widths)):  # the paper's training width
+                res |= {'bridge_norm_ratio': reader.norm_ratios(),
+                        'bridge_sibling_share': shares[w], 'probe_width': w}
     if reader:
         reader.remove()
-    res |= {str(w): m | ({'sibling': sum(shares[w].values()) / len(shares[w])} if shares[w] else {})
-            for w, m in results.average(res['sets']).items()}
+    for w, m in results.average(res['sets']).items():
+        sibling = {'sibling': sum(shares[w].values()) / len(shares[w])} if shares[w] else {}
+        res[str(w)] = m | sibling
     res['card'] = results.card(config, the_task, raw_model, model_dir, dev, use_bf16, once)
     if ranks.master:
         print(results.report(res))
