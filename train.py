@@ -482,69 +482,88 @@ def evaluate(after='init'):
         atomic_write(os.path.join(out_dir, f'eval_{after}.json'), json.dumps(res, indent=1))
     return res
 
-def reads_siblings(m):  # only Bridge proper mixes rows; self-only and P-Match blocks act on each row alone
+def reads_siblings(m):  # only Bridge proper mixes rows; self-only and P-Match act on each row alone
     return m.bridge_config is not None and m.bridge_config.mode == 'bridge'
 
 # -----------------------------------------------------------------------------
 def main():
-    global model, raw_model, tok, the_task, dev, use_bf16, autocast, ranks, log, config, model_dir, longest_prompt, rooms
+    global model, raw_model, tok, the_task, dev, use_bf16, autocast, ranks, log, config, model_dir
+    global longest_prompt, rooms
     config = {k: globals()[k] for k in config_keys}
-    check_config(relate=init_from != 'resume')  # a resumed run's relations: once its own settings are read back
+    # a resumed run's relations are checked once its own settings are read back
+    check_config(relate=init_from != 'resume')
     stages, start, opt_state, after = mode.split(','), 0, None, 'init'
     ckpt = os.path.join(out_dir, 'ckpt')
     model_dir = ckpt if init_from == 'resume' else None if init_from == 'scratch' else init_from
-    check_overwrite(init_from, model_dir, ckpt, {'sft', 'warmup', 'grpo'} & set(stages) and not dry_run, overwrite)
-    ranks = Ranks(torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device), fsdp)
-    dev = ranks.connect() if not dry_run else ranks.dev  # a dry run never communicates: it joins no process group
+    trains = {'sft', 'warmup', 'grpo'} & set(stages) and not dry_run
+    check_overwrite(init_from, model_dir, ckpt, trains, overwrite)
+    auto = 'cuda' if torch.cuda.is_available() else 'cpu'
+    ranks = Ranks(torch.device(auto if device == 'auto' else device), fsdp)
+    dev = ranks.connect() if not dry_run else ranks.dev  # a dry run joins no process group
     torch.set_num_threads(threads or max(1, free_cores() // ranks.world))
     if ranks.master:
-        print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, {ranks.world} rank(s)")
+        print(f"device {dev}, {torch.get_num_threads()} CPU threads per rank, "
+              f"{ranks.world} rank(s)")
     torch.manual_seed(seed)
     state = load_train_state(ckpt, ranks) if init_from == 'resume' else None
-    if state:
-        globals().update(resume_settings(state, config, _overrides))  # the run goes on as it was configured
+    if state:  # the run goes on as it was configured
+        globals().update(resume_settings(state, config, _overrides))
         config = {k: globals()[k] for k in config_keys}
         check_config()
-        stages, start, opt_state = resume_plan(stages, state, config, ckpt, print if ranks.master else id)
-        after, state = state['stage'], None  # the optimizer state lives on in opt_state until its stage loads it
+        say = print if ranks.master else id
+        stages, start, opt_state = resume_plan(stages, state, config, ckpt, say)
+        # the optimizer state lives on in opt_state until its stage loads it
+        after, state = state['stage'], None
     steps = {'sft': sft_steps, 'warmup': warmup_steps, 'grpo': grpo_steps}
     # fp32 master weights, bf16 compute (a plan for a GPU plans the GPU's default)
-    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and (dev.type == 'cuda' or plan_gpu in plan.GPUS))
+    on_gpu = dev.type == 'cuda' or plan_gpu in plan.GPUS
+    use_bf16 = dtype == 'bfloat16' or (dtype == 'auto' and on_gpu)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    the_task = make_task(task, digits, data_train, data_test, test_keys, chat_template, instruction,
-                     answer_fallback)
+    the_task = make_task(task, digits, data_train, data_test, test_keys, chat_template,
+                         instruction, answer_fallback)
     os.makedirs(out_dir, exist_ok=True)
     if model_dir is None:  # the embedded tiny Qwen-shaped model, with a byte-level tokenizer
         with tempfile.TemporaryDirectory() as d:
             tok = write_byte_tokenizer(d)
         raw_model = Transformer(ModelConfig(
-            vocab_size=tok.n_vocab, hidden_size=n_embd, intermediate_size=ffn, num_hidden_layers=n_layer,
-            num_attention_heads=n_head, num_key_value_heads=n_kv_head, max_position_embeddings=256, rope_theta=1e4,
-            eos_token_id=tok.eos_id)).to(dev)
-    else:  # a dry run may have config.json alone: shapes only, and prompts counted without a tokenizer
-        tok = Tokenizer.from_pretrained(model_dir) if not (dry_run and no_tokenizer(model_dir)) else None
-        raw_model = load_model(model_dir, device='meta' if dry_run else dev, dtype=torch.float32, verbose=ranks.master)
+            vocab_size=tok.n_vocab, hidden_size=n_embd, intermediate_size=ffn,
+            num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+            max_position_embeddings=256, rope_theta=1e4, eos_token_id=tok.eos_id)).to(dev)
+    else:  # a dry run may have config.json alone: shapes, and prompts counted without a tokenizer
+        bare = dry_run and no_tokenizer(model_dir)
+        tok = Tokenizer.from_pretrained(model_dir) if not bare else None
+        raw_model = load_model(model_dir, device='meta' if dry_run else dev, dtype=torch.float32,
+                               verbose=ranks.master)
     new_bridge = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
-    bcfg = raw_model.bridge_config or (new_bridge if use_bridge and {'warmup', 'grpo'} & set(stages) else None)
+    adds = use_bridge and {'warmup', 'grpo'} & set(stages)
+    bcfg = raw_model.bridge_config or (new_bridge if adds else None)
     raw_model.head_chunk = logprob_chunk
-    # every data line (the warm-up's too) is read and every prompt rendered now, before the first step: a bad line or
-    # a prompt that does not fit stops the run here, not after hours of training
-    warm = [] if 'warmup' not in stages else \
-        read_groups(warmup_set) if warmup_set else read_jsonl(warmup_data) if warmup_data else []
-    lens = prompt_lengths(the_task, tok, {'the training set': the_task.train_set, **the_task.test_sets,
-                                      **({'the warm-up data': warm} if warm else {})}, ranks.master)
-    settings.check_data(config, raw_model.config.max_position_embeddings, lens, the_task.test_sets, ranks.master)
+    # every data line (the warm-up's too) is read and every prompt rendered now, before the first
+    # step: a bad line or a prompt that does not fit stops the run here, not after hours of training
+    warm = []
+    if 'warmup' in stages and warmup_set:
+        warm = read_groups(warmup_set)
+    elif 'warmup' in stages and warmup_data:
+        warm = read_jsonl(warmup_data)
+    sets = {'the training set': the_task.train_set, **the_task.test_sets}
+    if warm:
+        sets['the warm-up data'] = warm
+    lens = prompt_lengths(the_task, tok, sets, ranks.master)
+    context = raw_model.config.max_position_embeddings
+    settings.check_data(config, context, lens, the_task.test_sets, ranks.master)
     longest_prompt = max(lens.values())
     sizes = {name: len(test) for name, test in the_task.test_sets.items()}
     sizes['the warm-up set'] = min(warmup_problems, len(warm or the_task.train_set))
     have = plan.device(plan_gpu).memory if plan_gpu else None
-    peaks, rooms = check_run(raw_model, bcfg, config, ranks.world, lens, sizes, stages, use_bf16, dev, ranks.master,
-                             have)
+    peaks, rooms = check_run(raw_model, bcfg, config, ranks.world, lens, sizes, stages, use_bf16,
+                             dev, ranks.master, have)
     if plan_gpu and ranks.master:
-        plan.report(raw_model.config, bcfg, config, ranks.world, lens, sizes, stages, plan_gpu, peaks)
+        plan.report(raw_model.config, bcfg, config, ranks.world, lens, sizes, stages, plan_gpu,
+                    peaks)
     stages = [] if dry_run else stages
     raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
-    log = results.Log(out_dir if ranks.master else None, wandb_project if wandb_log and ranks.master else None, config,
+    project = wandb_project if wandb_log and ranks.master else None
+    log = results.Log(out_dir if ranks.master else None, project, config,
                       fresh=init_from != 'resume')
     evals = []
     for stage in stages:
@@ -552,7 +571,8 @@ def main():
             continue  # nothing to warm up in the RLVR-only baseline
         groups = build_warmup_set(warm) if stage == 'warmup' else None  # no Bridge yet
         if stage in ('warmup', 'grpo') and use_bridge and raw_model.bridge_config is None:
-            raw_model = raw_model.with_bridge(new_bridge, full_tensors(raw_model) if fsdp else None)  # zero W_O
+            full = full_tensors(raw_model) if fsdp else None
+            raw_model = raw_model.with_bridge(new_bridge, full)  # zero W_O: still the same model
             raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp else fuse(raw_model)
             if ranks.master:
                 print(bridge_report(raw_model))
@@ -569,8 +589,9 @@ def main():
             print(f"done {stage} in {time.time() - t_stage:.1f} s")
         if stage != 'eval':
             start, opt_state, after = 0, None, stage
+    # the run's last lines say when training made the model worse
     if len(evals) > 1 and ranks.master and (msg := results.below(*evals[0], *evals[-1])):
-        print(f"WARNING: {msg}")  # the run's last lines say when training made the model worse
+        print(f"WARNING: {msg}")
     ranks.close()
 
 if __name__ == '__main__':
