@@ -63,6 +63,8 @@ except BaseException:
     code = 1
 atexit._run_exitfuncs()
 sys.stdout.flush(), sys.stderr.flush()
+with open(out + '.code', 'w') as f:  # the exit code, which forkserver may fail to relay (it says 255)
+    f.write(str(code))
 os._exit(code)
 """
 FORK = None
@@ -88,7 +90,10 @@ def run(kw, timeout):
         if p.is_alive():
             p.kill()
             raise subprocess.TimeoutExpired(args, timeout)
-        return subprocess.CompletedProcess(args, p.exitcode, open(out).read(), open(err).read())
+        # the child's own record of its exit code: multiprocessing's forkserver reports 255 when it
+        # loses a child's status, which happens now and then with two children at once
+        code = int(open(out + '.code').read()) if os.path.exists(out + '.code') else p.exitcode
+        return subprocess.CompletedProcess(args, code, open(out).read(), open(err).read())
 
 
 def run_all(cmds, timeout=600, workers=2):
