@@ -11,6 +11,7 @@ import atexit, contextlib, json, os, random, shutil, statistics, sys, tempfile, 
 
 import torch
 
+import engine
 import grpo
 import train as T  # train.py's default config (its globals); its main part only runs as a script
 from bridge import BridgeConfig
@@ -19,7 +20,6 @@ from distributed import free_cores
 from bench_memory import TINY, clock, memory_rows  # train.py's embedded model, a timer, the memory rows
 from fastpath import Linear, fuse
 from model import ModelConfig, Transformer
-from sample import generate
 from settings import UserError
 from tasks import Arithmetic
 from tokenizer import write_byte_tokenizer
@@ -37,7 +37,7 @@ threads = 0             # CPU threads, the same for every side; 0 = the free cor
 trl = True              # race one GRPO step against TRL's GRPOTrainer (CPU only, if trl is importable)
 grpo_prompt_len = 16    # prompt length in that race
 quick = False           # smoke test: 8 tokens, one repeat, a 2-layer 0.5B shape
-compile = False         # also race generate(compile=True) against eager, and compile the GRPO rows' decode step
+compile = False         # also race the compiled engine against eager, and compile the GRPO rows' decode step
 seed = 1337
 mem_tokens = '256,1024,4096'  # completion lengths of the GRPO-update memory rows ('' = skip them)
 only = ''               # 'memory': just the memory rows | 'linear': just fastpath.Linear against F.linear (CPU)
@@ -166,18 +166,19 @@ def bench_model(name, cfg, ws, bw, flops, reps):
     x = torch.tensor([prompt], device=dev)
     for w in ws:
         # fn(k) generates k new tokens: pure sampling, no stop token, KV cache, the same prompt on every side
-        sides = {'ours': (ours, lambda k: generate(ours, [prompt], w, k, 1.0, None, 1.0, (), seed=seed))}
+        keys = [engine.key(seed, r) for r in range(w)]  # the engine: what train.py and sample.py run
+        sides = {'ours': (ours, lambda k: engine.sample(ours, [prompt], keys, w, k, 1.0, None, 1.0, ()))}
         if hf is not None:
             sides['hf'] = (hf, lambda k: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=True, top_k=0,
                                                      top_p=1.0, temperature=1.0, num_return_sequences=w,
                                                      max_new_tokens=k, min_new_tokens=k, pad_token_id=0))  # no eos
         if compile:  # end to end only: the per-step timing hooks would break the compiled graph (and CUDA graphs)
-            t = race({'c': lambda: generate(ours, [prompt], w, n, compile=True, seed=seed),
-                      'e': lambda: generate(ours, [prompt], w, n, seed=seed)}, reps)
+            t = race({'c': lambda: engine.sample(ours, [prompt], keys, w, n, compile=True),
+                      'e': lambda: engine.sample(ours, [prompt], keys, w, n)}, reps)
             add(f'generate tok/s incl. prefill ({n} new tok): compiled decode vs eager', label, w, w * n / t['c'],
                 w * n / t['e'])
         if str(w) in bridge_widths.split(','):
-            sides['bridge'] = (bri, lambda k: generate(bri, [prompt], w, k, 1.0, None, 1.0, (), seed=seed))
+            sides['bridge'] = (bri, lambda k: engine.sample(bri, [prompt], keys, w, k, 1.0, None, 1.0, ()))
         steps, e2e = {k: [] for k in sides}, {k: [] for k in sides}
         for m, f in sides.values():
             f(2)  # warm-up: prefill and decode kernels, allocator
@@ -248,9 +249,9 @@ def grpo_step(model, prompts, width, n, reward_fn, steps, stop_ids=()):
             parts.clear()
             t0 = now()
             with torch.no_grad(), autocast:
-                gen = timed('sampling (generate)', generate)(model, prompts, width, n, T.temperature, None, 1.0,
-                                                             stop_ids, seed=seed + s, entropy=True,
-                                                             compile=compile)
+                keys = [engine.key(seed + s, i) for i in range(len(prompts) * width)]
+                gen = timed('sampling (engine)', engine.sample)(model, prompts, keys, width, n, T.temperature,
+                                                                None, 1.0, stop_ids, entropy=True, compile=compile)
             ro = timed('rewards + rollout', lambda: grpo.Rollout.from_generation(gen, reward_fn(gen), width))()
             def step():  # train.py's grpo_stage steps 2-3: the gradients, then the optimizer
                 grpo.gradients(model, ro, max_tokens=n, loss_type=T.loss_type, autocast=autocast)
@@ -274,7 +275,7 @@ def bench_grpo_default(reps):
     rewards = lambda g: torch.tensor([task.reward(tok.decode(c), probs[i // w]) for i, c in enumerate(g.completions())])
     log("GRPO step of train.py's default")
     p = grpo_step(model, prompts, w, n, rewards, reps, tok.stop_ids)
-    for k in ('sampling (generate)', 'log-probs (forward)', 'backward', OPT, 'rewards + rollout'):
+    for k in ('sampling (engine)', 'log-probs (forward)', 'backward', OPT, 'rewards + rollout'):
         add(f'GRPO step, train.py default ({len(prompts)} x {w}, {n} tok): {k}, ms',
             f'tiny ({cfg.num_hidden_layers}L d{cfg.hidden_size} V{cfg.vocab_size}) + Bridge', w, 1000 * p[k],
             note=f"{100 * p[k] / p['step']:.0f}% of the {1000 * p['step']:.0f} ms step")
@@ -298,7 +299,7 @@ def bench_trl(reps):
             trl_s[fair] = trl_step(path, prompts, w, n, reps, fair)
         except Exception as e:  # TRL is optional (pip install trl): its absence or failure is a note, not a crash
             why = f"no TRL figure: {type(e).__name__}: {str(e)[:150]}"
-    split = ', '.join(f"{k} {100 * p[k] / p['step']:.0f}%" for k in ('sampling (generate)', 'log-probs (forward)',
+    split = ', '.join(f"{k} {100 * p[k] / p['step']:.0f}%" for k in ('sampling (engine)', 'log-probs (forward)',
                                                                      'backward'))
     for fair, label in ((True, 'TRL like ours (fp32, no grad checkpointing)'),
                         (False, "TRL with its defaults (bf16 autocast, gradient checkpointing)")):

@@ -3,6 +3,7 @@ Checkpoints, from outside the model: Hugging Face layout in and out (config.json
 I/O), atomic files and directories, and a training run's own checkpoint (out_dir/ckpt): its resume plan and the rule
 that a run never replaces a model it was not asked to.
 """
+import contextlib
 import json
 import math
 import os
@@ -12,7 +13,9 @@ import shutil
 import tempfile
 
 import torch
+import torch.nn as nn
 
+import model as M
 from bridge import BridgeConfig, bridge_report
 from distributed import full_state
 from model import ModelConfig, Transformer, rope_inv_freq
@@ -120,6 +123,28 @@ def read_config(path):
         raise UserError(f"{cfg_path}: {e}") from None
     return config_from_hf(raw, cfg_path), bridge
 
+@contextlib.contextmanager
+def no_init():
+    """Modules built without their init, as HF's no_init_weights: on the meta device any arithmetic
+    (an init's normal_, RoPE's frequencies) imports torch._dynamo, ~1 s of start-up, for values
+    that are loaded or recomputed next."""
+    names = ('normal_', 'uniform_', 'kaiming_uniform_', 'zeros_', 'ones_')
+    saved = [getattr(nn.init, n) for n in names] + [M.rope_inv_freq]
+    for n in names:
+        setattr(nn.init, n, lambda t, *args, **kwargs: t)
+    M.rope_inv_freq = lambda cfg: torch.empty(cfg.head_dim // 2)
+    try:
+        yield
+    finally:
+        for n, f in zip(names, saved):
+            setattr(nn.init, n, f)
+        M.rope_inv_freq = saved[-1]
+
+def meta_model(config, bridge=None):
+    """A Transformer's shapes on the meta device, uninitialised: no memory, no start-up cost."""
+    with torch.device('meta'), no_init():
+        return Transformer(config, bridge)
+
 def load_model(path, device=None, dtype=None, bridge: BridgeConfig | None = None, verbose=True):
     """A Transformer from an HF checkpoint directory; with a `bridge` config that the checkpoint lacks, fresh
     zero-output Bridge blocks are added. device='meta' reads shapes only (train.py --dry_run), from config.json
@@ -128,8 +153,7 @@ def load_model(path, device=None, dtype=None, bridge: BridgeConfig | None = None
     bridge = bridge or saved_bridge
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
     device = torch.device(device or 'cpu')
-    with torch.device('meta'):  # no memory until the real tensors arrive
-        model = Transformer(config, bridge)
+    model = meta_model(config, bridge)  # no memory until the real tensors arrive
     expected = {k: v.shape for k, v in hf_state_dict(model).items()}
     tensors, unexpected, bad = {}, [], []
     shapes_only = device.type == 'meta' and not any(os.path.exists(os.path.join(path, f)) for f in (

@@ -1,7 +1,7 @@
 """
-The sampling engine: what train.py samples with (evaluation, the warm-up set, GRPO's rollouts). It
-draws from the same distribution as sample.generate, the readable reference (the tests hold it to
-that), and differs in how rows are laid out in time:
+The sampling engine: what train.py and sample.py's CLI sample with (evaluation, the warm-up set,
+GRPO's rollouts). It draws from the same distribution as sample.generate, the readable reference
+(the tests hold it to that), and differs in how rows are laid out in time and how a token is drawn:
   slots       a static KV cache of S group slots, each one group of `width` rows. When every row
               of a group has stopped, its slot takes the next group and decoding goes on: prompts
               are prefilled ahead, many in one call, and a staged prompt's cache is copied into the
@@ -12,6 +12,8 @@ that), and differs in how rows are laid out in time:
               weights cast once per call, not at every step.
   one shape   compiled, the decode step keeps its shapes for the whole call (the cache, and
               attention over all of it under each row's mask), so it is captured once per width.
+  drawing     an exact two-level exponential race instead of torch.multinomial: no scan over the
+              vocabulary, no host sync (race)
   randomness  a row's draws are keyed on (its key, its position) by a counter-based hash, not drawn
               from a shared stream: its samples do not depend on S, on the order groups run in, or
               on the GPU. Rows that do not read each other give the same samples in groups of any
@@ -20,14 +22,16 @@ that), and differs in how rows are laid out in time:
     gen = sample(model, prompts, keys, width=4, max_new_tokens=64, stop_ids=[eos], slots=8)
 """
 import functools
+import math
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn as nn
 
-from model import Transformer
-from sample import Generation, distribution, n_chunks, race
+from checkpoint import meta_model
+from fastpath import decode_kernel
+from sample import Generation, check_request
 
 M32 = 0xFFFFFFFF
 
@@ -63,9 +67,51 @@ def uniforms(keys, sizes):
     h = mix(mix(keys[:, None] ^ salts) ^ index)
     return ((h.double() + 0.5) / 2**32).split(list(sizes), -1)
 
+@functools.cache  # the largest divisor of V up to sqrt(V): K chunks of V // K (K = 1 for a prime V)
+def n_chunks(V):
+    return next(d for d in range(math.isqrt(V), 0, -1) if V % d == 0)
+
+def distribution(logits, temperature, top_k, top_p, entropy=False):
+    """sample.sample_token's distribution: logits (B, V) -> (probs (B, V) of softmax(logits / T),
+    the weights to draw from (probs after top-k/top-p, not renormalised), entropy (B,) of probs or
+    None). T = 0 leaves probs at T = 1 (greedy draws the argmax)."""
+    x = logits.float() / temperature if temperature not in (0, 1) else logits.float()
+    # one fused softmax, not log_softmax + exp: at V = 150k every full pass costs ~0.05 ms a row
+    probs = torch.softmax(x, -1)
+    ent = None
+    if entropy:  # H = logsumexp(x) - sum p x, and logsumexp(x) = x_i - log p_i for any i
+        pmax, imax = probs.max(-1, keepdim=True)
+        with torch.autocast(x.device.type, enabled=False):  # a bf16 dot over 150k terms is off
+            dot = (probs[:, None] @ x[:, :, None])[:, 0, 0]  # by ~0.1 nats
+        ent = (x.gather(-1, imax) - pmax.log())[:, 0] - dot
+    sample = probs
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        sample = sample.masked_fill(logits < kth, 0.0)
+    if top_p < 1.0:  # keep the smallest prefix with mass >= p
+        sorted_p, order = torch.sort(sample, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p * sorted_p.sum(-1, keepdim=True)
+        sample = sample.masked_fill(drop.scatter(-1, order, drop), 0.0)
+    return probs, sample, ent
+
+def race(sample, exponentials):
+    """Exact sampling in two levels, first a chunk of the vocabulary by its mass, then a token in
+    it, each by the exponential race (argmax_i w_i / E_i with E_i ~ Exp(1) picks i with probability
+    w_i / sum w). A scan over all V entries (cumsum, or torch.multinomial's V draws) costs more
+    than the matmul that made the logits; this needs one sum and ~2 sqrt(V) random numbers, and
+    never syncs with the host. exponentials(w, level) -> E, shaped like w (level 0: the chunks,
+    1: the tokens of the chosen chunk)."""
+    B, V = sample.shape
+    K = n_chunks(V)
+    chunks = sample.reshape(B, K, V // K)
+    # (E is clamped above 0: a draw may be exactly 0, and 0 / 0 would let a zero-mass entry win)
+    pick = lambda w, level: (w / exponentials(w, level).clamp_(min=1e-30)).argmax(-1)
+    j = pick(chunks.sum(-1), 0)
+    return j * (V // K) + pick(torch.take_along_dim(chunks, j[:, None, None], 1)[:, 0], 1)
+
 def sample_keyed(logits, temperature, top_k, top_p, u, entropy=False):
     """sample.sample_token, with each row's exponentials from its own uniforms u: (B, K) for the
-    race's chunks and (B, V / K) for the tokens of the chosen chunk (K = sample.n_chunks(V))."""
+    race's chunks and (B, V / K) for the tokens of the chosen chunk (K = n_chunks(V))."""
     probs, weights, ent = distribution(logits, temperature, top_k, top_p, entropy)
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -123,8 +169,7 @@ def inference_copy(model):
     model's weights at every call: one read of the weights, against thousands of steps."""
     c = COPIES.get(model)
     if c is None:
-        with torch.device('meta'):
-            c = Transformer(model.config, model.bridge_config)
+        c = decode_kernel(meta_model(model.config, model.bridge_config))
         c.to_empty(device=model.lm_head.weight.device)
         if model.config.tie_word_embeddings:  # a bf16 head beside the fp32 embedding, as autocast
             c.lm_head.weight = nn.Parameter(torch.empty_like(c.lm_head.weight))
@@ -161,8 +206,9 @@ def sample(model, prompts, keys, width=1, max_new_tokens=256, temperature=1.0, t
       env     env(steps (B,), tokens (B, T), pos (B,), u (B,)): each row's step, the tokens so far,
               the positions about to be written, and a uniform keyed on the row and its position;
               returns None or (B,) ids, >= 0 where the environment writes that row's token."""
+    check_request(model, prompts, width, max_new_tokens, temperature, top_p)
     n_groups, w, dev = len(prompts), width, model.lm_head.weight.device
-    if not prompts or len(keys) != n_groups * w:
+    if len(keys) != n_groups * w:
         raise ValueError(f"{n_groups} prompts of {w} rows need {n_groups * w} keys (one per row), "
                          f"not {len(keys)}")
     longest = max(map(len, prompts))

@@ -1,10 +1,15 @@
 """
-The model's fast paths, which change how it computes, never what. Both act on it from outside, as gpt-fast's
-quantize.py does, so model.py and bridge.py read as plain PyTorch:
-  fuse(model)     on x86 CPUs, inference matmuls on oneDNN-packed weights, and the projections that share an input
-                  (Q/K/V of attention and of Bridge, gate/up of the MLP) as one matmul;
-  head_logprobs   the vocabulary head in token chunks, recomputed in backward: no (tokens x V) logits ever exist,
-                  which is what lets one Bridge group of long traces fit (model.Transformer.forward calls it).
+The model's fast paths, which change how it computes, never what. They act on a built model from
+outside, as gpt-fast's quantize.py does, so model.py and bridge.py read as plain PyTorch:
+  fuse(model, head_chunk)   all of the below; what train.py, sample.py and the benches run
+  packed matmuls            on x86 CPUs, inference matmuls on oneDNN-packed weights, and the
+                            projections that share an input (Q/K/V of attention and of Bridge,
+                            gate/up of the MLP) as one matmul (not for FSDP units)
+  decode_kernel(model)      a one-token decode step's attention without SDPA's GQA flag
+  chunk_head(model, chunk)  the vocabulary head in token chunks, recomputed in backward: no
+                            (tokens x V) logits ever exist, which is what lets one Bridge group of
+                            long traces fit
+The tests hold each to the plain model: the same tokens, log-probs and gradients.
 """
 import platform
 
@@ -77,11 +82,13 @@ class Fused:
     def __call__(self, x):
         return linears(x, *self.mods)
 
-def fuse(model):
-    """The CPU fast path, applied to a built model: every nn.Linear becomes a packed Linear (its class swapped in
-    place, as torch.nn.utils.parametrize does, so parameters, names, tying and optimizer state are untouched), and
-    each module's qkv(x) / gate_up(x) runs its projections as one matmul. Not for FSDP units: FSDP refills gathered
-    weights in place without a version bump, so a packed copy would go stale."""
+def fuse(model, head_chunk=1024):
+    """Every fast path, applied to a built model: every nn.Linear becomes a packed Linear (its class
+    swapped in place, as torch.nn.utils.parametrize does, so parameters, names, tying and optimizer
+    state are untouched), each module's qkv(x) / gate_up(x) runs its projections as one matmul,
+    and decode_kernel and chunk_head attach. Not for FSDP units (attach instead): FSDP refills
+    gathered weights in place without a version bump, so a packed copy would go stale."""
+    attach(model, head_chunk)
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = Linear
@@ -89,6 +96,37 @@ def fuse(model):
             m.qkv = Fused(m.q_proj, m.k_proj, m.v_proj)
         if hasattr(m, 'gate_up'):  # the MLP
             m.gate_up = Fused(m.gate_proj, m.up_proj)
+    return model
+
+def attach(model, head_chunk=1024):
+    """The fast paths that do not copy weights (an FSDP model's too): decode_kernel, chunk_head."""
+    return chunk_head(decode_kernel(model), head_chunk)
+
+# -----------------------------------------------------------------------------
+# the decode step's attention kernel
+
+class DecodeAttention:
+    """Stands in for Attention.sdpa. In a decode step (one query per row, under a mask) each query
+    head becomes one of n_rep queries on its kv head: SDPA then needs no GQA flag, so CUDA may pick
+    its memory-efficient kernel (which refuses GQA) over the math kernel, which copies K and V at
+    every step. Training and prefill (no mask) take the plain call."""
+
+    def __init__(self, n_kv_heads):
+        self.nkv = n_kv_heads
+
+    def __call__(self, q, k, v, attn_mask, causal):
+        B, nh, T, hd = q.shape
+        if attn_mask is None or T > 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                                  enable_gqa=nh != self.nkv)
+        q = q.reshape(B, self.nkv, nh // self.nkv, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return y.reshape(B, nh, 1, hd)
+
+def decode_kernel(model):
+    for m in model.modules():
+        if hasattr(m, 'sdpa'):
+            m.sdpa = DecodeAttention(m.nkv)
     return model
 
 # -----------------------------------------------------------------------------
@@ -143,4 +181,23 @@ def head_logprobs(h, weight, targets, temperature=1.0, chunk=1024):
     kind = h.device.type
     if torch.is_autocast_enabled(kind):  # the head's matmul runs in autocast's dtype, as lm_head's would
         h = h.to(torch.get_autocast_dtype(kind))
-    return ChunkedLogProbs.apply(h, weight, targets, temperature, chunk or max(1, h.size(0)))
+    return ChunkedLogProbs.apply(h, weight, targets, temperature, chunk)
+
+class ChunkedHead:
+    """Stands in for Transformer.token_logprobs: the same log-probs through head_logprobs."""
+
+    def __init__(self, lm_head, chunk):
+        self.lm_head, self.chunk = lm_head, chunk
+
+    def __call__(self, x, targets, temperature):
+        lp = head_logprobs(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), temperature,
+                           self.chunk)
+        return lp.view(targets.shape)
+
+def chunk_head(model, chunk=1024):
+    """The vocabulary head in chunks of `chunk` tokens (0: the plain head, full logits)."""
+    if chunk:
+        model.token_logprobs = ChunkedHead(model.lm_head, chunk)
+    elif 'token_logprobs' in vars(model):
+        del model.token_logprobs
+    return model

@@ -8,15 +8,16 @@ on CUDA if one cannot fit.
 import torch
 
 from bridge import BridgeConfig, bridge_mask, bridge_params
+from checkpoint import meta_model, no_init
 from engine import STAGE_TOKENS
-from model import Block, ModelConfig, Transformer, rope, rope_inv_freq
+from model import Block, ModelConfig, rope, rope_inv_freq
 from settings import UserError
 
 def saved_bytes_per_token(cfg: ModelConfig, bridge: BridgeConfig | None, width, bf16):
     """Bytes autograd keeps per token in one Block (its Bridge included), measured: one Block runs on CPU on
     uninitialised weights under the run's autocast, and saved_tensors_hooks add up the storages it saves. Two
     lengths, so that what does not grow with tokens (autocast's weight copies) cancels."""
-    with torch.device('meta'):
+    with torch.device('meta'), no_init():
         block = Block(cfg, 0, bridge)
     block.to_empty(device='cpu')
     params, sizes = {p.untyped_storage().data_ptr() for p in block.parameters()}, []
@@ -58,7 +59,7 @@ def memory_estimate(cfg: ModelConfig, bridge: BridgeConfig | None, *, n_params, 
          'update activations, grad_checkpoint on': acts[True] + head,
          'update activations, grad_checkpoint off': acts[False] + head}
     if fsdp:
-        with torch.device('meta'):
+        with torch.device('meta'), no_init():
             block = sum(p.numel() for p in Block(cfg, 0, bridge).parameters())
         m['rollout: weights gathered (FSDP)'] = cdt * n_params
         m['update: 2 blocks + head gathered (FSDP)'] = cdt * (2 * block + V * cfg.hidden_size) + 4 * block
@@ -189,8 +190,7 @@ def check_run(model, bridge, run, world, lens, sizes, stages, bf16, device, verb
     stage_estimates). have: the bytes of one rank's device (default: this one's). Decides grad_checkpoint=None: on
     from 100M parameters, where activations grow to ~4 MB per token at 1.5B, off below, where recomputing is only a
     second forward pass."""
-    with torch.device('meta'):
-        extra, base = bridge_params(Transformer(model.config, bridge))
+    extra, base = bridge_params(meta_model(model.config, bridge))
     model.grad_checkpoint = extra + base >= 1e8 if run['grad_checkpoint'] is None else run['grad_checkpoint']
     have = have or device_bytes(device)
     out, rooms = stage_estimates(model, bridge, extra, base, run, world, lens, sizes, stages, bf16, have)

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import engine
 from bridge import BridgeConfig, bridge_params
+from checkpoint import meta_model
 from fastpath import Linear
 from memory import device_bytes, sampling_estimate, sampling_slots
 from model import ModelConfig, Transformer
@@ -263,8 +264,7 @@ def report(cfg, bridge, run, world, lens, sizes, stages, kind, peaks):
     def times(t):  # a CPU's compiled step is not modelled: it loses to eager (bench_decode.py)
         eager = f"{hours(t['eager'])} eager"
         return f"{hours(t['compiled'])} compiled, {eager}" if dev.overlap else eager
-    with torch.device('meta'):
-        extra, base = bridge_params(Transformer(cfg, bridge))
+    extra, base = bridge_params(meta_model(cfg, bridge))
     ops = ops_per_step(cfg, bridge)
     fsdp = world if run['fsdp'] else 0
     weights = sampling_estimate(cfg, n_params=extra + base, slots=0, w=1, tokens=0, prompt=0,

@@ -32,7 +32,7 @@ class BridgeProbe:
     siblings do not exist yet. Finished and padded positions count for neither (their output is
     zeroed). The self and P-Match controls have no cross-row attention: their share stays 0.
     keep=True also keeps every counted call's head-averaged attention of each row over its group,
-    (B, T, W), in call order (sample.bridge_view)."""
+    (B, T, W), in call order (bridge_view)."""
 
     def __init__(self, model, keep=False):
         layers = enumerate(model.model.layers)
@@ -93,3 +93,33 @@ class BridgeProbe:
             h.remove()
         for b in self.layer:
             b.__dict__.pop('attend', None)
+
+def bridge_view(probe, gen):
+    """sample.py --show_bridge: what every row read from its siblings, per generated token. probe:
+    a BridgeProbe(keep=True) that saw the sampling: one call per Bridge layer for every decode step,
+    each row's attention over its group averaged over heads; token s (s >= 1) was chosen by decode
+    step s. Token 0 comes from the shared prefill, where the siblings are identical copies ('.')."""
+    calls, L, W = probe.kept, len(probe.layer), gen.width
+    if not calls:
+        return ["  (no cross-row attention to show: width 1, or a self/pmatch model)"] * (
+            gen.tokens.size(0))
+    steps = [torch.stack(calls[k:k + L]).mean(0)[:, -1] for k in range(0, len(calls), L)]
+    att = torch.stack(steps, 1).float().cpu()
+
+    def most(w, who):  # the sibling read most, '=' when none stands out by 1%
+        if len(w) > 1 and w.max() - w.min() <= 0.01 * w.max():
+            return '='
+        return who[int(w.argmax())]
+    out = []
+    for b, n in enumerate(gen.lengths.tolist()):
+        sibs = [j for j in range(W) if j != b % W]
+        who = ['123456789abcdefghijklmnopqrstuvwxyz?'[min(j, 35)] for j in sibs]
+        s = att[b, :n - 1, sibs]  # its siblings' weights at every token after the first
+        m = most(s.sum(0), who)   # their sum is its share
+        shares = ''.join(str(min(9, int(10 * v))) for v in s.sum(1).tolist())
+        reads = ''.join(most(w, who) for w in s)
+        mean = s.sum(1).mean() if n > 1 else 0
+        overall = 'no sibling more than another' if m == '=' else 'answer ' + m
+        out.append(f"  share  .{shares}\n  reads  .{reads}\n"
+                   f"  mean share {mean:.2f}; read most overall: {overall}")
+    return out

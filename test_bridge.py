@@ -37,11 +37,12 @@ from bridge import BridgeConfig, bridge_mask, bridge_params, bridge_report
 import tasks
 from checkpoint import load_model, save_model
 from distributed import Ranks
+from fastpath import chunk_head, fuse
 from grading import extract_answer, gold_answer, is_equiv, math_reward, normalize_answer
 from grpo import group_advantages, grpo_loss
 from model import ModelConfig, Transformer, rope_inv_freq
 from probe import BridgeProbe
-from sample import Generation, distribution, generate, sample_token
+from sample import Generation, generate, sample_token
 from settings import UserError
 from tokenizer import Tokenizer, write_byte_tokenizer
 
@@ -305,16 +306,25 @@ def test_sample_token_truncation():
     assert set(sample_token(logits, 1.0, 2, 1.0, gen)[0].tolist()) == {0, 1}
     assert set(sample_token(logits, 1.0, None, 1.0, gen)[0].tolist()) == {0, 1, 2}
 
+def race_token(logits, temperature, top_k, top_p, gen, entropy=False):
+    """engine.py's draw (the two-level exponential race) with exponentials from `gen`."""
+    probs, weights, ent = engine.distribution(logits, temperature, top_k, top_p, entropy)
+    tok = engine.race(weights, lambda w, level: torch.empty_like(w).exponential_(generator=gen))
+    return tok, probs.gather(-1, tok[:, None])[:, 0].log(), ent
+
+
 @pytest.mark.parametrize('V', [60, 61])  # 60: 6 chunks of 10; 61 (prime): one chunk of 61
-def test_sample_token_frequencies(V):
-    # the two-level exponential race must sample exactly softmax(logits / T), renormalised after top-k
+@pytest.mark.parametrize('draw', [sample_token, race_token], ids=['reference', 'race'])
+def test_sample_token_frequencies(V, draw):
+    """The reference (torch.multinomial) and engine.py's exponential race both sample exactly
+    softmax(logits / T), renormalised after top-k, and report the log-prob and entropy before it."""
     gen, n = torch.Generator(DEV).manual_seed(1), 20000
     logits = torch.randn(V, generator=torch.Generator().manual_seed(1)).to(DEV) * 2
     for T, k in ((1.0, None), (0.7, None), (1.0, 5)):
-        tok, lp, ent = sample_token(logits.expand(n, V), T, k, 1.0, gen, entropy=True)
+        tok, lp, ent = draw(logits.expand(n, V), T, k, 1.0, gen, entropy=True)
         p = torch.softmax(logits / T, -1)
-        assert torch.allclose(lp, p.log()[tok], atol=1e-6)  # the log-prob is before truncation, as documented
-        assert torch.allclose(ent, -(p * p.log()).sum().expand(n), atol=1e-5)  # and so is the entropy
+        assert torch.allclose(lp, p.log()[tok], atol=1e-5)  # the log-prob is before truncation
+        assert torch.allclose(ent, -(p * p.log()).sum().expand(n), atol=1e-5)  # so is the entropy
         if k:
             p = p.masked_fill(logits < logits.topk(k).values[-1], 0.0)
             p = p / p.sum()
@@ -642,7 +652,7 @@ def test_bridge_probe_reports_known_attention():
     assert probe.norm_ratios()[1] > 0.5  # W_O = identity: the Bridge output is as large as the residual stream
     # sample.py --show_bridge on the same model: the environment writes token r into row r at step 0, so at step 1
     # every row reads its next sibling: share digit 9 (0.98), most-read sibling r+2 in 1-based answer numbers
-    from sample import bridge_view
+    from probe import bridge_view
     probe.reset()
     g = generate(m, [[5]], width=4, max_new_tokens=2, seed=0, env=lambda s, t, pos, u: r if s[0] == 0 else None)
     lines = bridge_view(probe, g)
@@ -1623,7 +1633,7 @@ def test_engine_samples_the_references_distribution(top_p):
                       temperature=0.8, top_p=top_p)
     with torch.no_grad():
         logits = m(torch.tensor([[1, 2, 3]], device=DEV))[0][:, -1]
-    _, weights, _ = distribution(logits, 0.8, None, top_p)
+    _, weights, _ = engine.distribution(logits, 0.8, None, top_p)
     want = (weights / weights.sum())[0].float()
     got = torch.bincount(g.tokens[:, 3], minlength=want.numel()).float() / n
     assert 0.5 * (got - want).abs().sum() < 0.025 and (got[want == 0] == 0).all()
@@ -1768,8 +1778,8 @@ def test_grpo_update_with_chunked_head_and_checkpointing():
     ro = grpo.Rollout.from_generation(gen, torch.arange(8.0), 4)
     grads = []
     for chunk, ckpt in ((0, False), (3, True)):
-        m = random_bridge_model(9)
-        m.head_chunk, m.grad_checkpoint = chunk, ckpt
+        m = chunk_head(random_bridge_model(9), chunk)
+        m.grad_checkpoint = ckpt
         st = grpo.gradients(m, ro, 1)
         grads.append({n: p.grad for n, p in m.named_parameters()})
         assert math.isfinite(st['entropy']) and st['entropy'] > 0
@@ -2224,21 +2234,6 @@ def test_real_protocol(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cuda
-def test_compiled_decode_matches_eager():
-    """generate(compile=True) compiles the static-shape decode step ('reduce-overhead': CUDA graphs on a GPU; ~20 s
-    on CPU, hence slow): its samples and their log-probs are the eager model's, Bridge included, with rows finishing
-    at different steps (the CUDA check runs it: marker `cuda`)."""
-    m = random_bridge_model(3)
-    eager = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=20, stop_ids=[7, 8, 9], seed=3)
-    comp = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=20, stop_ids=[7, 8, 9], seed=3, compile=True)
-    assert logprob_err(m, comp, 1.0) <= SAME  # what the compiled steps sampled, they sampled from the right model
-    if CPU and not BF16:  # kernels that fuse differently may part the samples at a near tie; on CPU fp32 none does
-        assert torch.equal(eager.tokens, comp.tokens) and torch.equal(eager.alive, comp.alive)
-        torch.testing.assert_close(eager.logprobs, comp.logprobs, atol=1e-5, rtol=0)
-
-
-@pytest.mark.slow
-@pytest.mark.cuda
 def test_engine_compiled_equals_eager():
     """engine.sample(compile=True): one graph per width for the whole run (the cache of `cap` tokens at fixed
     addresses, attention over all of it under each row's mask), reused by a second call without a new capture; its
@@ -2446,9 +2441,9 @@ def test_sampler_entropy_is_fp32_under_autocast():
     logits = torch.randn(4, 151936, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [2], [4], [8]])
     logits = logits.to(DEV)
     with torch.autocast(DEV.type, enabled=False):
-        ref = sample_token(logits, 1.0, None, 1.0, torch.Generator(DEV).manual_seed(0), entropy=True)[2]
+        ref = engine.distribution(logits, 1.0, None, 1.0, entropy=True)[2]
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
-        got = sample_token(logits, 1.0, None, 1.0, torch.Generator(DEV).manual_seed(0), entropy=True)[2]
+        got = engine.distribution(logits, 1.0, None, 1.0, entropy=True)[2]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
@@ -2466,7 +2461,7 @@ def test_grpo_stats_are_averaged_over_iterations(sft_ckpt, tmp_path):
 
 def test_compiled_decode_cache_is_static(monkeypatch):
     """CUDA graphs ('reduce-overhead') are only captured when the in-place-mutated KV cache sits at static addresses.
-    A recording backend (no inductor, so this is fast) sees how generate's decode step reaches the compiler."""
+    A recording backend (no inductor, so this is fast) sees how the engine's decode step reaches the compiler."""
     seen, real_compile = [], torch.compile
 
     def backend(gm, example_inputs):
@@ -2476,8 +2471,10 @@ def test_compiled_decode_cache_is_static(monkeypatch):
     monkeypatch.setattr(torch, 'compile', lambda m, **kw: real_compile(m, dynamic=False, backend=backend))
     torch._dynamo.reset()
     m = random_bridge_model(3)
-    eager = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=6, stop_ids=[7, 8, 9], seed=3)
-    comp = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=6, stop_ids=[7, 8, 9], seed=3, compile=True)
+    keys = [engine.key(3, i) for i in range(8)]
+    run = lambda c: engine.sample(m, [[1, 2, 3], [4, 5]], keys, width=4, max_new_tokens=6, stop_ids=[7, 8, 9],
+                                  compile=c)
+    eager, comp = run(False), run(True)
     torch._dynamo.reset()
     assert len(seen) == 2 and all(s is not None for s in seen), seen  # k and v, both static
     assert torch.equal(eager.tokens, comp.tokens)
@@ -2714,8 +2711,7 @@ def test_chunked_head_equals_full_logits(temperature):
     tgt[::3, :4] = -1
     grads, vals = [], []
     for chunk in (0, 7):
-        m = random_bridge_model(6)
-        m.head_chunk = chunk
+        m = chunk_head(random_bridge_model(6), chunk)
         if chunk:
             lp = -m(idx[:, :-1], tgt, width=4, temperature=temperature, reduction='none')[1]
         else:  # the reference: full logits, log_softmax, gather
@@ -2728,17 +2724,34 @@ def test_chunked_head_equals_full_logits(temperature):
     assert (vals[1][tgt < 0] == 0).all()
     for n, g in grads[0].items():
         assert (grads[1][n] - g).norm() <= tol(1e-5, 2e-2) * g.norm() + 1e-12, n
-    m = random_bridge_model(6)
-    m.head_chunk = 5
+    m = chunk_head(random_bridge_model(6), 5)
     logits = m(idx[:, :-1], width=4)[0].float()
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tgt.reshape(-1), ignore_index=-1)
     torch.testing.assert_close(m(idx[:, :-1], tgt, width=4)[1], ref, atol=tol(1e-6, 1e-2), rtol=0)
 
 
+def test_fast_paths_equal_the_plain_model():
+    """fastpath.fuse (packed matmuls, the decode attention kernel, the chunked head) changes how the
+    model computes, not what: prefill and decode logits and the log-prob pass match the plain
+    model's, and greedy decoding picks the same tokens."""
+    plain = random_bridge_model(5)
+    fast = fuse(copy.deepcopy(plain), head_chunk=3)
+    assert 'sdpa' in vars(fast.model.layers[0].self_attn) and 'token_logprobs' in vars(fast)  # attached
+    with torch.no_grad():
+        for m in (plain, fast):  # packed weights are made at a weight's second use
+            m(toks(2, 5) % 40, width=2)
+        x, y = toks(8, 9) % 40, toks(8, 9, seed=1) % 40
+        torch.testing.assert_close(fast(x, width=4)[0], plain(x, width=4)[0], atol=tol(1e-5, 2e-2), rtol=0)
+        lps = [-m(x, y, width=4, reduction='none')[1] for m in (plain, fast)]
+        torch.testing.assert_close(lps[1], lps[0], atol=tol(1e-5, 2e-2), rtol=0)
+    g = [generate(m, PROMPTS, width=4, max_new_tokens=12, temperature=0, stop_ids=STOP) for m in (plain, fast)]
+    assert torch.equal(g[0].tokens, g[1].tokens) and torch.equal(g[0].alive, g[1].alive)
+    torch.testing.assert_close(g[1].logprobs, g[0].logprobs, atol=tol(1e-5, 2e-2), rtol=0)
+
+
 def test_chunked_head_ratio_is_exactly_one():
     """Old (no grad) and new (grad) log-probs come from the same chunked computation: exp(new - old) is exactly 1."""
-    m = random_bridge_model(2)
-    m.head_chunk = 5
+    m = chunk_head(random_bridge_model(2), 5)
     gen = generate(m, [[1, 2, 3], [4, 5]], width=4, max_new_tokens=10, stop_ids=[9, 10], seed=1, temperature=0.9)
     ro = grpo.Rollout.from_generation(gen, torch.rand(8), 4)
     with torch.no_grad():

@@ -30,7 +30,7 @@ from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model,
                         resume_plan, resume_settings, save_run)
 from distributed import (Ranks, free_cores, full_state, full_tensors, gathered, shard,
                          unfreeze_for_fsdp)
-from fastpath import fuse
+from fastpath import attach, fuse
 from memory import check_run, sampling_slots
 from model import ModelConfig, Transformer
 from probe import BridgeProbe
@@ -113,7 +113,7 @@ num_iterations = 1      # updates per rollout (> 1: the clipped ratio against fr
 scale_rewards = 'group' # 'group' = (r - mean) / (std + eps) | 'none' = Dr. GRPO
 mask_truncated = False  # drop completions that hit max_new_tokens from the loss
 micro_groups = 0        # groups per micro-batch of the gradient pass (0 = all); never split
-logprob_chunk = 1024    # tokens per chunk of the vocabulary head in the log-prob pass (0 = all)
+logprob_chunk = 1024    # tokens per chunk of the head in the log-prob pass (0: full logits)
 grad_checkpoint = None  # recompute blocks in backward; None = on from 100M params (memory.py)
 bridge_only = False     # GRPO trains only Bridge weights
 # evaluation
@@ -167,6 +167,13 @@ def check_config(relate=True):  # every setting and every relation between setti
 
 # -----------------------------------------------------------------------------
 # the shared training loop: LR schedule, clipping, logging, checkpoints, resume
+def place(model, sharded, train=True):
+    """The model as it runs: FSDP2-sharded over the ranks, or on one device with every fast path
+    (fastpath.py: the same function, computed faster)."""
+    if sharded:
+        return attach(shard(model, ranks.world, use_bf16, train=train), logprob_chunk)
+    return fuse(model, logprob_chunk)
+
 def get_lr(it, base, total):
     if it < lr_warmup_iters:  # linear warm-up, then cosine down to min_lr_ratio x base (nanoGPT)
         return base * (it + 1) / lr_warmup_iters
@@ -370,7 +377,7 @@ def grpo_stage(steps, start=0, opt_state=None):
     if beta > 0:  # the KL reference: the model as GRPO starts, kept on disk for a resumed run
         sd = None if start else full_state(raw_model, None, fsdp)  # a resumed run reads it back
         ref = kl_reference(os.path.join(out_dir, 'ref'), raw_model, sd, ranks, dev)
-        ref = shard(ref, ranks.world, use_bf16, train=False) if fsdp else fuse(ref)
+        ref = place(ref, fsdp, train=False)
     params = bridge_weights() if bridge_only else list(raw_model.parameters())
     opt = start_stage(params, lr, opt_state)
     health, t_start = results.Health(), time.time()
@@ -537,7 +544,6 @@ def main():
     new_bridge = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
     adds = use_bridge and {'warmup', 'grpo'} & set(stages)
     bcfg = raw_model.bridge_config or (new_bridge if adds else None)
-    raw_model.head_chunk = logprob_chunk
     # every data line (the warm-up's too) is read and every prompt rendered now, before the first
     # step: a bad line or a prompt that does not fit stops the run here, not after hours of training
     warm = []
@@ -561,7 +567,7 @@ def main():
         plan.report(raw_model.config, bcfg, config, ranks.world, lens, sizes, stages, plan_gpu,
                     peaks)
     stages = [] if dry_run else stages
-    raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp and stages else fuse(raw_model)
+    raw_model = place(raw_model, fsdp and stages)
     project = wandb_project if wandb_log and ranks.master else None
     log = results.Log(out_dir if ranks.master else None, project, config,
                       fresh=init_from != 'resume')
@@ -573,7 +579,7 @@ def main():
         if stage in ('warmup', 'grpo') and use_bridge and raw_model.bridge_config is None:
             full = full_tensors(raw_model) if fsdp else None
             raw_model = raw_model.with_bridge(new_bridge, full)  # zero W_O: still the same model
-            raw_model = shard(raw_model, ranks.world, use_bf16) if fsdp else fuse(raw_model)
+            raw_model = place(raw_model, fsdp)
             if ranks.master:
                 print(bridge_report(raw_model))
         model = torch.compile(raw_model) if compile else raw_model
