@@ -271,7 +271,7 @@ def bench_grpo_default(reps):
     torch.manual_seed(seed)
     model = fuse(Transformer(cfg, BridgeConfig(dim=T.bridge_dim, n_head=T.bridge_heads)).to(dev).train())
     probs = random.Random(seed).sample(task.train_set, T.batch_prompts)
-    prompts, w, n = [task.encode(tok, p['prompt']) for p in probs], T.width, T.max_new_tokens
+    prompts, w, n = [task.encode(tok, p) for p in probs], T.width, T.max_new_tokens
     rewards = lambda g: torch.tensor([task.reward(tok.decode(c), probs[i // w]) for i, c in enumerate(g.completions())])
     log("GRPO step of train.py's default")
     p = grpo_step(model, prompts, w, n, rewards, reps, tok.stop_ids)

@@ -11,6 +11,9 @@ Arms paired by seed: a {seed} in each path; the mean of each arm, and of the fir
 95% t-interval over seeds.
     python compare.py --paired=True bridge='runs/bridge-{seed}/eval_grpo.json' rlvr='runs/rlvr-{seed}/eval_grpo.json' \\
         --seeds=1-5 --widths=1,4,8
+The transfer sets (config/r1_transfer.py) are never in the Avg: in an evaluation file beside the math sets, or in a
+file of their own per arm, given with --transfer, they get a table of their own, set by set.
+    python compare.py base=... bridge=... --transfer='base=out-base-transfer/eval_init.json,bridge=...'
 """
 import json
 import math
@@ -57,10 +60,10 @@ def check_cards(runs):
 def gain_table(runs, widths, metric):
     """The paper's table at each width: per set, Avg and Delta over `base`, then Bridge's relative gain."""
     check_cards(runs)
-    sets = list(runs['base']['sets'])
+    sets = math_sets(runs['base'])
     for name, r in runs.items():
-        if list(r['sets']) != sets:
-            raise UserError(f"{name} has test sets {list(r['sets'])}, base has {sets}")
+        if math_sets(r) != sets:
+            raise UserError(f"{name} has test sets {math_sets(r)}, base has {sets}")
     out = []
     for w in widths or sorted(int(k) for k in runs['base']['sets'][sets[0]]):
         val = {n: {s: 100 * r['sets'][s][str(w)][metric] for s in sets} for n, r in runs.items()}
@@ -77,6 +80,28 @@ def gain_table(runs, widths, metric):
                 f"({delta['bridge']:.2f} - {others[nb]:.2f}) / {others[nb]:.2f} = "
                 f"{100 * (delta['bridge'] - others[nb]) / others[nb]:.0f}%" if others[nb] > 0 else
                 f"undefined: the next best gains {others[nb]:+.2f} <= 0 over base"))
+    return '\n'.join(out)
+
+def math_sets(r):  # the sets of the Avg: a transfer set is reported alone
+    return [s for s in r['sets'] if s not in r.get('transfer', [])]
+
+def transfer_table(runs, widths):
+    """Each transfer set alone, per arm: its accuracy, or a ROUGE set's mean and best-of-group
+    score, and ZebraLogic's cell accuracy."""
+    check_cards(runs)
+    first = next(iter(runs.values()))
+    sets = first.get('transfer', [])
+    for name, r in runs.items():
+        if r.get('transfer', []) != sets or not sets:
+            raise UserError(f"{name} has transfer sets {r.get('transfer', [])}, expected {sets or 'some'}")
+    out = []
+    for w in widths or sorted(int(k) for k in first['sets'][sets[0]]):
+        cols = [(s, k) for s in sets for k in ('acc', 'cell', 'score', 'best')
+                if k in first['sets'][s][str(w)]]
+        out.append(f"\ntransfer sets (%) at width {w}, not in the Avg\n| method | "
+                   + " | ".join(f"{s} {k}" for s, k in cols) + " |\n|---|" + "---|" * len(cols))
+        out += [f"| {n} | " + " | ".join(f"{100 * r['sets'][s][str(w)][k]:.2f}" for s, k in cols) + " |"
+                for n, r in runs.items()]
     return '\n'.join(out)
 
 def interval(xs):
@@ -123,6 +148,7 @@ if __name__ == '__main__':
     metric = 'acc'      # any column of the evaluation table
     paired = False      # compare arms paired by seed instead of the paper's table
     seeds = '1-5'       # --paired: the seeds
+    transfer = ''       # 'name=PATH,name=PATH': each arm's transfer evaluation, a table set by set
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     named = dict(a.split('=', 1) for a in arms)
     if len(named) < len(arms):
@@ -135,7 +161,11 @@ if __name__ == '__main__':
         raise UserError("expected base=PATH and at least one more name=PATH (e.g. rlvr=, pmatch=, bridge=)")
     else:
         args = {n: load(n, p) for n, p in named.items()}, [width] if width else None, metric
+    extra = dict(a.split('=', 1) for a in transfer.split(',') if '=' in a)
     try:
         print((paired_table if paired else gain_table)(*args))
+        if extra or any(r.get('transfer') for r in (args[0].values() if not paired else [])):
+            tr = {n: load(n, p) for n, p in extra.items()} if extra else args[0]
+            print(transfer_table(tr, [width] if width else None))
     except KeyError as e:  # a metric or width that a result does not have
         raise UserError(f"metric={metric!r} at the widths asked: {e} is missing from a result") from None

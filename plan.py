@@ -56,7 +56,12 @@ MFU = 0.4  # assumed for prefill and update (checkpointed bf16 training at 1-8B)
 # magnitude (the base model's evaluation measures them). A set not listed runs to the cap.
 MEAN_ANSWER = {'gsm8k': 1200, 'the warm-up data': 1200, 'the training set': 3500,
                'math500': 3500, 'amc23': 7000, 'aime24': 12000, 'aime25': 12000,
-               'brumo25': 10000, 'cmimc25': 12000, 'hmmt_feb25': 13000}
+               'brumo25': 10000, 'cmimc25': 12000, 'hmmt_feb25': 13000,
+               'gpqa': 6000, 'zebralogic': 8000, 'countdown': 3000, 'xsum': 1000, 'cnn_dm': 1000}
+# the five transfer sets of config/r1_transfer.py: (problems, prompt tokens), the prompt lengths
+# estimated from the datasets (a plan reads no data file): every arm is evaluated on them
+TRANSFER = {'gpqa': (198, 300), 'zebralogic': (1000, 900), 'countdown': (1024, 150),
+            'xsum': (500, 600), 'cnn_dm': (500, 1000)}
 
 def best(fn, reps=5):  # the fastest of a few timed calls, after one untimed
     fn()
@@ -271,10 +276,14 @@ def report(cfg, bridge, run, world, lens, sizes, stages, kind, peaks):
                                 bf16=bf16, fsdp=fsdp)['peak']
     room = 0.9 * dev.memory - weights
 
-    def arm(r, blocks, reads, arm_stages):  # blocks: Bridge-shaped; reads: rows read rows
+    def arm(r, blocks, reads, arm_stages, sets=None):  # blocks: Bridge-shaped; reads: rows read rows
         params = extra + base if blocks else base
         m = Model(cfg, params, extra if blocks and r['bridge_only'] else params, blocks, reads)
-        return stages_of(m, dev, r, world, lens, sizes, arm_stages, ops, bf16, room)
+        ls, ss = lens, sizes
+        if sets:  # other test sets: {name: (problems, prompt tokens)}
+            ls = {n: p for n, (_, p) in sets.items()}
+            ss = {n: k for n, (k, _) in sets.items()}
+        return stages_of(m, dev, r, world, ls, ss, arm_stages, ops, bf16, room)
     lengths = '--plan_answer_tokens' if run['plan_answer_tokens'] else 'plan.MEAN_ANSWER'
     print(f"plan on {dev.name}: {world} rank(s); {ops[0]:.0f} model kernels and {ops[1]:.0f} "
           f"engine kernels per decode step; answer lengths from {lengths}")
@@ -298,6 +307,10 @@ def report(cfg, bridge, run, world, lens, sizes, stages, kind, peaks):
                 'P-Match': arm({**r, 'warmup_set': 'given'}, True, False, paper),  # from it
                 'RLVR': arm(r, False, False, ['grpo', 'eval'])}
         t = {name: total(a) for name, a in arms.items()}
+        # config/r1_transfer.py on each checkpoint: Bridge at every width, the others once
+        bridge_t = total(arm(r, True, True, ['eval'], TRANSFER))
+        once = total(arm(r, False, False, ['eval'], TRANSFER))
+        t['transfer evals'] = {k: bridge_t[k] + 3 * once[k] for k in bridge_t}
         mode = 'compiled' if dev.overlap else 'eager'
         each = ', '.join(f"{name} {hours(x[mode])}" for name, x in t.items())
         whole = {k: sum(x[k] for x in t.values()) for k in ('compiled', 'eager')}

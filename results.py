@@ -48,6 +48,9 @@ def card(cfg, task, model, model_dir, device, bf16, once=False):
         path = getattr(task, 'sets', {}).get(name)  # a JSONL file, or one the task generates
         data[name] = {'problems': len(probs), **({'file': path, 'lines': lines(path), 'sha256': sha256(path)} if path
                       else {'generated': f"tasks.py {task.name}", 'sha256': sha256(data=json.dumps(probs).encode())})}
+        grader = task.grader(probs[0]) if probs else None
+        if grader is not None:  # a transfer set: its own prompt format and parser
+            data[name] |= {'grader': probs[0]['grader'], 'parser': grader.parser}
     return {
         'model': model_dir or 'scratch (the embedded model)',
         'model_config_sha256': sha256(data=mcfg.encode()),
@@ -82,15 +85,23 @@ def card_line(c):
 COLS = ['acc', 'pass@w', 'maj', 'gpass@0.25', 'gpass@0.5', 'gpass@0.75', 'gpass@1.0', 'agree', 'fix', 'width_gain',
         'chance', 'sibling', 'len']
 
+# a set scored on a continuous scale (ROUGE-1): its mean per row and the best row of each group
+SCORE_COLS = ['score', 'best', 'width_gain', 'len']
+
 def format_table(by_width, title=''):
     lines_ = [title] if title else []
-    lines_.append('width ' + ' '.join(f"{c:>10}" for c in COLS))
+    first = next(iter(by_width.values()))
+    cols = SCORE_COLS if 'score' in first else COLS + (['cell'] if 'cell' in first else [])
+    lines_.append('width ' + ' '.join(f"{c:>10}" for c in cols))
     for w, m in by_width.items():
-        lines_.append(f"{w:>5} " + ' '.join(f"{m[c]:>10.3f}" if c in m else f"{'-':>10}" for c in COLS))
+        lines_.append(f"{w:>5} " + ' '.join(f"{m[c]:>10.3f}" if c in m else f"{'-':>10}" for c in cols))
     return '\n'.join(lines_)
 
 def average(sets):
-    """{width: {metric: the unweighted mean over sets}}, over the metrics every set has at that width."""
+    """{width: {metric: the unweighted mean over sets}}, over the metrics every set has at that width
+    ({} for no sets: a transfer evaluation has no Avg)."""
+    if not sets:
+        return {}
     first = next(iter(sets.values()))
     return {w: {k: sum(s[w][k] for s in sets.values()) / len(sets) for k in first[w]
                 if all(k in s[w] for s in sets.values())} for w in first}
@@ -99,10 +110,14 @@ def report(results, probe=None):
     """The printed evaluation: the card's line, a table per set (when there are several), the average, the probe."""
     out = [card_line(results['card'])]
     sets = results['sets']
-    if len(sets) > 1:
+    averaged = [n for n in sets if n not in results.get('transfer', [])]
+    if len(sets) > 1 or not averaged:
         out += [format_table(m, f"{name}:") for name, m in sets.items()]
-    out.append(format_table({w: results[str(w)] for w in next(iter(sets.values()))},
-                            f"average over the {len(sets)} test sets:" if len(sets) > 1 else ''))
+    if averaged:
+        title = f"average over the {len(averaged)} test sets:" if len(sets) > 1 else ''
+        if len(averaged) < len(sets):
+            title = f"average over the {len(averaged)} math sets (Avg; transfer sets apart):"
+        out.append(format_table({w: results[str(w)] for w in sets[averaged[0]]}, title))
     for key, what in (('bridge_norm_ratio', 'Bridge output / residual norm'),
                       ('bridge_sibling_share', "share of a row's Bridge attention on its siblings")):
         if results.get(key):
@@ -112,6 +127,8 @@ def report(results, probe=None):
 
 def below(first_name, first, last_name, last):
     """A message if the run's last evaluation scores below its first (mean accuracy over sets, at the first width)."""
+    if not any(k.isdigit() for k in first):  # a transfer evaluation: no Avg to compare
+        return None
     w = min(int(k) for k in first if k.isdigit())
     a, b = first[str(w)]['acc'], last[str(w)]['acc']
     return b < a and (f"the model after {last_name} scores below the model it started from: accuracy {b:.3f} at width "
@@ -186,16 +203,23 @@ def eval_metrics(texts, problems, w, task, lengths, finished=None):
     done = [True] * len(texts) if finished is None else [bool(f) for f in finished]
     r = torch.tensor([task.reward(t, p) * f for t, p, f in zip(texts, problems, done)]).view(-1, w)
     G = r.size(0)
-    finals = [task.final(t) if f else None for t, f in zip(texts, done)]
+    grader = task.grader(problems[0]) if problems else None
+    if grader is not None and not grader.binary:  # a continuous score has no pass@w or majority
+        return {'score': (r.sum().item(), r.numel()), 'best': (r.max(1).values.sum().item(), G),
+                'len': (float(lengths.sum()), r.numel())}
+    finals = [task.final(t, p) if f else None for t, p, f in zip(texts, problems, done)]
     m = {'acc': (r.sum().item(), r.numel()), 'pass@w': ((r.sum(1) > 0).sum().item(), G),
          'len': (float(lengths.sum()), r.numel())}
+    extra = [grader.extra(t, p) if f else {} for t, p, f in zip(texts, problems, done)] if grader else []
+    for k in sorted({k for e in extra for k in e}):  # e.g. ZebraLogic's cell accuracy
+        m[k] = (sum(e.get(k, 0.0) for e in extra), len(extra))
     for tau in (0.25, 0.5, 0.75, 1.0):
         m[f'gpass@{tau}'] = ((r.sum(1) >= math.ceil(tau * w)).sum().item(), G)
     maj, agree, pairs, fix, fix_n = 0, 0, 0, 0, 0
     for g in range(G):
         fs = finals[g * w:(g + 1) * w]
         top = Counter(f for f in fs if f is not None).most_common(1)
-        maj += bool(top) and task.correct(top[0][0], problems[g * w])
+        maj += bool(top) and bool(r[g, fs.index(top[0][0])] > 0)  # a row giving it scored
         agree += sum(fs[i] is not None and fs[i] == fs[j] for i in range(w) for j in range(i + 1, w))
         pairs += w * (w - 1) // 2
         if task.draft and w > 1:

@@ -143,7 +143,8 @@ def relations(cfg, world, cuda, embedded):
     ]
 
 def test_paths(spec):
-    return [item.split('=', 1)[-1] for item in spec.split(',') if item.strip()] or ['']
+    from tasks import parse_sets  # (tasks.py imports this file)
+    return [path for path, _ in parse_sets(spec).values()] or ['']
 
 def check(cfg, cuda, tasks, embedded, losses, relate=True):
     """Raise one ValueError naming every broken setting, before anything is loaded. relate=False checks each setting

@@ -6,7 +6,8 @@ gold final answer) and response (a reference answer for SFT).
 
   add       the embedded default: 'ab+cd=' -> 'SSS;SSS', a draft sum then the final sum (sum3, mul: harder kin)
   maxdigit  the positive control: the answer is the largest digit of the group, which only siblings can tell
-  math      JSONL files of math problems (GSM8K, MATH, or problem/answer layouts), rewarded by grading.py
+  math      JSONL files of math problems (GSM8K, MATH, or problem/answer layouts), rewarded by grading.py;
+            a test set may name another grader (transfer.py, rouge.py): its own prompt format and reward
 """
 import itertools
 import json
@@ -19,7 +20,12 @@ import torch
 
 from checkpoint import atomic_write
 from grading import extract_answer, gold_answer, is_equiv, math_reward
+from rouge import Summary
 from settings import UserError
+from transfer import GRADERS as TRANSFER
+
+# a test set's grader beside math (--data_test=name=path:grader): its prompt format and its reward
+GRADERS = {**TRANSFER, 'xsum': Summary('xsum'), 'cnn': Summary('cnn')}
 
 class Task:
     name, parser, files = '', '', ()
@@ -29,10 +35,15 @@ class Task:
     # limits it. Both are read whole once (cached properties), so train.py checks every line before the first step.
     train_set = test_sets = None
 
-    def encode(self, tok, text):  # a prompt's token ids
-        return tok.encode(text)
+    transfer = frozenset()  # test sets outside the Avg (transfer benchmarks, each reported alone)
 
-    def final(self, text):  # the final answer a completion gives (None: none)
+    def encode(self, tok, problem):  # a problem's prompt as token ids
+        return tok.encode(problem['prompt'])
+
+    def grader(self, problem):  # a test set's own grader (transfer.py), or None: the task's
+        return None
+
+    def final(self, text, problem=None):  # the final answer a completion gives (None: none)
         raise NotImplementedError
 
     def correct(self, final, problem):
@@ -99,7 +110,7 @@ class Arithmetic(Task):
     def test_sets(self):
         return {self.name: self.split('test')[:self.n_test]}
 
-    def final(self, text):
+    def final(self, text, problem=None):
         return final_answer(text)[1]
 
 def skewed_digits(u, k=10):
@@ -216,7 +227,7 @@ def group_batch(groups, tok, task):
     row reads, which read nothing and carry no loss, so k answers attend exactly as at width k. As in
     sample.generate, a row is live up to the input position of its stop token; targets are its answer and stop."""
     W = max(len(g['responses']) for g in groups)
-    rows = [(task.encode(tok, g['prompt']), tok.encode(t) + [tok.eos_id] if t is not None else None)
+    rows = [(task.encode(tok, g), tok.encode(t) + [tok.eos_id] if t is not None else None)
             for g in groups for t in g['responses'] + [None] * (W - len(g['responses']))]
     T = max(len(p) + len(c or []) for p, c in rows)
     x, y = torch.full((len(rows), T), tok.pad_id), torch.full((len(rows), T), -1)
@@ -234,14 +245,36 @@ def write_groups(path, groups, asked):
           f"{sum(len(g['responses']) for g in groups)} answers -> {path}")
 
 def parse_sets(spec, setting='data_test'):
-    """'name=path,name=path' (or one bare path, named after its file) -> {name: path}."""
+    """'name=path,name=path:grader' (or one bare path, named after its file) -> {name: (path, grader)}.
+    A set's grader is 'math' unless its path ends in ':' and a name of GRADERS."""
     sets = {}
     for item in filter(None, (s.strip() for s in spec.split(','))):
         name, path = item.split('=', 1) if '=' in item else (os.path.splitext(os.path.basename(item))[0], item)
+        head, _, tail = path.rpartition(':')
+        path, grader = (head, tail) if head and tail in GRADERS else (path, 'math')
         if not name or not path or name in sets:
-            raise UserError(f"{setting}={spec!r}: expected 'name=path,name=path' with distinct names")
-        sets[name] = path
+            raise UserError(f"{setting}={spec!r}: expected 'name=path,name=path:grader' with distinct names "
+                            f"(graders: math, {', '.join(GRADERS)})")
+        sets[name] = (path, grader)
     return sets
+
+def read_graded(path, grader):
+    """A transfer set: every JSONL line read by its grader (transfer.py, rouge.py), checked."""
+    out = []
+    with open(path, encoding='utf-8') as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: not a JSON object ({e})") from None
+            if not isinstance(d, dict):
+                raise UserError(f"{path}:{i}: a {type(d).__name__}, not a JSON object")
+            out.append({**GRADERS[grader].read(d, f"{path}:{i}"), 'grader': grader})
+    if not out:
+        raise UserError(f"{path}: the dataset is empty")
+    return out
 
 class MathJSONL(Task):
     """Math problems from JSONL files. fallback=False grades the last \\boxed{} (or '#### n') alone, never the last
@@ -249,7 +282,10 @@ class MathJSONL(Task):
     name = 'math'
 
     def __init__(self, data_train, data_test, test_keys='', chat_template='auto', instruction='', fallback=True):
-        self.data_train, self.sets, self.fallback = data_train, parse_sets(data_test), fallback
+        self.data_train, self.fallback = data_train, fallback
+        self.graders = {name: g for name, (_, g) in parse_sets(data_test).items()}
+        self.sets = {name: path for name, (path, _) in parse_sets(data_test).items()}
+        self.transfer = frozenset(name for name, g in self.graders.items() if g != 'math')
         self.parser = ('last \\boxed{} else #### n' + (' else the last number' if fallback else ' (no fallback)')
                        + '; equal as exact fractions or normalised text')
         self.keys = tuple(test_keys.split(',')) if test_keys else None
@@ -262,19 +298,28 @@ class MathJSONL(Task):
 
     @cached_property
     def test_sets(self):
-        return {name: read_jsonl(path, self.keys) for name, path in self.sets.items()}
+        read = lambda name, path: (read_jsonl(path, self.keys) if self.graders[name] == 'math'
+                                   else read_graded(path, self.graders[name]))
+        return {name: read(name, path) for name, path in self.sets.items()}
 
-    def encode(self, tok, text):
-        return tok.encode_chat(text + self.instruction, template='plain' if self.template == 'plain' else None)
+    def encode(self, tok, problem):
+        # a transfer set's prompt is written in its own format: no boxed-answer instruction
+        text = problem['prompt'] + ('' if problem.get('grader') else self.instruction)
+        return tok.encode_chat(text, template='plain' if self.template == 'plain' else None)
 
-    def final(self, text):
-        return extract_answer(text, self.fallback)
+    def grader(self, problem):
+        return GRADERS[problem['grader']] if problem.get('grader') else None
+
+    def final(self, text, problem=None):
+        g = self.grader(problem) if problem else None
+        return g.final(text) if g else extract_answer(text, self.fallback)
 
     def correct(self, final, problem):
         return is_equiv(final, gold_answer(problem['answer']))
 
     def reward(self, text, problem):  # grading.math_reward: bounded, exact, and it never raises
-        return math_reward(text, problem['answer'], self.fallback)
+        g = self.grader(problem)
+        return g.reward(text, problem) if g else math_reward(text, problem['answer'], self.fallback)
 
 def prompt_lengths(task, tok, sets, verbose=True):
     """{set name: its longest prompt in tokens}, every prompt rendered in the task's format: a prompt the format
@@ -282,9 +327,12 @@ def prompt_lengths(task, tok, sets, verbose=True):
     (English BPE runs ~4), plus 16 for the chat markup, and says so."""
     if tok is None and verbose:
         print("no tokenizer files: prompt lengths are estimated at 1 token per 3 characters + 16")
-    count = (lambda p: len(task.encode(tok, p))) if tok else (lambda p: -(-len(p + getattr(task, 'instruction', ''))
-                                                                          // 3) + 16)
-    return {name: max(count(p['prompt']) for p in probs) for name, probs in sets.items()}
+    def count(p):
+        if tok:
+            return len(task.encode(tok, p))
+        extra = '' if p.get('grader') else getattr(task, 'instruction', '')
+        return -(-len(p['prompt'] + extra) // 3) + 16
+    return {name: max(count(p) for p in probs) for name, probs in sets.items()}
 
 EMBEDDED = (*Arithmetic.KINDS, 'maxdigit')
 TASKS = (*EMBEDDED, 'gsm8k', 'math', 'jsonl')  # the last three are one: JSONL math, layout read from each file

@@ -10,6 +10,8 @@ Tests that cannot run on the chosen device skip with the reason: oneDNN packing,
 CPU-only, a CUDA memory check needs CUDA.
 """
 import base64
+import collections
+import importlib.util
 import copy
 import json
 import math
@@ -18,6 +20,8 @@ import random
 import re
 import shutil
 import string
+import subprocess
+import sys
 import tempfile
 import time
 import unicodedata
@@ -42,9 +46,11 @@ from grading import extract_answer, gold_answer, is_equiv, math_reward, normaliz
 from grpo import group_advantages, grpo_loss
 from model import ModelConfig, Transformer, rope_inv_freq
 from probe import BridgeProbe
+from rouge import Summary, rouge1, stem, tokenize
 from sample import Generation, generate, sample_token
 from settings import UserError
 from tokenizer import Tokenizer, write_byte_tokenizer
+from transfer import GRADERS, Countdown, GPQA, ZebraLogic, json_objects, parse_equation
 
 from conftest import (BF16, CPU, DEV, DEVICE, DTYPE, RESUME_ATOL, ROOT, TINY, bitwise, cmd, cpu_only, gloo,
                       needs_cuda, ok, one_error_line, random_bridge_model, run_all, tol, train_py)
@@ -1469,6 +1475,30 @@ def test_several_test_sets_card_and_log(tmp_path):
     assert all('loss' in r and 'lr' in r for r in logged)
 
 
+def test_transfer_sets_beside_math_sets(tmp_path):
+    """--data_test names each set's grader: the transfer sets get a table each and stay out of the
+    Avg (the math set's alone); a ROUGE set reports its mean and best score; the card records each
+    set's grader and parser; compare.py's gain table reads the math set, its transfer table the rest."""
+    (tmp_path / 'small.jsonl').write_text(''.join(json.dumps({'problem': f'{a}+{b}', 'answer': str(a + b)})
+                                                  + '\n' for a, b in MATH_SETS['small']))
+    (tmp_path / 'cd.jsonl').write_text(json.dumps({'question': '1+1?', 'correct': '2',  # GPQA's
+                                                   'incorrect': ['3', '4', '5']}) + '\n')
+    (tmp_path / 'xs.jsonl').write_text(json.dumps({'document': 'a cat sat', 'summary': 'a cat'}) + '\n')
+    args = ['--task=math', '--chat_template=plain', '--data_train=small.jsonl', '--mode=sft,eval',
+            '--sft_steps=2', '--sft_eval_every=100', '--data_test=small=small.jsonl,cd=cd.jsonl:gpqa,'
+            'xs=xs.jsonl:xsum', *TINY]
+    out = train_py(*args, cwd=tmp_path)
+    assert 'cd:' in out and 'xs:' in out and 'average over the 1 math sets (Avg; transfer sets apart):' in out
+    res = json.load(open(tmp_path / 'out' / 'eval_sft.json'))
+    assert res['transfer'] == ['cd', 'xs'] and res['1']['acc'] == res['sets']['small']['1']['acc']
+    assert {'score', 'best'} <= set(res['sets']['xs']['4']) and 'acc' not in res['sets']['xs']['4']
+    assert res['card']['data']['cd']['grader'] == 'gpqa' and 'boxed' in res['card']['data']['cd']['parser']
+    runs = [f'{n}={tmp_path}/out/eval_sft.json' for n in ('base', 'bridge')]
+    table = ok(run_all([cmd(*runs, script='compare.py')])[0])
+    assert '| small | Avg | Delta |' in table and 'transfer sets (%) at width 1, not in the Avg' in table
+    assert '| method | cd acc | xs score | xs best |' in table
+
+
 # ---- after a run: evaluate, continue, protect the trained model, notice a collapse
 
 def test_eval_by_path_and_by_resume_equal_the_run(grpo_run, tmp_path):
@@ -2194,6 +2224,30 @@ def test_eval_metrics_known_values():
     got = {k: s / n for k, (s, n) in results.eval_metrics(texts, probs, 4, tasks.Arithmetic(), torch.full((8,), 7),
                                                        finished).items() if n}
     assert got['acc'] == 0 and got['pass@w'] == 0 and got['maj'] == 0 and got['agree'] == 6 / 12
+
+
+def test_eval_metrics_of_transfer_sets(tmp_path):
+    """A transfer set is scored by its own grader: Countdown's accuracy, pass@w and majority from
+    known answers; a ROUGE set's mean and best-of-group score, with no pass@w or vote. Its prompt
+    carries no boxed-answer instruction; a math problem's does."""
+    task = tasks.MathJSONL('', '', chat_template='plain', instruction=' BOXED')
+    cd = {**tasks.GRADERS['countdown'].read({'target': 10, 'nums': [2, 3, 5]}, 'x:1'), 'grader': 'countdown'}
+    right, wrong = '<answer>2 + 3 + 5</answer>', '<answer>2 * 3 + 5</answer>'  # 10, and 11
+    texts = [right, wrong, wrong, 'no answer'] + [wrong] * 4
+    m = results.eval_metrics(texts, [cd] * 8, 4, task, torch.full((8,), 5))
+    got = {k: s / n for k, (s, n) in m.items() if n}
+    assert got['acc'] == 1 / 8 and got['pass@w'] == 1 / 2 and got['maj'] == 0 and got['len'] == 5
+    tok = write_byte_tokenizer(str(tmp_path))
+    assert 'BOXED' not in tok.decode(task.encode(tok, cd))
+    assert 'BOXED' in tok.decode(task.encode(tok, {'prompt': '1+1'}))
+    xs = {**tasks.GRADERS['xsum'].read({'document': 'the cat sat on the mat', 'summary': 'a cat sat'}, 'x:1'),
+          'grader': 'xsum'}
+    rows = ['a cat sat', 'dogs ran', 'the cat', 'x']
+    m = results.eval_metrics(rows, [xs] * 4, 2, task, torch.ones(4))
+    got = {k: s / n for k, (s, n) in m.items()}
+    want = [rouge1(r, 'a cat sat') for r in rows]
+    assert set(got) == {'score', 'best', 'len'} and got['score'] == pytest.approx(sum(want) / 4)
+    assert got['best'] == pytest.approx((max(want[:2]) + max(want[2:])) / 2)
 
 
 def test_grpo_collapse_is_said_once():
@@ -2979,6 +3033,614 @@ def test_readme_paper_map():
         assert re.search(rf'^(def|class) {first}\b', src, re.M), f'{f}.py:{name}'
         for attr in rest:
             assert re.search(rf'^\s+(def|class) {attr}\b', src, re.M), f'{f}.py:{name}'
+
+
+# ====================================================================================================
+# transfer.py: the GPQA, ZebraLogic and Countdown graders, on known inputs and hostile text
+# ====================================================================================================
+
+gpqa, zebra, countdown = GPQA(), ZebraLogic(), Countdown()
+
+
+def test_graders_registry():
+    assert set(GRADERS) == {'gpqa', 'zebra', 'countdown'}
+    for name, g in GRADERS.items():
+        assert g.name == name and g.binary is True
+        assert isinstance(g.parser, str) and g.parser and '\n' not in g.parser
+
+
+# ------------------------------------------------------------------------------------ GPQA
+
+ROW = {'question': 'Which gas makes up most of Earth\'s atmosphere?', 'correct': 'Nitrogen',
+       'incorrect': ['Oxygen', 'Argon', 'Carbon dioxide']}
+
+
+def test_gpqa_read_both_layouts_same_problem():
+    raw = {'Question': ROW['question'] + '\n', 'Correct Answer': ' Nitrogen ',
+           'Incorrect Answer 1': 'Oxygen', 'Incorrect Answer 2': 'Argon\n',
+           'Incorrect Answer 3': 'Carbon dioxide', 'Record ID': 'rec1'}
+    p, q = gpqa.read(ROW, 'f:1'), gpqa.read(raw, 'f:2')
+    assert p == q  # texts are stripped, so both layouts shuffle alike
+    assert sorted(p['options']) == sorted(['Nitrogen', 'Oxygen', 'Argon', 'Carbon dioxide'])
+    assert p['options']['ABCD'.index(p['answer'])] == 'Nitrogen'
+    assert '\\boxed{X}' in p['prompt'] and ROW['question'] in p['prompt']
+    for L, o in zip('ABCD', p['options']):
+        assert f"\n{L}) {o}" in p['prompt']
+
+
+def test_gpqa_shuffle_is_deterministic_across_processes():
+    # hash() of a str changes with PYTHONHASHSEED; the shuffle must not
+    code = ("import json, transfer; p = transfer.GPQA().read(json.loads(input()), 'x:1'); "
+            "print(json.dumps([p['options'], p['answer']]))")
+    outs = {subprocess.run([sys.executable, '-c', code], input=json.dumps(ROW), text=True,
+                           capture_output=True, check=True, cwd=os.getcwd(),
+                           env={**os.environ, 'PYTHONHASHSEED': seed}).stdout
+            for seed in ('1', '2')}
+    p = gpqa.read(ROW, 'f:1')
+    assert outs == {json.dumps([p['options'], p['answer']]) + '\n'}
+
+
+def test_gpqa_gold_letter_spread_over_abcd():
+    rows = [{'question': f'Question {i}: what is {i} + {i}?', 'correct': str(2 * i),
+             'incorrect': [str(2 * i + 1), str(2 * i + 2), str(2 * i + 3)]} for i in range(40)]
+    letters = collections.Counter(gpqa.read(d, f'f:{i}')['answer'] for i, d in enumerate(rows))
+    assert set(letters) == set('ABCD') and max(letters.values()) <= 20, letters
+
+
+@pytest.mark.parametrize('text,final', [
+    (r'So the answer is \boxed{B}.', 'B'),
+    (r'\boxed{ \text{ C } }', 'C'),
+    (r'\boxed{\textbf{D}}', 'D'),
+    (r'\boxed {A}', 'A'),
+    ('Answer: A', None),                      # prose never counts
+    ('A good idea would be to compute first.', None),
+    ('(A)', None),
+    (r'first \boxed{A}, on reflection \boxed{C}', 'C'),  # the last box wins
+    (r'\boxed{A} but then \boxed{E}', None),  # a last box that is not A-D is no answer
+    (r'\boxed{AB}', None),
+    (r'\boxed{a}', None),
+    (r'\boxed{A', None),
+    (r'<think>maybe \boxed{A}</think> The answer is \boxed{B}', 'B'),
+    (r'<think>maybe \boxed{A}</think> I am not sure.', None),  # thinking is not the answer
+    ('', None),
+])
+def test_gpqa_final(text, final):
+    assert gpqa.final(text) == final
+
+
+def test_gpqa_reward():
+    p = gpqa.read(ROW, 'f:1')
+    wrong = next(L for L in 'ABCD' if L != p['answer'])
+    assert gpqa.reward(f"\\boxed{{{p['answer']}}}", p) == 1.0
+    assert gpqa.reward(f"\\boxed{{{wrong}}}", p) == 0.0
+    assert gpqa.reward(f"Answer: {p['answer']}", p) == 0.0
+    assert gpqa.reward(None, p) == 0.0 and gpqa.extra('x', p) == {}
+
+
+@pytest.mark.parametrize('d', [
+    {'question': 'q', 'correct': 'a', 'incorrect': ['b', 'c']},
+    {'question': 'q', 'correct': '', 'incorrect': ['b', 'c', 'd']},
+    {'question': 'q', 'correct': 'a'},
+    {'Question': 'q', 'Correct Answer': 'a', 'Incorrect Answer 1': 'b'},
+    {'prompt': 'q', 'answer': 'a'},
+    ['q', 'a'],
+])
+def test_gpqa_read_errors_name_where(d):
+    with pytest.raises(UserError, match=r'^gpqa\.jsonl:7: .*question'):
+        gpqa.read(d, 'gpqa.jsonl:7')
+
+
+# ------------------------------------------------------------------------------ ZebraLogic
+
+PUZZLE = {'id': 'lgp-test-3x2-1', 'size': '3*2',
+          'puzzle': 'There are 3 houses, numbered 1 to 3 from left to right. Clues: ...',
+          'solution': {'header': ['House', 'Name', 'Drink'],
+                       'rows': [['1', 'Arnold', 'tea'], ['2', 'Peter', 'water'],
+                                ['3', 'Eric', 'milk']]}}
+RIGHT = {'House 1': {'Name': 'Arnold', 'Drink': 'tea'},
+         'House 2': {'Name': 'Peter', 'Drink': 'water'},
+         'House 3': {'Name': 'Eric', 'Drink': 'milk'}}
+
+
+def answer(solution, reasoning='Clue 1 puts {Peter} in house 2; "quoted \\" brace }" is text.'):
+    return json.dumps({'reasoning': reasoning, 'solution': solution}, indent=2)
+
+
+def test_zebra_read_prompt_and_gold():
+    p = zebra.read(PUZZLE, 'z:1')
+    assert p['id'] == PUZZLE['id'] and p['size'] == '3*2'
+    assert p['prompt'].startswith(PUZZLE['puzzle'])
+    # the prompt's format is one JSON object naming every house and attribute, with blanks
+    template = json.loads(json_objects(p['prompt'])[-1])
+    assert template == {'reasoning': '___', 'solution': {
+        f'House {i}': {'Name': '___', 'Drink': '___'} for i in (1, 2, 3)}}
+    assert zebra.reward(p['prompt'], p) == 0.0  # echoing the template solves nothing
+    assert len(p['answer']) == 6 and hash(p['answer']) is not None
+
+
+def test_zebra_full_grid():
+    p = zebra.read(PUZZLE, 'z:1')
+    text = 'Let me write it out.\n```json\n' + answer(RIGHT) + '\n```\nDone.'
+    assert zebra.reward(text, p) == 1.0 and zebra.extra(text, p) == {'cell': 1.0}
+    assert zebra.final(text) == p['answer']
+
+
+def test_zebra_case_and_whitespace_normalised():
+    p = zebra.read(PUZZLE, 'z:1')
+    messy = {'house  1': {'NAME': ' arnold ', 'drink ': 'TEA'},
+             ' HOUSE 2': {'Name': 'Peter', 'Drink': 'Water'},
+             'House\t3': {'name': 'eric', 'DRINK': 'milk\n'}}
+    assert zebra.reward(answer(messy), p) == 1.0
+    assert zebra.final(answer(messy)) == zebra.final(answer(RIGHT))
+
+
+def test_zebra_partial_grid_cell_accuracy():
+    p = zebra.read(PUZZLE, 'z:1')
+    swapped = json.loads(json.dumps(RIGHT))
+    swapped['House 2']['Name'], swapped['House 3']['Name'] = 'Eric', 'Peter'  # 2 of 6 wrong
+    assert zebra.reward(answer(swapped), p) == 0.0
+    assert zebra.extra(answer(swapped), p)['cell'] == pytest.approx(4 / 6)
+    missing = {'House 1': RIGHT['House 1']}  # 2 of 6 cells given, both right
+    assert zebra.reward(answer(missing), p) == 0.0
+    assert zebra.extra(answer(missing), p)['cell'] == pytest.approx(2 / 6)
+
+
+def test_zebra_wrong_types():
+    p = zebra.read(PUZZLE, 'z:1')
+    typed = json.loads(json.dumps(RIGHT))
+    typed['House 1']['Name'] = ['Arnold']  # a list is not a value
+    typed['House 2']['Drink'] = None
+    typed['House 3'] = 'Eric, milk'  # a house that is not an object: its 2 cells are wrong
+    assert zebra.reward(answer(typed), p) == 0.0
+    assert zebra.extra(answer(typed), p)['cell'] == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize('text', [
+    answer(RIGHT)[:-40],                                   # truncated JSON
+    json.dumps({'reasoning': 'r', 'solution': list(RIGHT.values())}),  # a list, not an object
+    json.dumps({'reasoning': 'r', 'solution': 'House 1: Arnold'}),
+    json.dumps(RIGHT),                                     # no "solution" key
+    json.dumps({'solution': {}}),
+    '{"solution": ' + '[' * 100_000 + ']' * 100_000 + '}',  # deeper than json.loads can go
+    '', 'no JSON at all', None, 42,
+    '<think>' + answer(RIGHT) + '</think>I could not decide.',  # only the thinking has a grid
+])
+def test_zebra_malformed_scores_zero(text):
+    p = zebra.read(PUZZLE, 'z:1')
+    assert zebra.final(text) is None
+    assert zebra.reward(text, p) == 0.0 and zebra.extra(text, p) == {'cell': 0.0}
+
+
+def test_zebra_extra_house_is_not_the_solution():
+    p = zebra.read(PUZZLE, 'z:1')
+    more = {**RIGHT, 'House 4': {'Name': 'Bob', 'Drink': 'coffee'}}
+    assert zebra.reward(answer(more), p) == 0.0
+    assert zebra.extra(answer(more), p) == {'cell': 1.0}  # every cell of the solution is right
+
+
+def test_zebra_which_object_is_read():
+    p = zebra.read(PUZZLE, 'z:1')
+    wrong = {**RIGHT, 'House 1': {'Name': 'Eric', 'Drink': 'tea'}}
+    assert zebra.reward(answer(wrong) + '\nCorrection:\n' + answer(RIGHT), p) == 1.0
+    assert zebra.reward(answer(RIGHT) + '\nCorrection:\n' + answer(wrong), p) == 0.0
+    # a later object without a "solution" does not replace the grid
+    assert zebra.reward(answer(RIGHT) + '\n{"confidence": "high"}', p) == 1.0
+    # an unmatched '{' in the prose before the answer does not hide it
+    assert zebra.reward('Let the set {Arnold, Peter ... then:\n' + answer(RIGHT), p) == 1.0
+    # what the model thought before </think> is ignored, the answer after it is read
+    assert zebra.reward('<think>' + answer(wrong) + '</think>' + answer(RIGHT), p) == 1.0
+    assert zebra.reward('<think>' + answer(RIGHT) + '</think>' + answer(wrong), p) == 0.0
+
+
+def test_json_objects_top_level_only():
+    assert json_objects('a {"x": {"y": 1}} b {"s": "}{"} c } {') == \
+        ['{"x": {"y": 1}}', '{"s": "}{"}']
+    assert json_objects('{"a": "\\\\"} {"b": 2}') == ['{"a": "\\\\"}', '{"b": 2}']
+
+
+@pytest.mark.parametrize('d', [
+    {'id': 'x', 'puzzle': 'p'},
+    {'id': 'x', 'puzzle': '', 'solution': PUZZLE['solution']},
+    {'id': 'x', 'puzzle': 'p', 'solution': {'header': ['Name', 'Drink'], 'rows': [['a', 'b']]}},
+    {'id': 'x', 'puzzle': 'p', 'solution': {'header': ['House', 'Name'], 'rows': [['1']]}},
+    {'id': 'x', 'puzzle': 'p', 'solution': {'header': ['House', 'Name'], 'rows': []}},
+    {'id': 'x', 'puzzle': 'p', 'solution': [['1', 'a']]},
+    'a puzzle',
+])
+def test_zebra_read_errors_name_where(d):
+    with pytest.raises(UserError, match=r'^zebra\.jsonl:3: .*"solution"'):
+        zebra.read(d, 'zebra.jsonl:3')
+
+
+# ------------------------------------------------------------------------------- Countdown
+
+CD = {'target': 98, 'nums': [44, 19, 35]}
+
+
+@pytest.mark.parametrize('text', [
+    '<answer>44 + 19 + 35</answer>',
+    '<answer> (44 + 19) + 35 </answer>',
+    '<answer>35+(19+44)</answer>',
+    '<answer>44 + 19 + 35 = 98</answer>',
+    '<answer>44+19+35=98</answer>',
+    '<answer>44 + 19\n + 35\t=\n98 </answer>',
+    '<think><answer>44 - 19 - 35</answer></think><answer>44 + 19 + 35</answer>',
+    '<answer>1 + 2</answer> no, rather <answer>44 + 19 + 35</answer>',
+])
+def test_countdown_right(text):
+    p = countdown.read(CD, 'c:1')
+    assert countdown.reward(text, p) == 1.0 and countdown.extra(text, p) == {}
+
+
+def test_countdown_fraction_midway():
+    p = countdown.read({'target': 24, 'nums': [1, 3, 4, 6]}, 'c:1')
+    assert countdown.reward('<answer>6 / (1 - 3 / 4)</answer>', p) == 1.0  # 3/4 on the way
+    assert countdown.reward('<answer>(6 / 4) * (3 + 1) * 4</answer>', p) == 0.0
+
+
+@pytest.mark.parametrize('expr', [
+    '44 + 19 + 35 = 99',     # a false equation
+    '44 + 19 + 35 == 98',
+    '44 + 44 + 10',          # 44 used twice, 19 and 35 missing
+    '44 + 19 + 35 + 0',      # a number that is not given
+    '63 + 35',               # 44 + 19 precomputed: 44 and 19 missing
+    '44 + 19',               # a number missing
+    '44 - -19 + 35',         # unary minus, though the value is right
+    '44.0 + 19 + 35',        # a float
+    '44 + 19 + 35 / 1',
+    '2 ** 2',
+    '__import__("os").system("echo hacked")',
+    "eval('44+19+35')",
+    'x',
+    '',
+    '(44 + 19 + 35',
+    '0x2c + 19 + 35',        # 44 in hex
+    '4_4 + 19 + 35',
+])
+def test_countdown_wrong(expr):
+    p = countdown.read(CD, 'c:1')
+    assert countdown.reward(f'<answer>{expr}</answer>', p) == 0.0
+
+
+@pytest.mark.parametrize('nums,target,expr', [
+    ([1, 2, 3], 15, '12 + 3'),           # concatenation: 12 is not 1 and 2
+    ([2, 3, 1], 9, '3 ** 2 * 1'),        # power
+    ([2, 3, 5], 4, '-3 + 5 + 2'),        # unary minus, though the value is right
+    ([2, 3, 5], 4, '5 - (-3) - 2 + 0'),
+    ([8, 4, 2], 4, '8 // 4 * 2'),        # floor division
+    ([5, 5, 3], 0, '3 / (5 - 5)'),       # division by zero
+    ([5, 5, 3], 0, '(5 - 5) / 3 * 0'),
+])
+def test_countdown_wrong_forms(nums, target, expr):
+    p = countdown.read({'target': target, 'nums': nums}, 'c:1')
+    assert countdown.reward(f'<answer>{expr}</answer>', p) == 0.0
+
+
+def test_countdown_right_forms_control():
+    # the same puzzles answered properly score 1, so the zeros above are the form's fault
+    assert countdown.reward('<answer>(5 - 3) * 2</answer>',
+                            countdown.read({'target': 4, 'nums': [2, 3, 5]}, 'c:1')) == 1.0
+    assert countdown.reward('<answer>(5 - 5) / 3</answer>',
+                            countdown.read({'target': 0, 'nums': [5, 5, 3]}, 'c:1')) == 1.0
+
+
+@pytest.mark.parametrize('text', [
+    None, 17, '', 'The answer is 44 + 19 + 35.', '<answer>44 + 19 + 35',
+    '44 + 19 + 35</answer>', '<answer>' + '(' * 300 + '1' + ')' * 300 + '</answer>',
+    '<answer>' + '+'.join(['1'] * 600) + '</answer>', '<answer>' + '9' * 5000 + '</answer>',
+    '<answer>44 + 19 + 35</answer></think>',  # the answer came before the thinking ended
+])
+def test_countdown_no_answer(text):
+    p = countdown.read(CD, 'c:1')
+    assert countdown.final(text) is None and countdown.reward(text, p) == 0.0
+
+
+def test_countdown_final_normalised():
+    a = countdown.final('<answer>(44+19)+35</answer>')
+    assert a == countdown.final('<answer> 44 + 19 + 35 = 98 </answer>') == '44 + 19 + 35'
+    assert countdown.final('<answer>44 + (19 + 35)</answer>') == '44 + (19 + 35)'
+    assert countdown.final('<answer>__import__("os")</answer>') is None
+    assert parse_equation('6 / (1 - 3 / 4)')[1:] == (24, [6, 1, 3, 4])
+
+
+def test_countdown_read():
+    p = countdown.read(CD, 'c:1')
+    assert p['answer'] == p['target'] == 98 and p['nums'] == [44, 19, 35]
+    assert '[44, 19, 35]' in p['prompt'] and 'equals 98' in p['prompt']
+    assert '<answer>' in p['prompt'] and 'exactly once' in p['prompt']
+
+
+@pytest.mark.parametrize('d', [
+    {'target': 98}, {'nums': [1, 2]}, {'target': '98', 'nums': [44, 19, 35]},
+    {'target': 98, 'nums': [44, True, 35]}, {'target': 98, 'nums': [44]},
+    {'target': 98, 'nums': '44 19 35'}, [98, [44, 19, 35]],
+])
+def test_countdown_read_errors_name_where(d):
+    with pytest.raises(UserError, match=r'^cd\.jsonl:12: .*"target".*"nums"'):
+        countdown.read(d, 'cd.jsonl:12')
+
+
+# ====================================================================================================
+# rouge.py: the Porter stemmer, rouge-score's tokens and ROUGE-1 against rouge-score
+# ====================================================================================================
+
+_ROOTS = """relat condit valen hesit digit conform radic differ vil analog vietnam predic oper
+feud decis hope call formal sensitiv sensib trip form electr good reviv allow infer airlin gyroscop
+adjust defens irrit replac depend adopt homolog commun activ angular effect bowdler cat pon ti
+caress fe agre plaster bl motor s conflat troubl siz hop tann fall hiss fizz fail fil happ sk prob
+rat ceas control rol ge theo archaeo philo sp d fl cr tr enjo pla sa bo to syzyg yy y news inn out
+cann howe proce exce succe l oat tre ivy orrer gener nation ration sens ful arbitr month bus gas
+quiz fox box ax wax sh whe e a i o u""".split()
+_SUFFIXES = """- s es ies sses ss ed eed ied ing y ys ly ily ally ational tional ation ations
+ization izer ize izes ise fulness fully ful iveness ousness ousli ously ness ment ement ent ence
+ance enci anci ency ancy able ible ability ibility biliti ity iciti ical icate ative alize alism
+al ism ist er ers ic ant ion ions ou ous ive ate iti iviti aliti logy logi logies bli bly alli
+entli eli fulli ll e ying ied ier iest yed eing""".split()
+
+def _words():
+    """A few thousand words: English prose (Python's own documentation text), every root with every
+    suffix (each rule of each step, its condition true and false), and random letter strings rich in
+    'y' and vowels (the consonant definition's corner cases)."""
+    from pydoc_data.topics import topics
+    words = set(re.findall(r'[a-z0-9]+', ' '.join(topics.values()).lower()))
+    words |= {r + s.strip('-') for r in _ROOTS for s in _SUFFIXES}
+    rng = random.Random(0)
+    words |= {''.join(rng.choice('aeiouyybcdlmnrstgz') for _ in range(rng.randint(1, 12)))
+              for _ in range(3000)}
+    return sorted(words)
+
+def test_porter_stemmer_matches_nltk_default_mode():
+    porter = pytest.importorskip('nltk.stem.porter')
+    nltk_stem = porter.PorterStemmer().stem  # NLTK_EXTENSIONS: what rouge-score constructs
+    assert porter.PorterStemmer().mode == porter.PorterStemmer.NLTK_EXTENSIONS
+    words = _words()
+    assert len(words) > 8000
+    wrong = [(w, stem(w), nltk_stem(w)) for w in words if stem(w) != nltk_stem(w)]
+    assert not wrong, wrong[:20]
+
+def test_porter_stemmer_known_stems():
+    # the paper's examples, as NLTK_EXTENSIONS changes them, and the irregular forms
+    cases = {'caresses': 'caress', 'ponies': 'poni', 'ties': 'tie', 'cats': 'cat', 'feed': 'feed',
+             'agreed': 'agre', 'plastered': 'plaster', 'motoring': 'motor', 'sing': 'sing',
+             'conflated': 'conflat', 'hopping': 'hop', 'falling': 'fall', 'filing': 'file',
+             'happy': 'happi', 'enjoy': 'enjoy', 'relational': 'relat', 'conditional': 'condit',
+             'hopefulness': 'hope', 'vietnamization': 'vietnam', 'generalization': 'gener',
+             'electrical': 'electr', 'adoption': 'adopt', 'controlling': 'control',
+             'dying': 'die', 'skies': 'sky', 'news': 'news', 'died': 'die', 'spied': 'spi',
+             'geology': 'geolog', 'radically': 'radic', 'cease': 'ceas', 'rate': 'rate'}
+    assert {w: stem(w) for w in cases} == cases
+    assert stem('y' * 5000) == 'y' * 4999 + 'i'  # a run of y's: no recursion limit
+
+def test_rouge_tokens_match_rouge_score():
+    tokenizers = pytest.importorskip('rouge_score.tokenizers')
+    ref = tokenizers.DefaultTokenizer(use_stemmer=True).tokenize
+    texts = [' '.join(_words()[i::97]) for i in range(97)]
+    texts += ['', '   \n\t', 'Running, RUNS; ran!!! (runner) -- 3.5% of $1,000,000 in 1990s',
+              'café naïve Straße İstanbul \u212a Ångström 北京 🙂 ﬁle e\u0301', "don't it's U.S.A."]
+    for t in texts:
+        assert tokenize(t) == ref(t), t
+
+def _pairs():
+    """~200 (prediction, reference) pairs: random word soups with punctuation, numbers, case,
+    repeats and unicode, plus hand-made edge cases."""
+    rng = random.Random(1)
+    vocab = _words()[::7] + ['The', 'A', 'cats', 'cat', 'running', 'runs', 'U.S.', "don't", '3.5',
+                             '1,000', '1990s', '$5', '%', '—', '...', 'café', 'İstanbul', '北京',
+                             '🙂', '\u212aelvin', '\n', '\t', 'e\u0301', 'Ünïcödé', 'the', 'the']
+    def text():
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, 40))]
+        return rng.choice([' ', '  ', ', ', '. ', '\n']).join(words)
+    pairs = []
+    for _ in range(95):
+        a, b = text(), text()
+        pairs.append((a, b))
+        pairs.append((a + ' ' + b[:len(b) // 2], b))  # overlapping pairs, not only near-zero scores
+    pairs += [('', ''), ('', 'a cat'), ('a cat', ''), ('!!!', '...'),
+              ('the the the the', 'the cat'),
+              ('The cat.', 'the CAT!'), ('cats running', 'cat runs'), ('1,000 2.5', '1 000 2 5'),
+              ('café', 'caf\u00e9 cafe'), ('a a a b', 'a b b b'), ('x' * 300, 'x' * 300)]
+    return pairs
+
+def test_rouge1_matches_rouge_score():
+    rouge_scorer = pytest.importorskip('rouge_score.rouge_scorer')
+    scorer = rouge_scorer.RougeScorer(['rouge1'], use_stemmer=True)
+    pairs = _pairs()
+    assert len(pairs) >= 200
+    for pred, ref in pairs:
+        want = scorer.score(ref, pred)['rouge1'].fmeasure  # score(target, prediction)
+        assert abs(rouge1(pred, ref) - want) <= 1e-12, (pred, ref)
+    assert len({round(rouge1(p, r), 3) for p, r in pairs}) > 20  # a spread of scores, not all 0
+
+def test_rouge1_by_hand():
+    # prediction: the cat sat on the mat (6); reference: a cat was sit on a mat (7)
+    assert tokenize('The cats sat on the mat.') == ['the', 'cat', 'sat', 'on', 'the', 'mat']
+    assert tokenize('A cat was sitting on a mat') == ['a', 'cat', 'was', 'sit', 'on', 'a', 'mat']
+    # overlap 3 (cat, on, mat): P = 3/6, R = 3/7, F = 2PR / (P + R) = 6/13
+    assert rouge1('The cats sat on the mat.', 'A cat was sitting on a mat') == pytest.approx(6 / 13)
+    # clipped counts: one 'the' in the reference matches once; P = 1/4, R = 1/2, F = 1/3
+    assert rouge1('the the the the', 'the cat') == pytest.approx(1 / 3)
+    assert rouge1('', 'the cat') == rouge1('the cat', '') == rouge1('', '') == 0.0
+    assert rouge1('Cats!', 'cat') == 1.0
+
+# ---- rouge.py: the Summary grader ----
+
+def test_summary_read_layouts_and_prompt():
+    g = Summary('xsum')
+    assert (g.name, g.binary) == ('summary', False) and g.final('anything') is None
+    p = g.read({'document': '  The storm hit the coast.\n', 'summary': 'A storm hit.', 'id': 3},
+               'x.jsonl:1')
+    assert set(p) == {'prompt', 'answer'} and p['answer'] == 'A storm hit.'
+    assert 'The storm hit the coast.' in p['prompt'] and 'one sentence' in p['prompt']
+    assert '\\boxed' not in p['prompt']
+    c = Summary('cnn').read({'article': 'Markets fell.', 'highlights': 'Stocks down.\nOil up.'},
+                            'c.jsonl:2')
+    assert c['answer'] == 'Stocks down.\nOil up.' and 'Markets fell.' in c['prompt']
+    assert c['prompt'] != Summary('xsum').read({'article': 'Markets fell.', 'highlights': 'x'},
+                                               'c.jsonl:2')['prompt']  # the style's own instruction
+    with pytest.raises(UserError, match='xsum'):
+        Summary('bbc')
+
+@pytest.mark.parametrize('d, named', [
+    ({'text': 'a', 'label': 'b'}, ['document', 'summary', 'article', 'highlights', 'label']),
+    ({'document': 'a'}, ['document', 'summary']),
+    ({'document': 'a', 'summary': '  '}, ["'summary'", 'empty']),
+    ({'article': 7, 'highlights': 'b'}, ["'article'", 'not text']),
+    (['document', 'summary'], ['document', 'summary', 'list']),
+])
+def test_summary_read_errors_name_the_line(d, named):
+    with pytest.raises(UserError) as e:
+        Summary().read(d, 'data/xsum.jsonl:7')
+    assert str(e.value).startswith('data/xsum.jsonl:7: ')
+    for word in named:
+        assert word in str(e.value)
+
+def test_summary_reward_reads_after_the_last_think():
+    g, prob = Summary(), {'prompt': 'p', 'answer': 'The dog ran home.'}
+    assert g.reward('the dog ran home', prob) == 1.0
+    assert g.reward('<think>the dog ran home</think> a cat slept', prob) == 0.0
+    assert g.reward('<think>a</think> cat </think>The dogs ran home!', prob) == 1.0
+    unclosed = '<think>the dog ran home'
+    assert g.reward(unclosed, prob) == rouge1(unclosed, prob['answer']) > 0.5
+    assert g.reward('the dog ran home</think>', prob) == 0.0  # nothing after it: nothing to score
+    assert g.reward('dog', prob) == pytest.approx(0.4)  # P = 1, R = 1/4
+    # never raises: not text, or no reference
+    assert g.reward(None, prob) == g.reward('dog', {}) == g.reward('dog', None) == 0.0
+
+
+# ====================================================================================================
+# plot.py: every figure from small result files, its interval over seeds, its errors
+# ====================================================================================================
+
+PLOT = os.path.join(ROOT, 'plot.py')
+needs_mpl = pytest.mark.skipif(importlib.util.find_spec('matplotlib') is None,
+                               reason='pip install matplotlib')
+SEEDS = (1, 2, 3)
+WIDTHS = (1, 2, 4, 8, 16)
+
+
+def card(seed):
+    return {'model': 'Qwen/Qwen2.5-Math-1.5B', 'samples_per_problem': 16, 'widths': '1,2,4,8,16',
+            'seed': seed, 'temperature': 1.0, 'parser': 'boxed', 'data': {}}
+
+
+def eval_result(seed, probe=True):
+    """An eval JSON with two test sets whose metrics move with the seed and the width."""
+    def metrics(base, w):
+        m = {'acc': base, 'pass@w': min(1, base + 0.05 * math.log2(w)), 'maj': base + 0.01,
+             'len': 100}
+        return m | {f'gpass@{t}': base * (1 - t / 2) for t in (0.25, 0.5, 0.75, 1.0)}
+    sets = {s: {str(w): metrics(0.3 + 0.1 * i + 0.01 * seed, w) for w in WIDTHS}
+            for i, s in enumerate(('gsm8k', 'math500'))}
+    r = {'sets': sets, 'card': card(seed)}
+    r |= {str(w): {k: sum(sets[s][str(w)][k] for s in sets) / 2 for k in sets['gsm8k']['1']}
+          for w in WIDTHS}
+    if probe:
+        r |= {'bridge_norm_ratio': {str(l): 0.01 * (l + seed) for l in range(4)},
+              'bridge_sibling_share': {str(l): 0.7 + 0.01 * l for l in range(4)}, 'probe_width': 4}
+    return r
+
+
+def write_runs(tmp_path):
+    """runs/{arm}-{seed}/eval_grpo.json and log.jsonl for two arms and three seeds."""
+    for arm in ('bridge', 'rlvr'):
+        for s in SEEDS:
+            d = tmp_path / f'{arm}-{s}'
+            d.mkdir()
+            (d / 'eval_grpo.json').write_text(json.dumps(eval_result(s, probe=arm == 'bridge')))
+            rows = [{'stage': 'sft', 'step': 10, 'total': 20, 'time': 0.0, 'loss': 2.0,
+                     'gnorm': 1.0, 'lr': 1e-3}]
+            rows += [{'stage': 'grpo', 'step': t, 'total': 30, 'time': 1.0 * t, 'reward': 0.1 * s,
+                      'acc': 0.1 * s, 'entropy': 0.5, 'kl': 0.01 * t, 'len': 80, 'zero_std': 0.2,
+                      'lr': 1e-4} for t in (10, 20, 30)]
+            (d / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+
+def plot_cmd(*args, cwd=ROOT):
+    return cmd(*args, script='plot.py', cwd=cwd)
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 1000
+
+
+def assert_one_line_error(p, *words):
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:'), p.stderr
+    assert 'Traceback' not in p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_plot_interval_by_hand():
+    """3 seeds 0.5, 0.6, 0.7: mean 0.6, sd 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3)."""
+    import plot
+    m, h = plot.interval([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and h == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    m, h = plot.interval([1.0, 3.0])  # df 1: t = 12.706, sd sqrt(2), n 2
+    assert m == 2 and h == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
+    assert math.isnan(plot.interval([0.4])[1])  # one run: no band
+    # an arm's files are averaged where all of them have points (a run still training has fewer)
+    xs, ys = plot.combine('a', [{10: {'r': 1}, 20: {'r': 2}}, {10: {'r': 3}}])
+    assert xs == [10] and ys == {'r': [[1], [3]]}
+    assert plot.span([1, 2, 3, 5]) == '1-3,5' and plot.expand('r-{seed}.json', [1, 2]) == \
+        ['r-1.json', 'r-2.json']
+
+
+@needs_mpl
+def test_every_kind_draws_a_png(tmp_path):
+    """Every kind of figure, from 3 seeds x 2 arms (one arm for the probe), into a folder that does
+    not exist yet, written atomically; and one run without seeds, to the default path."""
+    write_runs(tmp_path)
+    cases = [('width', []), ('width', ['--set=gsm8k']), ('gpass', ['--width=8']), ('probe', []),
+             ('curves', []), ('curves', ['--stage=sft'])]
+    cmds, outs = [], []
+    for i, (kind, extra) in enumerate(cases):
+        name = 'log.jsonl' if kind == 'curves' else 'eval_grpo.json'
+        arms = [f'bridge={tmp_path}/bridge-{{seed}}/{name}']
+        arms += [] if kind == 'probe' else [f'rlvr={tmp_path}/rlvr-{{seed}}/{name}']
+        outs.append(tmp_path / f'figs{i}' / f'{kind}.png')
+        cmds.append(plot_cmd(f'--kind={kind}', f"--runs={','.join(arms)}", '--seeds=1-3',
+                             f'--out={outs[-1]}', *extra))
+    cmds.append(plot_cmd(f'--runs=b={tmp_path}/bridge-1/eval_grpo.json', cwd=tmp_path))
+    for p in run_all(cmds):
+        assert p.returncode == 0, p.stderr
+    for out in outs:
+        assert_png(out)
+        assert os.listdir(out.parent) == [out.name]  # written atomically: no temp file left behind
+    assert_png(tmp_path / 'plot_width.png')
+
+
+def test_plot_one_line_errors(tmp_path):
+    write_runs(tmp_path)
+    missing = tmp_path / 'nope' / 'eval_grpo.json'
+    one = f'--runs=a={tmp_path}/bridge-1/eval_grpo.json'
+    cases = [([f'--runs=a={missing}'], [str(missing), 'no such result file']),
+             (['--kind=probe', f'--runs=r={tmp_path}/rlvr-{{seed}}/eval_grpo.json', '--seeds=1-3'],
+              ['rlvr-1', 'no probe']),
+             (['--kind=bars', one], ['kind', 'width, gpass, probe, curves']),
+             (['--runs='], ['runs']),
+             (['--kind=gpass', '--width=32', one], ['no width 32']),
+             (['--set=aime', one], ["no test set 'aime'"]),
+             (['--kind=curves', '--metrics=reward,gnorm', f'--runs=a={tmp_path}/bridge-1/log.jsonl'],
+              ['bridge-1/log.jsonl', "'gnorm'"])]  # a metric the log does not have
+    for (args, words), p in zip(cases, run_all([plot_cmd(*a) for a, _ in cases])):
+        assert_one_line_error(p, *words)
+
+
+def test_plot_without_matplotlib_one_line(tmp_path):
+    """matplotlib is optional: without it, one line saying how to install it."""
+    write_runs(tmp_path)
+    code = ("import sys; sys.modules['matplotlib'] = None; "  # `import matplotlib` now fails
+            f"sys.argv = [{PLOT!r}] + sys.argv[1:]; "
+            f"exec(compile(open({PLOT!r}).read(), {PLOT!r}, 'exec'), "
+            f"{{'__name__': '__main__', '__file__': {PLOT!r}}})")
+    p = subprocess.run([sys.executable, '-c', code, f'--runs=a={tmp_path}/bridge-1/eval_grpo.json',
+                        f'--out={tmp_path}/w.png'], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert_one_line_error(p, 'pip install matplotlib')
+    assert not (tmp_path / 'w.png').exists()
 
 
 # ====================================================================================================

@@ -251,7 +251,7 @@ def sample_and_score(problems, w, temp, keys, entropy=False, probed=False, new_t
     if not problems:
         return None, [], torch.zeros(0), []
     new_tokens = new_tokens or max_new_tokens
-    ids = [the_task.encode(tok, p['prompt']) for p in problems]
+    ids = [the_task.encode(tok, p) for p in problems]
     # one cache length for every call of the run (a compiled step is captured once);
     # settings.check_data made each set's prompts + answers fit the context
     cap = min(longest_prompt + new_tokens, raw_model.config.max_position_embeddings)
@@ -471,7 +471,8 @@ def evaluate(after='init'):
                 if name not in drawn or not once:
                     drawn[name] = draw_rows(i, test, 1 if once else w, bool(reader))
                 r = res['sets'][name][w] = score(drawn[name], w)
-                r['width_gain'] = r['acc'] - res['sets'][name][widths[0]]['acc']
+                main = 'acc' if 'acc' in r else 'score'  # ROUGE sets: a mean score
+                r['width_gain'] = r[main] - res['sets'][name][widths[0]][main]
                 if the_task.chance(w) is not None:  # the best a row alone can do
                     r['chance'] = the_task.chance(w)
             shares[w] = reader.sibling_shares() if reader else {}  # over all sets at width w
@@ -480,7 +481,10 @@ def evaluate(after='init'):
                         'bridge_sibling_share': shares[w], 'probe_width': w}
     if reader:
         reader.remove()
-    for w, m in results.average(res['sets']).items():
+    if the_task.transfer:  # the paper's Avg is over the math sets alone
+        res['transfer'] = sorted(the_task.transfer)
+    math_sets = {n: s for n, s in res['sets'].items() if n not in the_task.transfer}
+    for w, m in results.average(math_sets).items():
         sibling = {'sibling': sum(shares[w].values()) / len(shares[w])} if shares[w] else {}
         res[str(w)] = m | sibling
     res['card'] = results.card(config, the_task, raw_model, model_dir, dev, use_bf16, once)
