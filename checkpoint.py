@@ -346,13 +346,16 @@ INVOCATION = ('init_from', 'mode', 'out_dir', 'overwrite', 'dry_run', 'device', 
               'log_interval', 'wandb_log', 'wandb_project')
 
 def migrate(saved):
-    """A checkpoint's settings under today's names: warmup_iters (the LR warm-up) is lr_warmup_iters, and min_lr,
-    once an absolute LR floor, is min_lr_ratio = min_lr / lr (the floor as a fraction of each stage's peak LR)."""
+    """A checkpoint's settings under today's names: warmup_iters (the LR warm-up) is lr_warmup_iters, min_lr,
+    once an absolute LR floor, is min_lr_ratio = min_lr / lr (the floor as a fraction of each stage's peak LR), and
+    sft_horizon, the SFT schedule's length, was sft_steps."""
     c = dict(saved)
     if 'warmup_iters' in c:
         c.setdefault('lr_warmup_iters', c.pop('warmup_iters'))
     if 'min_lr' in c:
         c.setdefault('min_lr_ratio', c.pop('min_lr') / c['lr'])
+    if 'sft_steps' in c:  # SFT's schedule once spanned its cap
+        c.setdefault('sft_horizon', c['sft_steps'])
     return c
 
 def resume_settings(state, config, overrides):

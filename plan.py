@@ -307,9 +307,11 @@ def report(cfg, bridge, run, world, lens, sizes, stages, kind, peaks):
                 'P-Match': arm({**r, 'warmup_set': 'given'}, True, False, paper),  # from it
                 'RLVR': arm(r, False, False, ['grpo', 'eval'])}
         t = {name: total(a) for name, a in arms.items()}
-        # config/r1_transfer.py on each checkpoint: Bridge at every width, the others once
-        bridge_t = total(arm(r, True, True, ['eval'], TRANSFER))
-        once = total(arm(r, False, False, ['eval'], TRANSFER))
+        # config/r1_transfer.py on each checkpoint (its widths and samples): Bridge at each
+        # width, the others once
+        tr = {**r, 'eval_widths': '1,4', 'eval_samples': 4}
+        bridge_t = total(arm(tr, True, True, ['eval'], TRANSFER))
+        once = total(arm(tr, False, False, ['eval'], TRANSFER))
         t['transfer evals'] = {k: bridge_t[k] + 3 * once[k] for k in bridge_t}
         mode = 'compiled' if dev.overlap else 'eager'
         each = ', '.join(f"{name} {hours(x[mode])}" for name, x in t.items())

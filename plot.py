@@ -93,8 +93,8 @@ def gpass_points(where, r, test_set, width):
 def probe_points(where, r, panels):
     if not all(r.get(k) for k in panels):  # evaluate() probes Bridge blocks that read siblings only
         raise UserError(f"{where}: the run had no probe (no {' or '.join(panels)}): it ran "
-                        "with --probe=False, or its rows do not read each other (no Bridge, "
-                        "self-only, P-Match)")
+                        "with --probe=False (evaluate it with --probe_problems=N), or its rows "
+                        "do not read each other (no Bridge, self-only, P-Match)")
     return {int(layer): {k: number(r[k], layer, f"{where} {k}") for k in panels}
             for layer in r[panels[0]]}
 

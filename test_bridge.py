@@ -1302,7 +1302,7 @@ def test_maxdigit_task_runs(tmp_path):
     """task='maxdigit' end to end in a few seconds: SFT from scratch, GRPO on env-written digits, the eval table
     with each width's chance level (the best a row that cannot read its siblings can do) and the sibling share. With
     sample_slots=2 the engine refills its slots group by group (the paper-scale path): groups stay whole."""
-    out = train_py(POSCTL, '--sft_steps=30', '--grpo_steps=4', '--eval_problems=8', '--eval_samples=4',
+    out = train_py(POSCTL, '--sft_steps=30', '--sft_target=0', '--grpo_steps=4', '--eval_problems=8', '--eval_samples=4',
                    '--eval_widths=1,4', '--batch_prompts=4', '--sample_slots=2', '--threads=1', f'--device={DEVICE}',
                    f'--dtype={DTYPE}', cwd=tmp_path)
     assert 'grpo 4/4' in out and 'chance' in out and "share of a row's Bridge attention" in out
@@ -1554,11 +1554,25 @@ def test_a_trained_model_is_never_overwritten_unasked(grpo_run, tmp_path):
 
 
 def test_sft_says_when_its_cap_comes_before_its_target(tmp_path):
-    """SFT that reaches its step cap below sft_target says so, with the accuracy measured at the cap itself (3 is not
-    a multiple of sft_eval_every), so that a user knows GRPO starts from a model still learning (RESULTS.md)."""
-    out = train_py('--mode=sft', '--sft_steps=3', '--sft_eval_every=2', '--sft_target=0.99', *TINY, cwd=tmp_path)
+    """SFT that reaches its step cap below sft_target says so, with the accuracy measured at the cap
+    itself (3 is not a multiple of sft_eval_every). Followed by GRPO, the run stops there in one
+    line naming the command that continues SFT; that command goes on from step 3 on the same LR
+    schedule (its horizon, not its cap), as an unbroken run of 5 steps does."""
+    args = ['--sft_eval_every=2', '--sft_target=0.99', '--sft_horizon=20', '--lr_warmup_iters=1', *TINY]
+    for d in 'abc':
+        (tmp_path / d).mkdir()
+    note, stop, whole = run_all([cmd('--mode=sft', '--sft_steps=3', *args, cwd=tmp_path / 'a'),
+                                 cmd('--mode=sft,grpo', '--sft_steps=3', *args, cwd=tmp_path / 'b'),
+                                 cmd('--mode=sft', '--sft_steps=5', *args, cwd=tmp_path / 'c')])
+    out = ok(note)
     assert re.search(r'^sft 3/3: .*acc ', out, re.M) and 'note: SFT reached its step cap (3) below sft_target=0.99 ' \
         '(held-out accuracy 0.' in out, out[-2000:]
+    line = one_error_line(stop, r"SFT reached its step cap \(3\) below sft_target=0\.99 .* stops before grpo: "
+                                r"continue SFT with python train.py --init_from=resume --out_dir=out --sft_steps=6")
+    assert line
+    more = train_py('--init_from=resume', '--mode=sft', '--sft_steps=5', *args, cwd=tmp_path / 'b')
+    lr = lambda text, step: re.search(rf'^sft {step}/5: .*lr ([0-9.e+-]+)', text, re.M).group(1)
+    assert lr(more, 4) == lr(ok(whole), 4) and lr(more, 5) == lr(ok(whole), 5)
 
 
 def test_collapse_warning_in_a_real_run(sft_ckpt, tmp_path):
@@ -1807,7 +1821,7 @@ def test_torchrun_user_error_printed_once(tmp_path):
 
 # FSDP2 against DDP, both on 2 gloo ranks: sft -> warm-up -> GRPO with the KL reference, grad checkpointing and the
 # chunked head, then evaluation
-FSDP_RUN = ['--mode=sft,warmup,grpo,eval', '--sft_steps=2', '--sft_batch=32', '--sft_lr=1e-4', '--warmup_steps=2',
+FSDP_RUN = ['--mode=sft,warmup,grpo,eval', '--sft_steps=2', '--sft_target=0', '--sft_batch=32', '--sft_lr=1e-4', '--warmup_steps=2',
             '--warmup_problems=8', '--grpo_steps=4', '--batch_prompts=8', '--lr_warmup_iters=1', '--beta=0.01',
             '--grad_checkpoint=True', *TINY]
 
@@ -2053,6 +2067,23 @@ def test_compiled_decode_cache_is_static(monkeypatch):
 # ====================================================================================================
 # probe.py: the Bridge probe (sibling share, norm ratio) and sample.py --show_bridge
 # ====================================================================================================
+
+def test_probe_problems_when_the_probe_is_off(grpo_run, tmp_path):
+    """A run with the probe off (the R1 configs) gets Fig. 7's numbers from --probe_problems: that
+    many problems per set sampled again at width 4 with the probe on; its accuracy table is the
+    same as without them, and without them the result has no probe numbers."""
+    args, full, out, d = grpo_run
+    base = [f'--init_from={full}/ckpt', '--mode=eval', '--probe=False', *TINY]
+    plain, probed = run_all([cmd(*base, '--out_dir=plain', cwd=tmp_path),
+                             cmd(*base, '--probe_problems=4', '--out_dir=probed', cwd=tmp_path)])
+    ok(plain), ok(probed)
+    a = json.load(open(tmp_path / 'plain' / 'eval_init.json'))
+    b = json.load(open(tmp_path / 'probed' / 'eval_init.json'))
+    assert 'bridge_norm_ratio' not in a and b['probe_width'] == 4
+    assert len(b['bridge_norm_ratio']) == len(b['bridge_sibling_share']) >= 1
+    assert all(0 < v < 1 for v in b['bridge_sibling_share'].values())
+    assert a['sets'] == b['sets']
+
 
 def test_bridge_probe_reports_known_attention():
     """A hand-built Bridge whose attention is known. Attention and MLP write nothing (zero o_proj, down_proj), so the

@@ -73,7 +73,8 @@ bridge_mode = 'bridge'  # 'bridge' | 'self' (same params, each row sees only its
 # greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
 sft_lr = 3e-3           # SFT's peak LR
 sft_batch = 256         # sequences per SFT step
-sft_steps = 1000        # SFT's step cap (and its LR schedule's length)
+sft_horizon = 1000      # SFT's LR schedule: its warm-up, a cosine over this many steps, then flat
+sft_steps = 3000        # SFT's safety cap, past the horizon: a seed that learns slowly trains on
 sft_target = 0.6        # stop once the held-out accuracy reaches this
 sft_temperature = 1.0   # ... sampled at this temperature (0: greedy)
 sft_eval_every = 50     # steps between held-out checks
@@ -124,6 +125,7 @@ eval_temperature = 1.0
 eval_max_new_tokens = 0 # the evaluation's answer length (0 = max_new_tokens, the rollout's)
 eval_top_p = 0.0        # the evaluation's nucleus (0 = top_p, the rollout's)
 probe = True            # read what Bridge does during evaluation (probe.BridgeProbe); no compile
+probe_problems = 0      # probe off: this many problems per set probed at width 4 (Fig. 7), eager
 sample_slots = 0        # groups a sampling call decodes at once (0: as many as memory left holds)
 # system
 device = 'auto'         # 'auto' | 'cpu' | 'cuda' | 'cuda:1' ...
@@ -217,14 +219,16 @@ def end_step(stage, step, total, stop_at, m, opt, t0, t_start, start, done=False
                  'extra': {'done': True} if done else {}}
         save_run(os.path.join(out_dir, 'ckpt'), raw_model, opt, fsdp, ranks, state, model_dir)
 
-def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None):
+def run_stage(stage, params, base_lr, total, step_fn, start=0, opt_state=None, should_stop=None,
+              horizon=None):
     """SFT's and the warm-up's loop: step_fn(step, update) -> metrics for steps start..total-1, with
-    AdamW; step_fn does its own backward passes and calls update() for the optimizer step."""
+    AdamW; step_fn does its own backward passes and calls update() for the optimizer step. The LR
+    schedule spans `horizon` steps (default: total), and stays at its floor after them."""
     opt = start_stage(params, base_lr, opt_state)
     t_start = time.time()
     for step in range(start, total):
         for g in opt.param_groups:
-            g['lr'] = get_lr(step, base_lr, total)
+            g['lr'] = get_lr(step, base_lr, horizon or total)
         t0 = time.time()
         m = step_fn(step, lambda: optimizer_step(opt))
         # e.g. SFT reached its accuracy target or its time limit
@@ -312,14 +316,23 @@ def sft(steps, start=0, opt_state=None):
             m['acc'] = s / n
         return m
 
+    capped = []  # the held-out accuracy, if SFT reached its cap below its target
+
     def should_stop(step, m):
-        if step + 1 == steps and m.get('acc', 1) < sft_target <= 1 and ranks.master:  # at the cap
-            print(f"note: SFT reached its step cap ({steps}) below sft_target={sft_target} "
-                  f"(held-out accuracy {m['acc']:.3f}): GRPO from a model still learning can "
-                  "collapse (RESULTS.md); raise --sft_steps")
+        if step + 1 == steps and m.get('acc', 1) < sft_target <= 1:
+            capped.append(m['acc'])
         return m.get('acc', 0) >= sft_target or 0 < sft_max_seconds < time.time() - t_begin
     params = list(model.parameters())
-    run_stage('sft', params, sft_lr, steps, step_fn, start, opt_state, should_stop)
+    run_stage('sft', params, sft_lr, steps, step_fn, start, opt_state, should_stop, sft_horizon)
+    later = mode.split(',')[mode.split(',').index('sft') + 1:]
+    if capped and {'warmup', 'grpo'} & set(later):  # GRPO from a model still learning can collapse
+        raise settings.UserError(
+            f"SFT reached its step cap ({steps}) below sft_target={sft_target} (held-out accuracy "
+            f"{capped[0]:.3f}), so the run stops before {', '.join(later)}: continue SFT with "
+            f"python train.py --init_from=resume --out_dir={out_dir} --sft_steps={2 * steps}")
+    if capped and ranks.master:
+        print(f"note: SFT reached its step cap ({steps}) below sft_target={sft_target} "
+              f"(held-out accuracy {capped[0]:.3f})")
 
 def bridge_weights():
     return [p for b in raw_model.bridge_modules() for p in b.parameters()]
@@ -480,6 +493,14 @@ def evaluate(after='init'):
                 res |= {'bridge_norm_ratio': reader.norm_ratios(),
                         'bridge_sibling_share': shares[w], 'probe_width': w}
     if reader:
+        reader.remove()
+    if not reader and probe_problems and reads_siblings(raw_model):  # Fig. 7 from a subset
+        reader = BridgeProbe(raw_model)
+        with gathered(raw_model, fsdp):
+            for i, (name, test) in enumerate(the_task.test_sets.items()):
+                draw_rows(i, test[:probe_problems], 4, True)
+        res |= {'bridge_norm_ratio': reader.norm_ratios(),
+                'bridge_sibling_share': reader.sibling_shares(), 'probe_width': 4}
         reader.remove()
     if the_task.transfer:  # the paper's Avg is over the math sets alone
         res['transfer'] = sorted(the_task.transfer)

@@ -16,7 +16,8 @@ sft_batch = 64
 sft_target = 0.99            # greedy accuracy at width 1, where the answer is the row's own digit
 sft_temperature = 0.0       # greedy: its SFT answers are random half the time on purpose, so T=1 never gets there
 sft_eval_every = 25
-sft_steps = 3000             # the LR schedule's length: with 1,000, seed 1's GRPO never took off (README)
+sft_horizon = 3000           # the LR schedule's length: with 1,000, seed 1's GRPO never took off (README)
+sft_steps = 6000             # the safety cap
 max_new_tokens = 4           # 'd;F' and the stop token (a policy that wrote ';' and the stop itself sometimes broke
                              # the format, and groups that all get reward 0 teach nothing)
 grpo_steps = 1500            # sibling reading takes off after 100-300 steps; training reward ~0.97 by step 600

@@ -9,3 +9,7 @@ mode = 'eval'
 data_test = ('gpqa=data/gpqa_diamond.jsonl:gpqa,zebralogic=data/zebralogic.jsonl:zebra,'
              'countdown=data/countdown_test.jsonl:countdown,xsum=data/xsum_500.jsonl:xsum,'
              'cnn_dm=data/cnn_dm_500.jsonl:cnn')
+# 3,222 problems: 4 answers each at widths 1 and 4 (the training width) keep the four arms' evaluations to
+# ~3.5 h of the protocol's plan on one H100 (16 answers at widths 1-16, as on the math sets: ~24 h)
+eval_widths = '1,4'
+eval_samples = 4
