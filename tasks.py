@@ -172,35 +172,42 @@ LAYOUTS = {  # (prompt key, answer key) -> how the gold answer is read from the 
     ('prompt', 'answer'): 'plain',
 }
 
-def read_jsonl(path, keys=None):
-    """Every line of a JSONL file, checked: a line that is not a JSON object with a known layout (LAYOUTS, or
-    keys=(prompt_key, answer_key)) or that has no usable gold answer is an error naming the file and line."""
-    out = []
+def json_lines(path, expected):
+    """(line number, object) for every non-blank line of a JSONL file; a line that is not a JSON object is an error
+    naming the file, the line and what was `expected` there."""
     with open(path, encoding='utf-8') as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 d = json.loads(line)
-                if not isinstance(d, dict):
-                    raise TypeError(f"a {type(d).__name__}, not an object")
-                k = keys or next((k for k in LAYOUTS if k[0] in d and k[1] in d), None)
-                if not k:
-                    known = ', '.join(f'{a}/{b}' for a, b in LAYOUTS)
-                    raise KeyError(f"none of the layouts {known}; it has {sorted(d)}")
-                q, a = d[k[0]], d[k[1]]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{i}: expected a JSON object with a prompt and an answer "
-                                f"({type(e).__name__}: {e})") from None
-            kind = LAYOUTS.get(tuple(k), 'plain')
-            gold = extract_answer(str(a), fallback=False) if kind == 'boxed' else gold_answer(a)
-            if kind == 'gsm8k' and '####' not in str(a):
-                gold = None
-            if not isinstance(q, str) or not q.strip() or not gold:
-                what = {'gsm8k': "no '#### n' final answer", 'boxed': 'no \\boxed{} final answer'}.get(kind, 'empty')
-                raise UserError(f"{path}:{i}: {k[0]!r} is empty or not text" if not isinstance(q, str) or not
-                                q.strip() else f"{path}:{i}: {what} in {k[1]!r}")
-            out.append({'prompt': q, 'answer': gold, 'response': str(a)})
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{i}: expected {expected} (JSONDecodeError: {e})") from None
+            if not isinstance(d, dict):
+                raise UserError(f"{path}:{i}: expected {expected} (a {type(d).__name__}, not an object)")
+            yield i, d
+
+def read_jsonl(path, keys=None):
+    """Every line of a JSONL file, checked: a line that is not a JSON object with a known layout (LAYOUTS, or
+    keys=(prompt_key, answer_key)) or that has no usable gold answer is an error naming the file and line."""
+    out, expected = [], 'a JSON object with a prompt and an answer'
+    for i, d in json_lines(path, expected):
+        k = keys or next((k for k in LAYOUTS if k[0] in d and k[1] in d), None)
+        if not k or k[0] not in d or k[1] not in d:
+            known = ', '.join(f'{a}/{b}' for a, b in ([keys] if keys else LAYOUTS))
+            raise UserError(f"{path}:{i}: expected {expected} (KeyError: none of the layouts {known}; "
+                            f"it has {sorted(d)})")
+        q, a = d[k[0]], d[k[1]]
+        kind = LAYOUTS.get(tuple(k), 'plain')
+        gold = extract_answer(str(a), fallback=False) if kind == 'boxed' else gold_answer(a)
+        if kind == 'gsm8k' and '####' not in str(a):
+            gold = None
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f"{path}:{i}: {k[0]!r} is empty or not text")
+        if not gold:
+            what = {'gsm8k': "no '#### n' final answer", 'boxed': 'no \\boxed{} final answer'}.get(kind, 'empty')
+            raise UserError(f"{path}:{i}: {what} in {k[1]!r}")
+        out.append({'prompt': q, 'answer': gold, 'response': str(a)})
     if not out:
         raise UserError(f"{path}: the dataset is empty")
     return out
@@ -260,18 +267,8 @@ def parse_sets(spec, setting='data_test'):
 
 def read_graded(path, grader):
     """A transfer set: every JSONL line read by its grader (transfer.py, rouge.py), checked."""
-    out = []
-    with open(path, encoding='utf-8') as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not a JSON object ({e})") from None
-            if not isinstance(d, dict):
-                raise UserError(f"{path}:{i}: a {type(d).__name__}, not a JSON object")
-            out.append({**GRADERS[grader].read(d, f"{path}:{i}"), 'grader': grader})
+    out = [{**GRADERS[grader].read(d, f"{path}:{i}"), 'grader': grader}
+           for i, d in json_lines(path, f"a {grader} problem")]
     if not out:
         raise UserError(f"{path}: the dataset is empty")
     return out
