@@ -225,8 +225,8 @@ def stages_of(model, dev, run, world, lens, sizes, stages, ops, bf16, room):
     if 'warmup' in stages and model.blocks and not run['warmup_set']:  # the base samples it
         rows = per_rank(sizes['the warm-up set']) * run['warmup_samples']  # groups of one
         out['warm-up set sampling'] = call(rows, 1, 'the warm-up data', new)
-    if 'sft' in stages:  # to its step cap
-        rows = run['sft_steps'] * run['sft_batch'] // world
+    if 'sft' in stages:  # over its LR schedule (it stops at its target, or goes on to its cap)
+        rows = min(run['sft_steps'], run['sft_horizon']) * run['sft_batch'] // world
         out['sft'] = trained(model.flops(dev, rows * (lens['the training set'] + new), 6 + ckpt))
     if 'warmup' in stages and model.blocks:
         rows = run['warmup_steps'] * run['warmup_groups'] // world * run['warmup_samples']
