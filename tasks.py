@@ -19,7 +19,7 @@ from functools import cached_property
 import torch
 
 from checkpoint import atomic_write
-from grading import extract_answer, gold_answer, is_equiv, math_reward
+from grading import extract_answer, gold_answer, math_reward
 from rouge import Summary
 from settings import UserError
 from transfer import GRADERS as TRANSFER
@@ -310,9 +310,6 @@ class MathJSONL(Task):
     def final(self, text, problem=None):
         g = self.grader(problem) if problem else None
         return g.final(text) if g else extract_answer(text, self.fallback)
-
-    def correct(self, final, problem):
-        return is_equiv(final, gold_answer(problem['answer']))
 
     def reward(self, text, problem):  # grading.math_reward: bounded, exact, and it never raises
         g = self.grader(problem)
