@@ -1,7 +1,8 @@
 """
-Several processes, from outside the model: the process group and its sums (DDP by hand: every rank owns whole Bridge
-groups, so summing gradients that are already normalised over the whole batch is exact), FSDP2 sharding in
-torchtitan's layout, full state dicts for checkpoints, and how many CPU threads a rank may use.
+Several processes, from outside the model: the process group and its sums (DDP by hand: every rank
+owns whole Bridge groups, so summing gradients that are already normalised over the whole batch is
+exact), FSDP2 sharding in torchtitan's layout, full state dicts for checkpoints, and how many CPU
+threads a rank may use.
 """
 import os
 import sys
@@ -12,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 def free_cores(seconds=0.3):
-    """Cores idle right now, from two reads of /proc/stat. Oversubscribed BLAS threads run many times slower on a
-    busy machine; the load average would lag by a minute (right after `pip install` it still counts pip)."""
+    """Cores idle right now, from two reads of /proc/stat. Oversubscribed BLAS threads run many
+    times slower on a busy machine; the load average would lag by a minute (right after
+    `pip install` it still counts pip)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     def total_idle():
         with open('/proc/stat') as f:
@@ -26,16 +28,18 @@ def free_cores(seconds=0.3):
     return max(1, min(cores, round(os.cpu_count() * (i1 - i0) / max(t1 - t0, 1))))
 
 class Ranks:
-    """This process's place among the torchrun ranks (rank 0 of 1 without torchrun), read from the environment;
-    connect() joins the process group. A dry run never connects: `WORLD_SIZE=8 python train.py --dry_run=True`
-    prints what each of 8 ranks would need."""
+    """This process's place among the torchrun ranks (rank 0 of 1 without torchrun), read from the
+    environment; connect() joins the process group. A dry run never connects:
+    `WORLD_SIZE=8 python train.py --dry_run=True` prints what each of 8 ranks would need."""
 
     def __init__(self, device, fsdp=False):
-        self.rank, self.world, self.fsdp = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), fsdp
+        self.rank, self.world, self.fsdp = (int(os.environ.get('RANK', 0)),
+                                            int(os.environ.get('WORLD_SIZE', 1)), fsdp)
         self.master, self.dev = self.rank == 0, device
 
     def connect(self):
-        """Join the process group (under torchrun, or for FSDP); each rank takes its own GPU. Returns the device."""
+        """Join the process group (under torchrun, or for FSDP); each rank takes its own GPU.
+        Returns the device."""
         if self.world > 1 or self.fsdp:
             if self.dev.type == 'cuda':
                 self.dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
@@ -51,9 +55,11 @@ class Ranks:
         return t.tolist()
 
     def sync_grads(self, params):
-        """DDP by hand: sum the gradients over the ranks (FSDP's reduce-scatter sums them itself)."""
+        """DDP by hand: sum the gradients over the ranks (FSDP's reduce-scatter
+        sums them itself)."""
         if self.world > 1 and not self.fsdp and dist.is_initialized():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for p in params])
             dist.all_reduce(flat)
             for p, g in zip(params, flat.split([p.numel() for p in params])):
                 p.grad = g.view_as(p)
@@ -72,10 +78,12 @@ class Ranks:
 
     def close(self):
         if dist.is_initialized():
-            dist.barrier()  # let every rank finish before gloo tears down (else a late rank can abort)
+            # let every rank finish before gloo tears down (else a late rank can abort)
+            dist.barrier()
             dist.destroy_process_group()
-            # gloo's worker threads may still hold tensors while Python finalises, which can abort a rank at exit
-            # (pytorch#179291, seen here under FSDP): everything is written, so leave without finalising
+            # gloo's worker threads may still hold tensors while Python finalises, which can abort
+            # a rank at exit (pytorch#179291, seen here under FSDP): everything is written, so
+            # leave without finalising
             print(end='', flush=True)  # (stderr is line-buffered)
             os._exit(0)
 
@@ -83,12 +91,15 @@ class Ranks:
 # FSDP2 (train.py --fsdp=True under torchrun), in torchtitan's layout
 
 def shard(model, world, bf16, train=True):
-    """Each Block (its Bridge inside) is one FSDP unit, gathered for its forward and again for its backward; the
-    embedding and [norm, lm_head] are units too (tied, all three are one: a weight lives in one unit), and the
-    root holds the rest. Every rank still owns whole Bridge groups: only weights are split, never a batch."""
-    from torch.distributed.device_mesh import init_device_mesh  # imported when used: ~0.6 s of every start
+    """Each Block (its Bridge inside) is one FSDP unit, gathered for its forward and again for its
+    backward; the embedding and [norm, lm_head] are units too (tied, all three are one: a weight
+    lives in one unit), and the root holds the rest. Every rank still owns whole Bridge groups: only
+    weights are split, never a batch."""
+    # imported when used: ~0.6 s of every start
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32)
     kw = dict(mesh=init_device_mesh(model.lm_head.weight.device.type, (world,)), mp_policy=mp)
     for block in model.model.layers:
         fully_shard(block, **kw)
@@ -97,41 +108,50 @@ def shard(model, world, bf16, train=True):
         head.insert(0, model.model.embed_tokens)
     else:
         fully_shard(model.model.embed_tokens, **kw)
-    fully_shard(head, reshard_after_forward=not train, **kw)  # backward needs the head first: keep it (torchtitan)
+    # backward needs the head first: keep it (torchtitan)
+    fully_shard(head, reshard_after_forward=not train, **kw)
     fully_shard(model, **kw)
-    for m in fsdp_units(model):  # every loss here is normalised over all ranks' batch, so ranks' gradients are SUMMED
+    # every loss here is normalised over all ranks' batch, so ranks' gradients are SUMMED
+    for m in fsdp_units(model):
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
 
 def fsdp_units(model):
-    fsdp = sys.modules.get('torch.distributed.fsdp')  # imported by shard(): before it, nothing is sharded
+    # imported by shard(): before it, nothing is sharded
+    fsdp = sys.modules.get('torch.distributed.fsdp')
     return [m for m in model.modules() if fsdp and isinstance(m, fsdp.FSDPModule)]
 
 def full_tensors(model):
     """The model's state_dict with every sharded tensor gathered whole, on every rank."""
-    return {k: v.full_tensor() if hasattr(v, 'full_tensor') else v for k, v in model.state_dict().items()}
+    return {k: v.full_tensor() if hasattr(v, 'full_tensor') else v
+            for k, v in model.state_dict().items()}
 
 def full_state(model, opt=None, fsdp=False, load=None):
-    """The model's state_dict, or with opt the optimizer's, or with load set the optimizer's to it. Under FSDP every
-    rank takes part, and rank 0 receives the whole tensors (on CPU, one at a time) keyed by parameter name (the same
-    HF checkpoint as without FSDP); loaded, each rank keeps its shard."""
+    """The model's state_dict, or with opt the optimizer's, or with load set the optimizer's
+    to it. Under FSDP every rank takes part, and rank 0 receives the whole tensors (on CPU,
+    one at a time) keyed by parameter name (the same HF checkpoint as without FSDP); loaded,
+    each rank keeps its shard."""
     if not fsdp:
-        return model.state_dict() if opt is None else opt.state_dict() if load is None else opt.load_state_dict(load)
+        return (model.state_dict() if opt is None else
+                opt.state_dict() if load is None else opt.load_state_dict(load))
     from torch.distributed.checkpoint import state_dict as dcp
     full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=load is None)
-    return dcp.get_model_state_dict(model, options=full) if opt is None else dcp.get_optimizer_state_dict(
-        model, opt, options=full) if load is None else dcp.set_optimizer_state_dict(model, opt, load, options=full)
+    return (dcp.get_model_state_dict(model, options=full) if opt is None else
+            dcp.get_optimizer_state_dict(model, opt, options=full) if load is None else
+            dcp.set_optimizer_state_dict(model, opt, load, options=full))
 
 @contextmanager
 def gathered(model, fsdp):
-    """Every unit gathered once, in the same order on every rank, for a whole rollout, evaluation or warm-up set, not
-    once per layer per decoded token; sharded again after. Inside, a forward does no collective: ranks may make
-    different numbers of sampling calls (problems that do not split evenly) and decode different numbers of steps."""
+    """Every unit gathered once, in the same order on every rank, for a whole rollout, evaluation or
+    warm-up set, not once per layer per decoded token; sharded again after. Inside, a forward does
+    no collective: ranks may make different numbers of sampling calls (problems that do not split
+    evenly) and decode different numbers of steps."""
     units = fsdp_units(model) if fsdp else []
     if fsdp:
         model.set_reshard_after_forward(False)
-    for m in units:  # explicitly: a rank with fewer calls (or none) must still join every all-gather
+    # explicitly: a rank with fewer calls (or none) must still join every all-gather
+    for m in units:
         m.unshard()
     try:
         yield
@@ -141,8 +161,9 @@ def gathered(model, fsdp):
             m.reshard()
 
 def unfreeze_for_fsdp(model):
-    """FSDP fixes a unit's gradient dtypes from requires_grad when it gathers: after changing requires_grad (a stage
-    that trains other weights), gather once, or the next backward assigns bf16 gradients to fp32 weights."""
+    """FSDP fixes a unit's gradient dtypes from requires_grad when it gathers: after changing
+    requires_grad (a stage that trains other weights), gather once, or the next backward assigns
+    bf16 gradients to fp32 weights."""
     for m in fsdp_units(model):
         m.unshard()
         m.reshard()

@@ -18,34 +18,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-PACKED = WeakIdKeyDictionary()  # first weight -> (key, uses, packed, bias), outside the modules so deepcopy works
+# first weight -> (key, uses, packed, bias), outside the modules so deepcopy works
+PACKED = WeakIdKeyDictionary()
 
 class Linear(nn.Linear):
-    """nn.Linear with a CPU inference fast path: from 4 rows up, oneDNN on pre-packed weights beats MKL's sgemm
-    (torch's F.linear) 1.4-2x on Intel Xeon and ~4x on AMD EPYC; below, MKL's mat-vec path is as fast or faster
-    (`python bench.py --only=linear`). The packed copy costs one more copy of the weights (Linear.prepack = False:
-    off), is made once a weight was used pack_after times unchanged (a one-off pass never pays for it) and remade when
-    its version counter moves. The oneDNN ops are private to torch: if a release drops or changes them, the first
-    call notices (an error, or a result unlike F.linear's) and the path turns itself off for good, silently."""
-    prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise') and torch.backends.mkldnn.is_available()
-               and platform.machine().lower() in ('x86_64', 'amd64'))  # measured on x86 only; elsewhere F.linear
-    min_size = 2**17  # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights
-    min_rows = 4      # measured: packing loses 10-40% at 1-3 rows, wins 1.4-2x from 4 (Intel Xeon, bench.py)
-    pack_after = 1    # measured (0.5B, width 4, 64 tokens, 1 thread): packing at the 2nd use pays within the answer
-    checked = False   # the packed path's first result is compared with F.linear's, once per process
+    """nn.Linear with a CPU inference fast path: from 4 rows up, oneDNN on pre-packed weights beats
+    MKL's sgemm (torch's F.linear) 1.4-2x on Intel Xeon and ~4x on AMD EPYC; below, MKL's mat-vec
+    path is as fast or faster (`python bench.py --only=linear`). The packed copy costs one more copy
+    of the weights (Linear.prepack = False: off), is made once a weight was used pack_after times
+    unchanged (a one-off pass never pays for it) and remade when its version counter moves. The
+    oneDNN ops are private to torch: if a release drops or changes them, the first call notices (an
+    error, or a result unlike F.linear's) and the path turns itself off for good, silently."""
+    # measured on x86 only; elsewhere F.linear
+    prepack = (hasattr(torch.ops.mkldnn, '_linear_pointwise')
+               and torch.backends.mkldnn.is_available()
+               and platform.machine().lower() in ('x86_64', 'amd64'))
+    # a oneDNN call costs ~15 us more than F.linear: not worth it for small weights
+    min_size = 2**17
+    # measured: packing loses 10-40% at 1-3 rows, wins 1.4-2x from 4 (Intel Xeon, bench.py)
+    min_rows = 4
+    # measured (0.5B, width 4, 64 tokens, 1 thread): packing at the 2nd use pays within the answer
+    pack_after = 1
+    # the packed path's first result is compared with F.linear's, once per process
+    checked = False
 
     def forward(self, x):
         return linears(x, self)[0]
 
 def linears(x, *mods):
-    """[m(x) for m in mods] for Linears that share their input (Q/K/V, gate/up). On the CPU fast path they run
-    as one packed matmul on the stacked weights, like nanoGPT's fused c_attn: ~8% less decode time at 0.5B."""
+    """[m(x) for m in mods] for Linears that share their input (Q/K/V, gate/up). On the CPU fast
+    path they run as one packed matmul on the stacked weights, like nanoGPT's fused c_attn: ~8% less
+    decode time at 0.5B."""
     ws, w = [m.weight for m in mods], mods[0].weight
     plain = lambda: [F.linear(x, m.weight, m.bias) for m in mods]  # (autocast picks its own dtype)
     if (sum(v.numel() for v in ws) < Linear.min_size or not Linear.prepack or x.device.type != 'cpu'
-            or torch.is_grad_enabled() or w.dtype not in (torch.float32, torch.bfloat16) or x.dtype != w.dtype
-            or x.numel() < Linear.min_rows * x.size(-1) or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled('cpu')):
+            or torch.is_grad_enabled() or w.dtype not in (torch.float32, torch.bfloat16)
+            or x.dtype != w.dtype or x.numel() < Linear.min_rows * x.size(-1)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu')):
         return plain()
     ps = [p for m in mods for p in (m.weight, m.bias) if p is not None]
     key = tuple((p.data_ptr(), p._version) for p in ps)
@@ -58,23 +67,28 @@ def linears(x, *mods):
     try:
         if packed is None:
             bias = torch.cat([m.bias for m in mods]).detach() if mods[0].bias is not None else None
-            packed = torch.ops.mkldnn._reorder_linear_weight((ws[0] if len(ws) == 1 else torch.cat(ws)).detach())
+            packed = torch.ops.mkldnn._reorder_linear_weight(
+                (ws[0] if len(ws) == 1 else torch.cat(ws)).detach())
             PACKED[w] = key, uses, packed, bias
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '').split([v.size(0) for v in ws], -1)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [], '').split(
+            [v.size(0) for v in ws], -1)
         if not Linear.checked:
             ref = torch.cat(plain(), -1)
-            if not (torch.cat(y, -1) - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-6:  # bf16 weights: ~1e-3
+            # bf16 weights: ~1e-3
+            if not (torch.cat(y, -1) - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-6:
                 raise RuntimeError('the packed matmul disagrees with F.linear')
             Linear.checked = True
         return y
-    except Exception:  # a private op missing, renamed or changed: off for good, and the plain path answers
+    except Exception:
+        # a private op missing, renamed or changed: off for good, and the plain path answers
         Linear.prepack = False
         PACKED.clear()
         return plain()
 
 class Fused:
-    """Stands in for a module's qkv / gate_up method: its projections of one input as one matmul. A plain object,
-    not a Module, so the state_dict keeps HF's names (q_proj, k_proj, ...) and nothing is registered twice."""
+    """Stands in for a module's qkv / gate_up method: its projections of one input as one matmul. A
+    plain object, not a Module, so the state_dict keeps HF's names (q_proj, k_proj, ...) and nothing
+    is registered twice."""
 
     def __init__(self, *mods):
         self.mods = mods
@@ -133,23 +147,28 @@ def decode_kernel(model):
 # the vocabulary head in token chunks
 
 def _chunk_logits(h, w, temperature):
-    # one function for the forward pass and the backward recompute: the same ops on the same inputs, the same bits
+    # one function for the forward pass and the backward recompute: the same ops on the same
+    # inputs, the same bits
     z = (h @ w.T).float()  # the matmul in h's dtype (bf16 under autocast), the softmax in fp32
     return z if temperature == 1 else z.div_(temperature)
 
 class ChunkedLogProbs(torch.autograd.Function):
-    """log softmax(h W^T / T)[target] over token chunks: no (tokens x V) logits ever exist, in forward or backward.
-    Forward keeps only each token's logsumexp; backward recomputes each chunk's logits (as Liger, TRL, verl do).
-    At V = 151,936 the unchunked head holds ~3 fp32 copies of the logits: 1.8 MB per token."""
+    """log softmax(h W^T / T)[target] over token chunks: no (tokens x V) logits ever exist, in
+    forward or backward. Forward keeps only each token's logsumexp; backward recomputes each chunk's
+    logits (as Liger, TRL, verl do). At V = 151,936 the unchunked head holds ~3 fp32 copies of the
+    logits: 1.8 MB per token."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk):
-        w, out = weight.to(h.dtype), torch.empty(h.size(0), device=h.device)  # under autocast one bf16 copy of W
+        # under autocast one bf16 copy of W
+        w, out = weight.to(h.dtype), torch.empty(h.size(0), device=h.device)
         lse = torch.empty_like(out)
         for i in range(0, h.size(0), chunk):
             t, z = targets[i:i + chunk], _chunk_logits(h[i:i + chunk], w, temperature)
-            zt, m = z.gather(1, t.clamp(min=0)[:, None])[:, 0], z.amax(1)  # ignored (-1) targets read column 0
-            s = z.sub_(m[:, None]).exp_().sum(1).log_()  # logsumexp in place: one chunk x V buffer, not two
+            # ignored (-1) targets read column 0
+            zt, m = z.gather(1, t.clamp(min=0)[:, None])[:, 0], z.amax(1)
+            # logsumexp in place: one chunk x V buffer, not two
+            s = z.sub_(m[:, None]).exp_().sum(1).log_()
             out[i:i + chunk] = ((zt - m) - s).masked_fill_(t < 0, 0)
             lse[i:i + chunk] = m + s
             del z  # free this chunk's logits before the next chunk's exist
@@ -162,24 +181,29 @@ class ChunkedLogProbs(torch.autograd.Function):
         h, weight, targets, lse = ctx.saved_tensors
         T, C, w = ctx.temperature, ctx.chunk, weight.to(h.dtype)
         gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # summed in fp32
+        # summed in fp32
+        gw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         g = grad_out.float().masked_fill(targets < 0, 0) / T  # 1/T: z = h W^T / T
         for i in range(0, h.size(0), C):
             t, gc, hc = targets[i:i + C], g[i:i + C, None], h[i:i + C]
-            # d log p_target / dz = onehot(target) - softmax(z), built in place in the recomputed logits
+            # d log p_target / dz = onehot(target) - softmax(z), built in place in
+            # the recomputed logits
             dz = _chunk_logits(hc, w, T).sub_(lse[i:i + C, None]).exp_().mul_(-gc)
             dz = dz.scatter_add_(1, t.clamp(min=0)[:, None], gc).to(h.dtype)
             if gh is not None:
                 gh[i:i + C] = dz @ w
-            if gw is not None:  # in place: a V x D temporary per chunk would cost ~1 GB at the 1.5B shape
+            # in place: a V x D temporary per chunk would cost ~1 GB at the 1.5B shape
+            if gw is not None:
                 gw.addmm_(dz.T, hc) if dz.dtype == gw.dtype else gw.add_(dz.T @ hc)
             del dz
         return gh, None if gw is None else gw.to(weight.dtype), None, None, None
 
 def head_logprobs(h, weight, targets, temperature=1.0, chunk=1024):
-    """(N, D) normed hidden states -> (N,) fp32 log softmax(h W^T / T)[targets], 0 where a target is -1."""
+    """(N, D) normed hidden states -> (N,) fp32 log softmax(h W^T / T)[targets], 0
+    where a target is -1."""
     kind = h.device.type
-    if torch.is_autocast_enabled(kind):  # the head's matmul runs in autocast's dtype, as lm_head's would
+    # the head's matmul runs in autocast's dtype, as lm_head's would
+    if torch.is_autocast_enabled(kind):
         h = h.to(torch.get_autocast_dtype(kind))
     return ChunkedLogProbs.apply(h, weight, targets, temperature, chunk)
 

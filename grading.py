@@ -1,6 +1,7 @@
 """
-Verifiable math rewards: the final answer of a completion (the last \\boxed{}, else GSM8K's '#### n', else the last
-number) against the gold answer, with Hendrycks-style normalisation and exact Fraction arithmetic (no sympy, no eval).
+Verifiable math rewards: the final answer of a completion (the last \\boxed{}, else GSM8K's
+'#### n', else the last number) against the gold answer, with Hendrycks-style normalisation and
+exact Fraction arithmetic (no sympy, no eval).
 """
 import re
 from fractions import Fraction
@@ -16,7 +17,8 @@ MAX_NUM_DIGITS = 100
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)")
 _GSM_RE = re.compile(r"####[ \t]*([^\n]*)")
 # last-number fallback: "1,234.5", "-3", "2/3", ".5"; a '-' counts only if it is not a binary minus
-_NUM_RE = re.compile(r"(?:(?<![0-9a-zA-Z)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)")
+_NUM_RE = re.compile(r"(?:(?<![0-9a-zA-Z)])-)?"
+                     r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|\.\d+)")
 
 def _closing_brace(s, i=0):
     """Index of the '}' that closes the '{' at s[i], or None if it never closes."""
@@ -36,17 +38,20 @@ def _last_boxed(text):
     if text[i:i + 1] == "{":
         # match braces by depth so that \boxed{\frac{1}{2}} returns \frac{1}{2}
         j = _closing_brace(text, i)
-        return None if j is None else text[i + 1:j]  # unbalanced: a box that never closes -> no answer
+        # unbalanced: a box that never closes -> no answer
+        return None if j is None else text[i + 1:j]
     bare = re.match(r"[ \t]+([^\s$]+)", text[i:])  # Hendrycks also accepts "\boxed 5"
     # the last box decides; a malformed last box is "no answer", we do not go back to earlier boxes
     return bare.group(1) if bare else None
 
 def extract_answer(text, fallback=True):
-    """Final answer of a completion: last \\boxed{}, else GSM8K '#### n', else (fallback) the last number."""
+    """Final answer of a completion: last \\boxed{}, else GSM8K '#### n', else
+    (fallback) the last number."""
     if not isinstance(text, str):
         return None
     text = text[-MAX_TEXT_CHARS:]
-    if _BOX_RE.search(text):  # a box is an explicit final answer: no fallback past it, even if malformed
+    # a box is an explicit final answer: no fallback past it, even if malformed
+    if _BOX_RE.search(text):
         return _last_boxed(text)
     gsm = [g.strip() for g in _GSM_RE.findall(text) if g.strip()]
     if gsm:
@@ -57,7 +62,8 @@ def extract_answer(text, fallback=True):
     return None
 
 def normalize_answer(s):
-    """Hendrycks MATH `_strip_string`, extended: canonical string form of an answer ('' = no answer)."""
+    """Hendrycks MATH `_strip_string`, extended: canonical string form of an answer
+    ('' = no answer)."""
     s = "" if s is None else str(s).strip()
     if len(s) > MAX_ANSWER_CHARS:
         return ""
@@ -67,17 +73,21 @@ def normalize_answer(s):
     s = s.replace("^{\\circ}", "").replace("^\\circ", "")
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     # LaTeX spacing; "1\,234" and "1{,}234" are thousands separators
-    s = s.replace("{,}", ",").replace("\\,", "").replace("\\;", "").replace("\\:", "").replace("\\ ", "")
+    s = (s.replace("{,}", ",").replace("\\,", "").replace("\\;", "").replace("\\:", "")
+         .replace("\\ ", ""))
     # trailing units: "5\text{ cm}", "5 \mbox{cm}^2" -> "5" (only after a number or a closing brace)
-    s = re.sub(r"(?<=[0-9}.])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}(?:\^\{?\d\}?)?\s*$", "", s)
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)  # unwrap \text{Evelyn} -> Evelyn
+    s = re.sub(r"(?<=[0-9}.])\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z .]*\}"
+               r"(?:\^\{?\d\}?)?\s*$", "", s)
+    # unwrap \text{Evelyn} -> Evelyn
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}", r"\1", s)
     # plain-word units after a bare number: "12 dollars", "5 cm" -> "12", "5"
     s = re.sub(r"^(-?[\d.,]+(?:/\d+)?)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*\.?$", r"\1", s)
     # short "x = 5" / "k=5" prefixes (Hendrycks keeps the rhs when the lhs has <= 2 chars)
     parts = s.split("=")
     if len(parts) == 2 and len(parts[0].strip()) <= 2:
         s = parts[1]
-    while s.startswith("{") and _closing_brace(s) == len(s) - 1:  # \boxed{{5}}: redundant grouping braces
+    # \boxed{{5}}: redundant grouping braces
+    while s.startswith("{") and _closing_brace(s) == len(s) - 1:
         s = s[1:-1].strip()
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     s = s.replace(" ", "")
@@ -90,7 +100,8 @@ def normalize_answer(s):
 _DEC = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
 
 def _to_fraction(s):
-    """Exact value of a normalised numeric answer (int, decimal, 1,234, a/b, \\frac{a}{b}), else None."""
+    """Exact value of a normalised numeric answer (int, decimal, 1,234, a/b,
+    \\frac{a}{b}), else None."""
     if sum(c.isdigit() for c in s) > MAX_NUM_DIGITS:
         return None
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators; "1,2" stays a tuple
@@ -106,7 +117,8 @@ def _to_fraction(s):
     return None
 
 def is_equiv(pred, gold):
-    """True if pred and gold are the same answer: exact numeric equality, else normalised string equality."""
+    """True if pred and gold are the same answer: exact numeric equality, else
+    normalised string equality."""
     try:
         a, b = normalize_answer(pred), normalize_answer(gold)
         if not a or not b:
@@ -119,7 +131,8 @@ def is_equiv(pred, gold):
         return False
 
 def gold_answer(gold):
-    """Gold answer from a dataset field: GSM8K '... #### 72' -> '72', a MATH solution -> its last box."""
+    """Gold answer from a dataset field: GSM8K '... #### 72' -> '72', a MATH
+    solution -> its last box."""
     if not isinstance(gold, str):
         return None if gold is None else str(gold)
     if "####" in gold:

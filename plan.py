@@ -276,7 +276,8 @@ def report(cfg, bridge, run, world, lens, sizes, stages, kind, peaks):
                                 bf16=bf16, fsdp=fsdp)['peak']
     room = 0.9 * dev.memory - weights
 
-    def arm(r, blocks, reads, arm_stages, sets=None):  # blocks: Bridge-shaped; reads: rows read rows
+    # blocks: Bridge-shaped; reads: rows read rows
+    def arm(r, blocks, reads, arm_stages, sets=None):
         params = extra + base if blocks else base
         m = Model(cfg, params, extra if blocks and r['bridge_only'] else params, blocks, reads)
         ls, ss = lens, sizes

@@ -23,6 +23,7 @@ import torch
 import engine
 import grpo
 import plan
+import preflight
 import results
 import settings
 from bridge import BridgeConfig, bridge_report
@@ -31,11 +32,10 @@ from checkpoint import (atomic_write, check_overwrite, kl_reference, load_model,
 from distributed import (Ranks, free_cores, full_state, full_tensors, gathered, shard,
                          unfreeze_for_fsdp)
 from fastpath import attach, fuse
-from memory import check_run, sampling_slots
+from memory import sampling_slots
 from model import ModelConfig, Transformer
 from probe import BridgeProbe
-from tasks import (EMBEDDED, TASKS, group_batch, make_task, prompt_lengths, read_groups, read_jsonl,
-                   write_groups)
+from tasks import EMBEDDED, TASKS, group_batch, make_task, read_groups, write_groups
 from tokenizer import Tokenizer, no_tokenizer, write_byte_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -569,28 +569,10 @@ def main():
     new_bridge = BridgeConfig(dim=bridge_dim, n_head=bridge_heads, mode=bridge_mode)
     adds = use_bridge and {'warmup', 'grpo'} & set(stages)
     bcfg = raw_model.bridge_config or (new_bridge if adds else None)
-    # every data line (the warm-up's too) is read and every prompt rendered now, before the first
-    # step: a bad line or a prompt that does not fit stops the run here, not after hours of training
-    warm = []
-    if 'warmup' in stages and warmup_set:
-        warm = read_groups(warmup_set)
-    elif 'warmup' in stages and warmup_data:
-        warm = read_jsonl(warmup_data)
-    sets = {'the training set': the_task.train_set, **the_task.test_sets}
-    if warm:
-        sets['the warm-up data'] = warm
-    lens = prompt_lengths(the_task, tok, sets, ranks.master)
-    context = raw_model.config.max_position_embeddings
-    settings.check_data(config, context, lens, the_task.test_sets, ranks.master)
-    longest_prompt = max(lens.values())
-    sizes = {name: len(test) for name, test in the_task.test_sets.items()}
-    sizes['the warm-up set'] = min(warmup_problems, len(warm or the_task.train_set))
-    have = plan.device(plan_gpu).memory if plan_gpu else None
-    peaks, rooms = check_run(raw_model, bcfg, config, ranks.world, lens, sizes, stages, use_bf16,
-                             dev, ranks.master, have)
-    if plan_gpu and ranks.master:
-        plan.report(raw_model.config, bcfg, config, ranks.world, lens, sizes, stages, plan_gpu,
-                    peaks)
+    # every data set is read, every prompt measured and every stage's memory estimated now: a bad
+    # line or a run that cannot fit stops here, not after hours of training (preflight.py)
+    warm, longest_prompt, rooms = preflight.check(raw_model, bcfg, the_task, tok, config, stages,
+                                                  ranks, dev, use_bf16)
     stages = [] if dry_run else stages
     raw_model = place(raw_model, fsdp and stages)
     project = wandb_project if wandb_log and ranks.master else None
