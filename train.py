@@ -71,7 +71,8 @@ bridge_mode = 'bridge'  # 'bridge' | 'self' (same params, each row sees only its
 # SFT (from scratch): stop on a held-out accuracy target, checked every sft_eval_every steps and
 # sampled at the rollout temperature: what GRPO starts from is what it samples (on fresh seeds a
 # greedy 0.55 left T=1 anywhere from 0.35 to 0.89)
-sft_lr = 3e-3           # SFT's peak LR
+sft_lr = 1.5e-3         # SFT's peak LR (at 3e-3 some seeds trained unstably for 1,000+ steps
+                        # into a model that GRPO broke at once: RESULTS.md)
 sft_batch = 256         # sequences per SFT step
 sft_horizon = 1000      # SFT's LR schedule: its warm-up, a cosine over this many steps, then flat
 sft_steps = 3000        # SFT's safety cap, past the horizon: a seed that learns slowly trains on

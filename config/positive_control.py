@@ -12,9 +12,14 @@ out_dir = 'out-posctl'
 task = 'maxdigit'
 mode = 'sft,eval,grpo,eval'  # no warm-up: its groups keep only correct
                              # rows, here rows that share one digit
-n_layer, n_embd, n_head, n_kv_head, ffn = 2, 64, 4, 2, 128
+n_layer = 2
+n_embd = 64
+n_head = 4
+n_kv_head = 2
+ffn = 128
 bridge_dim = 32
 bridge_heads = 2
+sft_lr = 3e-3                # the LR its recipe was confirmed at (fresh seeds 71-80)
 sft_batch = 64
 sft_target = 0.99            # greedy accuracy at width 1, where the answer is the row's own digit
 sft_temperature = 0.0       # greedy: its SFT answers are random half the

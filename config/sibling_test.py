@@ -35,21 +35,47 @@ mode = 'warmup,grpo,eval'
 # figures): sum3 ended at width-1 accuracy 0.037 (below the range), add with 3 digits at 0.918
 # (above), mul with 2 digits at 0.655, the only one in range (headroom 0.024): 'ab*c=' -> 'PPP;PPP',
 # a draft product, then the final
-task, digits = 'mul', 2
+task = 'mul'
+digits = 2
 # the embedded recipe, written out so that a later change of train.py's defaults cannot move
 # this experiment
-n_layer, n_embd, n_head, n_kv_head, ffn = 4, 128, 4, 2, 336
-bridge_dim, bridge_heads = 64, 4
-sft_lr, sft_batch, sft_steps = 3e-3, 256, 1000
-sft_target, sft_temperature, sft_eval_every = 0.6, 1.0, 50   # SFT stops at 0.6 held-out accuracy
-                                                             # at T=1, or step 1,000
-warmup_steps, warmup_lr, warmup_groups = 100, 1e-3, 16        # the paper's warm-up, set in advance
-                                                              # (no Bridge run)
-warmup_problems, warmup_samples, warmup_temperature = 512, 8, 1.0
-grpo_steps, batch_prompts, width = 300, 32, 4
+n_layer = 4
+n_embd = 128
+n_head = 4
+n_kv_head = 2
+ffn = 336
+bridge_dim = 64
+bridge_heads = 4
+sft_lr = 3e-3
+sft_batch = 256
+sft_steps = 1000
+sft_horizon = 1000
+# SFT stops at 0.6 held-out accuracy at T=1, or step 1,000
+sft_target = 0.6
+sft_temperature = 1.0
+sft_eval_every = 50
+# the paper's warm-up, set in advance (no Bridge run)
+warmup_steps = 100
+warmup_lr = 1e-3
+warmup_groups = 16
+warmup_problems = 512
+warmup_samples = 8
+warmup_temperature = 1.0
+grpo_steps = 300
+batch_prompts = 32
+width = 4
 lr = 3e-4
 min_lr_ratio = 0.1
 lr_warmup_iters = 10
-temperature, top_k, top_p, max_new_tokens = 1.0, 0, 1.0, 16
-loss_type, beta, num_iterations, scale_rewards = 'dapo', 0.0, 1, 'group'
-eval_widths, eval_samples, eval_temperature, eval_problems = '1,4,8,16', 16, 1.0, 0
+temperature = 1.0
+top_k = 0
+top_p = 1.0
+max_new_tokens = 16
+loss_type = 'dapo'
+beta = 0.0
+num_iterations = 1
+scale_rewards = 'group'
+eval_widths = '1,4,8,16'
+eval_samples = 16
+eval_temperature = 1.0
+eval_problems = 0
