@@ -62,15 +62,17 @@ code = 0
 try:
     runpy.run_path(sys.argv[0], run_name='__main__')
 except SystemExit as e:
-    code = e.code if isinstance(e.code, int) else 0 if e.code is None else \
-print(e.code, file=sys.stderr) or 1
+    code = 0 if e.code is None else e.code
+    if not isinstance(code, int):  # sys.exit('message'): printed, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
 except BaseException:
     sys.excepthook(*sys.exc_info())
     code = 1
 atexit._run_exitfuncs()
 sys.stdout.flush(), sys.stderr.flush()
-with open(out + '.code', 'w') as f:  # the exit code, which forkserver may fail to relay \
-(it says 255)
+# the exit code, which forkserver may fail to relay (it says 255)
+with open(out + '.code', 'w') as f:
     f.write(str(code))
 os._exit(code)
 """

@@ -1823,8 +1823,8 @@ def test_resume_is_exact(sft_ckpt, grpo_run):
 
 
 CRASH = """import os, runpy, sys, torch
-# a kill (no cleanup) in the 2nd checkpoint: before its training state is written, or between \
-its two renames
+# a kill (no cleanup) in the 2nd checkpoint: before its training state is written, or between
+# its two renames
 where, saves, real_save, real_replace = sys.argv.pop(1), [], torch.save, os.replace
 def die():
     sys.stdout.flush()
