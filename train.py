@@ -94,7 +94,9 @@ warmup_set = ''         # train from this set (an earlier run's out_dir/warmup_s
 # GRPO
 grpo_steps = 300        # length of the LR schedule
 max_iters = 0           # stop after this many GRPO steps (0 = grpo_steps); resume goes on from here
-batch_prompts = 32      # prompts per step (all ranks together); rows = batch_prompts * width
+batch_prompts = 64      # prompts per step (all ranks together); rows = batch_prompts * width
+                        # (at 32, the gradient's noise broke a fragile SFT model on some seeds:
+                        # RESULTS.md)
 width = 4               # generation width = GRPO group = Bridge group
 lr = 3e-4               # GRPO's peak LR (AdamW)
 min_lr_ratio = 0.1      # each stage's cosine ends at this fraction of its peak LR
