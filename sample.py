@@ -172,7 +172,7 @@ if __name__ == '__main__':
     seed = 1337
     device = 'auto'
     dtype = 'auto'          # 'auto' = bfloat16 on CUDA, float32 on CPU
-    compile = False         # torch.compile the decode step (not with show_bridge)
+    compile = False         # compile the decode step (engine.py; not with show_bridge)
     show_bridge = False     # per token, the share of Bridge attention that went to siblings
     threads = 0             # CPU threads; 0 = pick from the free cores
     here = os.path.dirname(os.path.abspath(__file__))
