@@ -182,9 +182,11 @@ class Health:
     """GRPO's warnings, each said once, in words (the log line's columns show the numbers step by
     step): no learning signal (every group with zero reward std, `window` steps in a row), every
     completion truncated, and a collapse: the reward's mean over the last `window` steps has fallen
-    below half of its best such mean (>= 0.1) and stayed there for `window` steps. A healthy run's
-    5-step mean moves by a few hundredths; a collapsing one keeps fewer right answers to learn from
-    at every step, and rarely recovers (RESULTS.md, seed 4: 0.52 at step 1, 0.05 by step 30)."""
+    below half of its best such mean (>= 0.1) and stayed there for `window` steps. Before the
+    first full window, the mean of the first 3 or more steps counts as a best, so that a run that
+    falls at its second step is seen. A healthy run's 5-step mean moves by a few hundredths; a
+    collapsing one keeps fewer right answers to learn from at every step, and rarely recovers
+    (RESULTS.md, seed 4: 0.52 at step 1, 0.05 by step 30)."""
     window = 5
 
     def __init__(self):
@@ -195,9 +197,10 @@ class Health:
         truncated fractions."""
         w, r = self.window, self.rewards
         r.append(reward)
-        mean = sum(r[-w:]) / w
-        if len(r) >= w:  # a full window: one lucky step is not a best to fall from
+        mean = sum(r[-w:]) / min(len(r), w)
+        if len(r) >= (w + 1) // 2:  # 3 steps or more: one lucky step is not a best to fall from
             self.best = max(self.best, (mean, -step))
+        if len(r) >= w:  # a fall is measured over full windows
             self.low = self.low + 1 if mean < self.best[0] / 2 else 0
         # a near-deterministic policy has a step of all-equal groups now and then; `w` in a row
         # means no signal
@@ -208,7 +211,7 @@ class Health:
                 'trunc': trunc == 1 and f"grpo step {step}: every completion hit "
                 f"max_new_tokens={max_tokens}",
                 'collapse': self.low >= w and self.best[0] >= 0.1 and f"GRPO is collapsing: the "
-                f"reward, averaged over {w} steps, reached {self.best[0]:.2f} at step "
+                f"reward, averaged over up to {w} steps, reached {self.best[0]:.2f} at step "
                 f"{-self.best[1]} and has stayed below half of that for {self.low} steps "
                 f"({mean:.2f} now). With fewer right answers there is less to learn from at every "
                 "step, and it rarely recovers: stop it, and rerun with a lower --lr, more "
